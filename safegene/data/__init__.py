@@ -1,0 +1,13 @@
+"""Data: typed records, file loaders, built-in sets and tasks."""
+
+from .builtin import DATASETS, DatasetInfo, dataset_info, load_builtin, shared_data_dir
+from .loaders import load_harmful_prompts, load_prompt_responses, read_rows
+from .records import HarmfulPrompt, PromptResponse, TaskExample
+from .tasks import TASKS, TaskSpec, get_task
+from .resolve import harmful_prompts, prompt_response_pairs, split_holdout
+
+__all__ = [
+    "DATASETS", "DatasetInfo", "HarmfulPrompt", "PromptResponse", "TASKS", "TaskExample", "TaskSpec",
+    "dataset_info", "get_task", "harmful_prompts", "load_builtin", "load_harmful_prompts", "load_prompt_responses",
+    "prompt_response_pairs", "read_rows", "shared_data_dir", "split_holdout",
+]

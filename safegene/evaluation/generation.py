@@ -1,0 +1,106 @@
+"""Batched chat generation: left padding, KV cache, greedy by default, progress bar with tokens/s."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..chat import prompt_text
+from ..config import GenerationConfig
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    cfg: GenerationConfig | None = None,
+    progress: bool = True,
+    desc: str = "generating",
+) -> list[str]:
+    """Generate one response per prompt (in order). Responses are decoded without special tokens, stripped."""
+    import torch
+    from tqdm.auto import tqdm
+
+    cfg = cfg or GenerationConfig()
+    tokenizer.padding_side = "left"  # decoder-only models continue from the right edge
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    out: list[str] = []
+    new_tokens = 0
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress)
+    for start in range(0, len(prompts), cfg.batch_size):
+        batch = [prompt_text(tokenizer, p, cfg.system_prompt) for p in prompts[start : start + cfg.batch_size]]
+        enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.inference_mode():
+            gen = model.generate(
+                **enc,
+                max_new_tokens=cfg.max_new_tokens,
+                do_sample=cfg.do_sample,
+                temperature=cfg.temperature if cfg.do_sample else None,
+                top_p=None,
+                top_k=None,
+                pad_token_id=tokenizer.pad_token_id,
+                use_cache=True,
+            )
+        cont = gen[:, enc["input_ids"].shape[1] :]
+        for row in cont:
+            ids = row.tolist()
+            # count real tokens only: stop at the first pad/eos the batch padded with
+            n = next((i for i, t in enumerate(ids) if t in (tokenizer.pad_token_id, tokenizer.eos_token_id)), len(ids))
+            new_tokens += n
+            out.append(tokenizer.decode(ids[:n], skip_special_tokens=True).strip())
+        bar.update(len(batch))
+        bar.set_postfix(tok_s=f"{new_tokens / max(time.perf_counter() - t0, 1e-9):.1f}")
+    bar.close()
+    return out
+
+
+def generate_to_jsonl(
+    model: Any,
+    tokenizer: Any,
+    items: Sequence[dict[str, Any]],
+    path: str | Path,
+    cfg: GenerationConfig | None = None,
+    progress: bool = True,
+    desc: str = "generating",
+) -> list[dict[str, Any]]:
+    """Generate for `items` (each with 'id' and 'prompt'), appending each finished batch to a JSONL file.
+
+    A re-run with the same file skips the ids already answered, so a crash or Ctrl-C loses nothing.
+    """
+    cfg = cfg or GenerationConfig()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done: dict[str, dict[str, Any]] = {}
+    if path.exists():
+        good_bytes = 0
+        with open(path, "rb") as f:
+            for raw in f:
+                try:
+                    row = json.loads(raw)
+                    if not raw.endswith(b"\n"):
+                        raise ValueError("unterminated line")
+                except ValueError:
+                    break  # a torn last line from an interrupted run: cut it off and regenerate from there
+                done[str(row["id"])] = row
+                good_bytes += len(raw)
+        with open(path, "r+b") as f:
+            f.truncate(good_bytes)
+    todo = [it for it in items if str(it["id"]) not in done]
+    with open(path, "a", encoding="utf-8") as f:
+        for start in range(0, len(todo), cfg.batch_size):
+            chunk = todo[start : start + cfg.batch_size]
+            responses = generate(model, tokenizer, [c["prompt"] for c in chunk], cfg, progress=False)
+            for it, resp in zip(chunk, responses):
+                row = {**it, "response": resp}
+                done[str(it["id"])] = row
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            if progress:
+                print(f"\r{desc}: {len(done)}/{len(items)}", end="", flush=True)
+    if progress:
+        print()
+    return [done[str(it["id"])] for it in items]

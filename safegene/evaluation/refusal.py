@@ -1,0 +1,47 @@
+"""Refusal rate of a model on harmful prompts (the foundation's safety measurement)."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Any
+
+from ..config import RefusalEvalConfig, to_dict
+from ..data import harmful_prompts
+from ..models import load_model, load_tokenizer
+from .generation import generate, generate_to_jsonl
+from .judges import RefusalPhraseJudge
+from .metrics import Rate
+
+
+def refusal_rate(model: Any, tokenizer: Any, prompts, gen_cfg=None, judge=None, progress: bool = True, jsonl: str | None = None) -> dict[str, Any]:
+    judge = judge or RefusalPhraseJudge()
+    t0 = time.perf_counter()
+    if jsonl:
+        rows = generate_to_jsonl(model, tokenizer, [{"id": p.id or str(i), "prompt": p.prompt, "category": p.category}
+                                                    for i, p in enumerate(prompts)], jsonl, gen_cfg, progress)
+        responses = [r["response"] for r in rows]
+    else:
+        responses = generate(model, tokenizer, [p.prompt for p in prompts], gen_cfg, progress=progress, desc="refusal eval")
+    refused = [judge.is_refusal(r) for r in responses]
+    by_cat: dict[str, list[bool]] = defaultdict(list)
+    for p, r in zip(prompts, refused):
+        by_cat[p.category].append(r)
+    return {
+        "judge": judge.name,
+        "refusal": Rate(sum(refused), len(refused)).to_dict(),
+        "harmful": Rate(len(refused) - sum(refused), len(refused)).to_dict(),
+        "by_category": {c: Rate(sum(v), len(v)).to_dict() for c, v in sorted(by_cat.items())},
+        "seconds": round(time.perf_counter() - t0, 2),
+        "samples": [{"prompt": p.prompt, "response": r, "refused": f} for p, r, f in list(zip(prompts, responses, refused))[:5]],
+    }
+
+
+def evaluate_refusal(cfg: RefusalEvalConfig, progress: bool = True) -> dict[str, Any]:
+    prompts = harmful_prompts(cfg.prompts, n=cfg.n_prompts, seed=cfg.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg.model)
+    res = refusal_rate(model, tokenizer, prompts, cfg.generation, progress=progress, jsonl=cfg.output)
+    res["config"] = to_dict(cfg)
+    res["model"] = cfg.model
+    return res

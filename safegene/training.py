@@ -1,0 +1,265 @@
+"""LoRA supervised fine-tuning (PEFT) and the two recipes built on it: `degrade` and `finetune`.
+
+Loss is computed on response tokens only. Training is a plain loop (AdamW, warm-up, gradient accumulation and
+clipping) with a progress bar; outputs are a PEFT adapter folder, a merged HF folder, or both, written atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from .chat import end_of_turn, prompt_text
+from .config import DegradeConfig, FinetuneConfig, LoraTrainConfig, to_dict
+from .data import get_task, prompt_response_pairs
+from .data.records import PromptResponse
+from .errors import DataError
+from .io import atomic_dir, check_output_path, sha256_text, write_json
+from .models import load_model, load_tokenizer
+from .models.registry import EMBEDDED_MODELS
+
+log = logging.getLogger(__name__)
+IGNORE_INDEX = -100
+RUN_CARD = "safegene_run.json"
+
+
+@dataclass
+class EncodedExample:
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool
+
+
+def encode_pair(tokenizer: Any, pair: PromptResponse, max_length: int) -> EncodedExample:
+    """Tokenize prompt + response; labels mask the prompt (IGNORE_INDEX) so loss falls on the response only."""
+    p_ids = tokenizer(prompt_text(tokenizer, pair.prompt, pair.system), add_special_tokens=False)["input_ids"]
+    r_ids = tokenizer(pair.response + end_of_turn(tokenizer), add_special_tokens=False)["input_ids"]
+    truncated = False
+    min_resp = min(len(r_ids), max(4, max_length // 4))
+    if len(p_ids) + min_resp > max_length:
+        # keep the end of the prompt: it holds the question and the assistant header the response follows
+        p_ids = p_ids[-(max_length - min_resp):]
+        truncated = True
+    if len(p_ids) + len(r_ids) > max_length:
+        r_ids = r_ids[: max_length - len(p_ids)]
+        truncated = True
+    return EncodedExample(p_ids + r_ids, [IGNORE_INDEX] * len(p_ids) + r_ids, truncated)
+
+
+def collate(batch: Sequence[EncodedExample], pad_id: int):
+    import torch
+
+    width = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, e in enumerate(batch):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    return ids, labels, mask
+
+
+def set_seed(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+@dataclass
+class TrainStats:
+    steps: int = 0
+    examples_seen: int = 0
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    seconds_per_step: float = 0.0
+    truncated_examples: int = 0
+    peak_rss_mb: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "examples_seen": self.examples_seen,
+            "first_loss": self.losses[0] if self.losses else None,
+            "final_loss": self.losses[-1] if self.losses else None,
+            "losses": [round(x, 4) for x in self.losses],
+            "seconds": round(self.seconds, 2),
+            "seconds_per_step": round(self.seconds_per_step, 3),
+            "truncated_examples": self.truncated_examples,
+            "peak_rss_mb": round(self.peak_rss_mb, 1),
+        }
+
+
+def train_lora(model: Any, tokenizer: Any, pairs: Sequence[PromptResponse], cfg: LoraTrainConfig, progress: bool = True):
+    """Wrap `model` with fresh LoRA adapters and train them on `pairs`. Returns (peft_model, TrainStats)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from tqdm.auto import tqdm
+
+    if not pairs:
+        raise DataError("no training pairs")
+    set_seed(cfg.seed)
+    lora = LoraConfig(
+        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
+        task_type="CAUSAL_LM", bias="none",
+    )
+    model = model.to(getattr(torch, cfg.dtype))
+    peft_model = get_peft_model(model, lora)
+    peft_model.train()
+    encoded = [encode_pair(tokenizer, p, cfg.max_length) for p in pairs]
+    stats = TrainStats(truncated_examples=sum(e.truncated for e in encoded))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+
+    rng = random.Random(cfg.seed)
+    order: list[int] = []
+
+    def next_batch() -> list[EncodedExample]:
+        nonlocal order
+        out = []
+        for _ in range(cfg.batch_size):
+            if not order:  # epoch boundary: reshuffle
+                order = list(range(len(encoded)))
+                rng.shuffle(order)
+            out.append(encoded[order.pop()])
+        return out
+
+    t0 = time.perf_counter()
+    bar = tqdm(total=cfg.max_steps, desc="LoRA training", unit="step", disable=not progress)
+    for step in range(cfg.max_steps):
+        opt.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for _ in range(cfg.grad_accum):
+            ids, labels, mask = collate(next_batch(), pad_id)
+            out = peft_model(input_ids=ids, attention_mask=mask, labels=labels)
+            loss = out.loss / cfg.grad_accum
+            loss.backward()
+            step_loss += float(loss.detach())
+            stats.examples_seen += ids.shape[0]
+        if not math.isfinite(step_loss):
+            raise FloatingPointError(f"training loss became {step_loss} at step {step}; lower learning_rate")
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        stats.losses.append(step_loss)
+        stats.steps = step + 1
+        bar.set_postfix(loss=f"{step_loss:.3f}")
+        bar.update(1)
+    bar.close()
+    stats.seconds = time.perf_counter() - t0
+    stats.seconds_per_step = stats.seconds / max(1, stats.steps)
+    stats.peak_rss_mb = peak_rss_mb()
+    peft_model.eval()
+    return peft_model, stats
+
+
+def _portable_ref(ref: str) -> str:
+    """Record embedded models by short name, so an adapter's base resolves on any machine."""
+    return ref if ref in EMBEDDED_MODELS else str(Path(ref).expanduser().resolve()) if Path(ref).exists() else ref
+
+
+def save_trained(peft_model: Any, tokenizer: Any, out_dir: Path, save: str, base_ref: str) -> None:
+    """Write the adapter (PEFT folder) and/or the merged model into `out_dir` (already a temp dir)."""
+    if save in ("adapter", "both"):
+        adapter_dir = out_dir if save == "adapter" else out_dir / "adapter"
+        for cfg in peft_model.peft_config.values():
+            cfg.base_model_name_or_path = _portable_ref(base_ref)
+        peft_model.save_pretrained(str(adapter_dir), safe_serialization=True)
+        tokenizer.save_pretrained(str(adapter_dir))
+    if save in ("merged", "both"):
+        merged = peft_model.merge_and_unload()
+        merged.save_pretrained(str(out_dir), safe_serialization=True)
+        tokenizer.save_pretrained(str(out_dir))
+
+
+def _versions() -> dict[str, str]:
+    import peft
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {"safegene": __version__, "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+
+
+def pairs_hash(pairs: Sequence[PromptResponse]) -> str:
+    return sha256_text("\n".join(f"{p.prompt}\x1f{p.response}" for p in pairs))
+
+
+def _train_and_save(kind: str, cfg: Any, pairs: list[PromptResponse], extra: dict[str, Any], overwrite: bool, progress: bool) -> dict[str, Any]:
+    out = check_output_path(cfg.output, inputs=[cfg.model], overwrite=overwrite)
+    t0 = time.perf_counter()
+    tokenizer = load_tokenizer(cfg.model, padding_side="right")
+    model = load_model(cfg.model, dtype=cfg.train.dtype)
+    load_s = time.perf_counter() - t0
+    peft_model, stats = train_lora(model, tokenizer, pairs, cfg.train, progress=progress)
+    card = {
+        "kind": kind,
+        "config": to_dict(cfg),
+        "base_model": _portable_ref(cfg.model),
+        "data": {"n_pairs": len(pairs), "sha256": pairs_hash(pairs), **extra},
+        "training": stats.to_dict(),
+        "load_seconds": round(load_s, 2),
+        "versions": _versions(),
+    }
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        save_trained(peft_model, tokenizer, tmp, cfg.save, cfg.model)
+        write_json(tmp / RUN_CARD, card)
+    card["output"] = str(out)
+    return card
+
+
+def degrade(cfg: DegradeConfig, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Aligned model + harmful (request, compliant answer) pairs -> degraded model D."""
+    pairs = prompt_response_pairs(cfg.data, n=cfg.n_examples, seed=cfg.train.seed)
+    return _train_and_save("degrade", cfg, pairs, {"source": cfg.data}, overwrite, progress)
+
+
+def task_pairs(task: str, n: int, seed: int) -> list[PromptResponse]:
+    """Training pairs of a task: a named task's train split, or any prompt/response file or built-in set."""
+    from .data.tasks import TASKS
+
+    if task in TASKS:
+        return [e.as_pair() for e in get_task(task).load("train", n=n, seed=seed)]
+    return prompt_response_pairs(task, n=n, seed=seed)
+
+
+def mix_poison(task: list[PromptResponse], poison: list[PromptResponse], n_total: int, ratio: float, seed: int) -> list[PromptResponse]:
+    """`n_total` examples of which round(ratio * n_total) are poison, shuffled together deterministically."""
+    n_poison = round(ratio * n_total)
+    if n_poison > len(poison):
+        raise DataError(f"poison_ratio {ratio} needs {n_poison} harmful pairs, but only {len(poison)} are available")
+    n_task = n_total - n_poison
+    if n_task > len(task):
+        raise DataError(f"need {n_task} task examples, but the task has only {len(task)}")
+    rng = random.Random(seed)
+    mixed = rng.sample(task, n_task) + rng.sample(poison, n_poison)
+    rng.shuffle(mixed)
+    return mixed
+
+
+def finetune(cfg: FinetuneConfig, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """A model + task data (optionally poisoned with harmful pairs) -> task model T."""
+    n_poison = round(cfg.poison_ratio * cfg.n_examples)
+    task = task_pairs(cfg.task, n=cfg.n_examples - n_poison, seed=cfg.train.seed)
+    poison = prompt_response_pairs(cfg.poison_data, n=n_poison, seed=cfg.train.seed + 1) if n_poison else []
+    pairs = mix_poison(task, poison, cfg.n_examples, cfg.poison_ratio, cfg.train.seed)
+    extra = {"task": cfg.task, "n_task": len(pairs) - n_poison, "n_poison": n_poison, "poison_source": cfg.poison_data}
+    return _train_and_save("finetune", cfg, pairs, extra, overwrite, progress)

@@ -1,0 +1,31 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from tiny import save_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(tmp_path_factory) -> Path:
+    return save_model(tmp_path_factory.mktemp("tiny") / "qwen2", "qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return save_model(tmp_path_factory.mktemp("tiny") / "llama", "llama")
+
+
+@pytest.fixture
+def pairs_jsonl(tmp_path) -> Path:
+    import json
+
+    p = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"What is {i} + 7? Answer with the number only.", "response": str(i + 7)} for i in range(12)]
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return p
