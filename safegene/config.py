@@ -229,3 +229,104 @@ def dump_yaml(cfg: Any) -> str:
     import yaml
 
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# --- SafeGene core -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DistillConfig:
+    """Optional refinement: train the SVD factors so D + BA matches A's next-token distribution on safety prompts."""
+
+    enabled: bool = opt(False, "run the distillation refinement after SVD")
+    harmful: str = opt("harmful-pairs", "harmful prompts used for distillation (their responses are ignored)")
+    benign: str = opt("arithmetic", "benign prompts (task name or pairs) so the fit keeps benign behaviour")
+    n_harmful: int = opt(16, "harmful prompts")
+    n_benign: int = opt(16, "benign prompts")
+    response_tokens: int = opt(16, "A's greedy response tokens per prompt used as distillation positions")
+    top_k: int = opt(64, "A's top-k next-token probabilities kept per position")
+    steps: int = opt(20, "optimizer steps")
+    batch_size: int = opt(8, "sequences per step")
+    learning_rate: float = opt(5e-4, "AdamW learning rate on the factors")
+    seed: int = opt(0, "sampling seed")
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 1 and self.batch_size >= 1, "distill steps and batch_size must be >= 1")
+        _check(self.top_k >= 1, "top_k must be >= 1")
+
+
+@dataclass
+class ExtractConfig:
+    """Aligned A + degraded D (same family) -> safety adapter (low-rank factors of A - D per target module)."""
+
+    aligned: str = opt("qwen2.5-coder-0.5b-instruct", "aligned model A")
+    degraded: str = opt("runs/degraded", "degraded model D (same family as A)")
+    output: str = opt("runs/adapter", "output adapter folder")
+    rank: int = opt(8, "rank r of every module's factors (the cap when `energy` is set)")
+    energy: float | None = opt(None, "if set, per-module rank = smallest r keeping this fraction of ||ΔW||² (<= rank)")
+    svd: str = opt("auto", "exact (full SVD), randomized (svd_lowrank), or auto (randomized unless `energy` is set)")
+    oversample: int = opt(8, "randomized SVD oversampling")
+    niter: int = opt(4, "randomized SVD power iterations")
+    target_modules: list[str] = opt(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "module names to extract")
+    layers: str | None = opt(None, "layers to extract, e.g. '0-11,20' (default: all)")
+    check_untracked: bool = opt(True, "also compare non-target tensors (embeddings, norms, biases) and report drift")
+    hash_inputs: bool = opt(True, "record the SHA-256 of every input weight file in the card")
+    seed: int = opt(0, "seed for randomized SVD")
+    distill: DistillConfig = opt(DistillConfig(), "distillation refinement")
+
+    def __post_init__(self) -> None:
+        _check(self.rank >= 1, f"rank must be >= 1, got {self.rank}")
+        _check(self.energy is None or 0 < self.energy <= 1, f"energy must be in (0, 1], got {self.energy}")
+        _check(self.svd in ("auto", "exact", "randomized"), f"svd must be auto, exact or randomized, got {self.svd}")
+        _check(bool(self.target_modules), "target_modules must name at least one module")
+
+
+@dataclass
+class SelectConfig:
+    """Data-aware layer selection: score layers by how the adapter moves harmful vs benign prompts' activations."""
+
+    model: str = opt("runs/degraded", "model whose activations are scored (D, or a task model of the family)")
+    harmful: str = opt("harmful-pairs", "harmful prompts (disjoint from evaluation prompts)")
+    benign: str = opt("arithmetic", "benign prompts: task name, benign set, or file")
+    n_harmful: int = opt(32, "harmful prompts")
+    n_benign: int = opt(32, "benign prompts")
+    method: str = opt("push", "push (adapter's push along the harmful-benign direction, harmful minus benign), "
+                      "separability (Fisher ratio of the layer's activations), or norm (adapter norm)")
+    top_k: int | None = opt(8, "keep this many top-scoring layers")
+    threshold: float | None = opt(None, "or keep layers whose normalised score >= threshold (0..1)")
+    batch_size: int = opt(8, "prompts per forward pass")
+    seed: int = opt(0, "sampling seed")
+
+    def __post_init__(self) -> None:
+        _check(self.method in ("push", "separability", "norm"), f"method must be push, separability or norm, got {self.method}")
+        _check(self.top_k is not None or self.threshold is not None, "set top_k or threshold")
+        _check(self.top_k is None or self.top_k >= 1, "top_k must be >= 1")
+
+
+@dataclass
+class RecalibrateConfig:
+    """Few-shot recalibration: learn one bounded coefficient per selected layer for a task model T."""
+
+    task_model: str = opt("runs/task-model", "task model T (HF folder, PEFT adapter folder, or embedded name)")
+    harmful: str = opt("harmful-pairs", "harmful prompts for the refusal shots")
+    refusals: str | None = opt(None, "prompt/response file of refusals; default: the refusal text below")
+    refusal_text: str = opt("I'm sorry, but I can't assist with that.", "refusal target used when `refusals` is unset "
+                            "(the default model's own most frequent refusal)")
+    task: str = opt("arithmetic", "task name or prompt/response file for the utility shots")
+    n_harmful: int = opt(32, "harmful shots (<= 32 by default)")
+    n_task: int = opt(32, "task shots whose outputs must not move")
+    utility_weight: float = opt(1.0, "weight of the KL-to-T term on task shots")
+    alpha_max: float = opt(2.0, "coefficients are bounded to [0, alpha_max]")
+    alpha_init: float = opt(1.0, "starting coefficient")
+    steps: int = opt(30, "optimizer steps")
+    batch_size: int = opt(8, "shots per step (half harmful, half task)")
+    learning_rate: float = opt(0.1, "Adam learning rate on the coefficients' logits")
+    max_length: int = opt(96, "token limit per shot")
+    seed: int = opt(0, "sampling seed")
+
+    def __post_init__(self) -> None:
+        _check(self.alpha_max > 0, "alpha_max must be > 0")
+        _check(0 < self.alpha_init < self.alpha_max, f"alpha_init must be in (0, alpha_max={self.alpha_max})")
+        _check(self.steps >= 1 and self.batch_size >= 2, "steps >= 1 and batch_size >= 2 are needed")
+        _check(self.n_harmful >= 1 and self.n_task >= 1, "need at least one harmful and one task shot")

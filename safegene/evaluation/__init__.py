@@ -1,6 +1,6 @@
 """Evaluation: generation, judges, metrics."""
 
-from .generation import generate, generate_to_jsonl
+from ..generation import generate, generate_to_jsonl
 from .judges import REFUSAL_PHRASES, RefusalPhraseJudge, Verdict
 from .metrics import Rate
 from .refusal import evaluate_refusal, refusal_rate

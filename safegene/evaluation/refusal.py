@@ -9,7 +9,7 @@ from typing import Any
 from ..config import RefusalEvalConfig, to_dict
 from ..data import harmful_prompts
 from ..models import load_model, load_tokenizer
-from .generation import generate, generate_to_jsonl
+from ..generation import generate, generate_to_jsonl
 from .judges import RefusalPhraseJudge
 from .metrics import Rate
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from ..config import GenerationConfig
 from ..data import get_task
-from .generation import generate
+from ..generation import generate
 from .metrics import Rate
 
 

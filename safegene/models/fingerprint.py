@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import FamilyMismatchError
+from ..errors import FamilyMismatchError, ModelError
 
 _STRUCT_KEYS = (
     "model_type",
@@ -66,16 +66,19 @@ class FamilyFingerprint:
             out[name] = float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-12))
         return out
 
-    def check_compatible(self, other: "FamilyFingerprint", what: str = "model") -> list[str]:
-        """Raise on a structural mismatch; return warnings for a same-shape model of a different lineage."""
+    def check_compatible(self, other: "FamilyFingerprint", what: str = "model",
+                         reference: str = "the family this artifact was built for") -> list[str]:
+        """Raise on a structural mismatch; return warnings for a same-shape model of a different lineage.
+
+        Differences read 'reference value != other value'."""
         diffs = self.structural_differences(other)
         if diffs:
             raise FamilyMismatchError(
-                f"{what} is not of the family this artifact was built for: " + "; ".join(diffs)
+                f"{what} is not of {reference}: " + "; ".join(diffs)
                 + ". Build a safety adapter for that family (safegene degrade + extract) instead."
             )
         return [
-            f"{what}: reference tensor {n} differs by {d:.1%} from the adapter's source model (>{LINEAGE_TOLERANCE:.0%}); "
+            f"{what}: reference tensor {n} differs by {d:.1%} from {reference} (>{LINEAGE_TOLERANCE:.0%}); "
             "it may be a different lineage of the same architecture, and the adapter may not transfer"
             for n, d in self.lineage_drift(other).items()
             if d > LINEAGE_TOLERANCE
@@ -120,8 +123,14 @@ def fingerprint_folder(folder: str | Path) -> FamilyFingerprint:
     arch, struct = _structure(config)
     ref = {}
     for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as sf:
-            for name in REFERENCE_TENSORS:
-                if name in sf.keys() and name not in ref:
-                    ref[name] = _tensor_ref(sf.get_tensor(name).float().numpy())
+        if f.name.startswith(("adapter_", "safegene_")):
+            continue
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                for name in REFERENCE_TENSORS:
+                    if name in sf.keys() and name not in ref:
+                        ref[name] = _tensor_ref(sf.get_tensor(name).float().numpy())
+        except Exception as e:
+            raise ModelError(f"{f}: cannot read safetensors ({type(e).__name__}: {e}); the file is corrupt or "
+                             "truncated") from e
     return FamilyFingerprint(arch, struct, ref)

@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..chat import prompt_text
-from ..config import GenerationConfig
+from .chat import prompt_text
+from .config import GenerationConfig
 
 
 def generate(

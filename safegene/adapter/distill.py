@@ -1,0 +1,105 @@
+"""Distillation refinement: train the adapter's factors so that D + BA reproduces A's next-token distribution.
+
+The SVD factors are the starting point. A's responses (greedy) to harmful and benign prompts define the
+positions; A's top-k next-token probabilities there are the targets; only the factors train. A and D are never
+in memory together: A's targets are computed first, then A is released.
+"""
+
+from __future__ import annotations
+
+import gc
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from ..config import DistillConfig, GenerationConfig
+from ..data import harmful_prompts, prompt_response_pairs
+from ..data.records import PromptResponse
+from ..generation import generate
+from ..models import load_model, load_tokenizer
+from ..objectives import encode_batch, target_logits, teacher_topk, topk_cross_entropy, topk_kl
+from .core import SafetyAdapter
+from .runtime import AttachedAdapter
+
+
+def _prompts(ref: str, n: int, seed: int) -> list[str]:
+    from ..data.tasks import TASKS
+
+    if ref in TASKS:
+        return [e.prompt for e in TASKS[ref].load("train", n=n, seed=seed)]
+    try:
+        return [p.prompt for p in prompt_response_pairs(ref, n=n, seed=seed)]
+    except Exception:
+        return [p.prompt for p in harmful_prompts(ref, n=n, seed=seed)]
+
+
+def distill_factors(adapter: SafetyAdapter, aligned: Path, degraded: Path, cfg: DistillConfig, progress: bool = True):
+    import torch
+    from tqdm.auto import tqdm
+
+    prompts = _prompts(cfg.harmful, cfg.n_harmful, cfg.seed) + _prompts(cfg.benign, cfg.n_benign, cfg.seed)
+    tok = load_tokenizer(aligned)
+    teacher = load_model(aligned)
+    responses = generate(teacher, tok, prompts, GenerationConfig(max_new_tokens=cfg.response_tokens, batch_size=8),
+                         progress=progress, desc="A's responses")
+    pairs = [PromptResponse(p, r) for p, r in zip(prompts, responses) if r]
+    tok.padding_side = "right"
+    batch = encode_batch(tok, pairs, max_length=256)
+    t_vals, t_idx = teacher_topk(teacher, batch, cfg.top_k)
+    del teacher
+    gc.collect()
+
+    student = load_model(degraded)
+    for p in student.parameters():
+        p.requires_grad_(False)
+    handle = AttachedAdapter(student, adapter, trainable_factors=True)
+    params = [t for ab in handle.factors.values() for t in ab]
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+    # row offsets of each sequence's target positions in the flattened teacher tensors
+    counts = batch.target_mask.sum(1).tolist()
+    offsets = [0]
+    for c in counts:
+        offsets.append(offsets[-1] + c)
+
+    def kl_all() -> float:
+        with torch.no_grad():
+            tot, n = 0.0, 0
+            for s in range(0, len(batch), 8):
+                idx = list(range(s, min(s + 8, len(batch))))
+                rows = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in idx])
+                lg = target_logits(student, batch.subset(idx))
+                tot += float(topk_kl(lg, t_vals[rows], t_idx[rows])) * len(rows)
+                n += len(rows)
+            return tot / max(n, 1)
+
+    handle.disable()
+    kl_d = kl_all()
+    handle.enable()
+    kl_svd = kl_all()
+    rng = random.Random(cfg.seed)
+    t0 = time.perf_counter()
+    losses = []
+    for _ in tqdm(range(cfg.steps), desc="distilling", unit="step", disable=not progress):
+        idx = rng.sample(range(len(batch)), min(cfg.batch_size, len(batch)))
+        rows = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in idx])
+        loss = topk_cross_entropy(target_logits(student, batch.subset(idx)), t_vals[rows], t_idx[rows])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(round(float(loss), 4))
+    kl_after = kl_all()
+    new_factors = dict(adapter.factors)
+    for m, (a, b) in handle.factors.items():
+        new_factors[m] = (a.detach().float().clone(), b.detach().float().clone())
+    handle.remove()
+    refined = SafetyAdapter(factors=new_factors, coefficients=dict(adapter.coefficients), selected=adapter.selected,
+                            card=adapter.card)
+    stats = {
+        "n_sequences": len(batch),
+        "n_positions": int(batch.target_mask.sum()),
+        "kl_to_A": {"D": round(kl_d, 5), "D+svd": round(kl_svd, 5), "D+distilled": round(kl_after, 5)},
+        "losses": losses,
+        "train_seconds": round(time.perf_counter() - t0, 2),
+    }
+    return refined, stats

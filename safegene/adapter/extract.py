@@ -1,0 +1,160 @@
+"""`extract_adapter`: aligned A + degraded D -> SafetyAdapter, reading both checkpoints tensor by tensor.
+
+For every target module, ΔW = W_A − W_D is compressed to rank r by SVD: ΔW ≈ U_r S_r V_rᵀ, stored as
+B = U_r S_r^½ and A = S_r^½ V_rᵀ (balanced factors, so both train well if distillation refines them).
+Only one pair of tensors is in memory at a time; tensors are matched by name, never by order.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from ..config import ExtractConfig, to_dict
+from ..errors import FamilyMismatchError, SafegeneError
+from ..io import check_output_path, sha256_file
+from ..models import resolve_model_path
+from ..models.fingerprint import fingerprint_folder
+from ..models.registry import EMBEDDED_MODELS
+from .checkpoint import LazyCheckpoint
+from .core import SafetyAdapter
+from .modules import layer_of, parse_layers, target_weight_names
+
+log = logging.getLogger(__name__)
+
+
+def _folder(ref: str, role: str) -> Path:
+    path = Path(resolve_model_path(ref))
+    if not path.is_dir():
+        raise SafegeneError(f"{role} model '{ref}' must be a local safetensors folder or an embedded model name")
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        raise SafegeneError(f"{role} model {path} is a PEFT adapter; merge it first (safegene degrade --save merged)")
+    return path
+
+
+def compare_checkpoints(a: LazyCheckpoint, d: LazyCheckpoint) -> None:
+    """Refuse checkpoints whose tensor names or shapes differ, listing what differs."""
+    ka, kd = set(a.keys()), set(d.keys())
+    problems = [f"only in aligned: {n}" for n in sorted(ka - kd)] + [f"only in degraded: {n}" for n in sorted(kd - ka)]
+    problems += [f"shape of {n}: {a.shape(n)} vs {d.shape(n)}" for n in sorted(ka & kd) if a.shape(n) != d.shape(n)]
+    if problems:
+        shown = "\n  ".join(problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise FamilyMismatchError(
+            f"aligned ({a.folder}) and degraded ({d.folder}) checkpoints do not match:\n  {shown}{more}\n"
+            "Both must be the same architecture and size (D is A fine-tuned)."
+        )
+
+
+def low_rank(delta, rank: int, energy: float | None, method: str, oversample: int, niter: int, generator_seed: int):
+    """Factor `delta` (out x in) -> (A r x in, B out x r, kept energy fraction)."""
+    import torch
+
+    total = float((delta * delta).sum())
+    if total == 0.0:
+        r = 1
+        return torch.zeros(r, delta.shape[1]), torch.zeros(delta.shape[0], r), 1.0
+    use_exact = method == "exact" or (method == "auto" and energy is not None) or min(delta.shape) <= rank + oversample
+    if use_exact:
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    else:
+        torch.manual_seed(generator_seed)
+        u, s, v = torch.svd_lowrank(delta, q=min(rank + oversample, min(delta.shape)), niter=niter)
+        vh = v.T
+    cum = torch.cumsum(s * s, 0) / total
+    r = min(rank, s.numel())
+    if energy is not None:
+        r = min(r, int(torch.searchsorted(cum, torch.tensor(energy * (1 - 1e-9)))) + 1)
+    root = s[:r].sqrt()
+    a = root[:, None] * vh[:r]
+    b = u[:, :r] * root[None, :]
+    return a.contiguous(), b.contiguous(), float(cum[r - 1])
+
+
+def extract_adapter(cfg: ExtractConfig, progress: bool = True, overwrite: bool = False, save: bool = True) -> SafetyAdapter:
+    """Build the safety adapter from A and D and (by default) save it to `cfg.output`."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from ..training import peak_rss_mb
+
+    t0 = time.perf_counter()
+    a_dir, d_dir = _folder(cfg.aligned, "aligned"), _folder(cfg.degraded, "degraded")
+    if save:
+        check_output_path(cfg.output, inputs=[a_dir, d_dir], overwrite=overwrite)
+    fingerprint = fingerprint_folder(a_dir)
+    for msg in fingerprint.check_compatible(fingerprint_folder(d_dir), what="degraded model", reference="the aligned model's family"):
+        log.warning(msg)
+    n_layers = fingerprint.structure.get("num_hidden_layers")
+    layers = parse_layers(cfg.layers, n_layers)
+    stats: dict[str, Any] = {"modules": {}, "untracked_drift": {}}
+    factors: dict[str, tuple[Any, Any]] = {}
+    read_s = svd_s = 0.0
+    with LazyCheckpoint(a_dir) as A, LazyCheckpoint(d_dir) as D:
+        compare_checkpoints(A, D)
+        names = target_weight_names(A.keys(), cfg.target_modules, layers)
+        if not names:
+            raise SafegeneError(f"no tensor of {A.folder} matches target_modules {cfg.target_modules}"
+                                + (f" in layers {layers}" if layers else ""))
+        largest = max(math.prod(A.shape(n)) for n in A.keys()) * 4
+        for i, name in enumerate(tqdm(names, desc="extracting ΔW", unit="tensor", disable=not progress)):
+            t = time.perf_counter()
+            delta = A.get(name).float() - D.get(name).float()
+            read_s += time.perf_counter() - t
+            t = time.perf_counter()
+            a, b, kept = low_rank(delta, cfg.rank, cfg.energy, cfg.svd, cfg.oversample, cfg.niter, cfg.seed + i)
+            svd_s += time.perf_counter() - t
+            module = name[: -len(".weight")]
+            factors[module] = (a, b)
+            stats["modules"][module] = {"norm": round(float(delta.norm()), 6), "rank": int(a.shape[0]),
+                                        "energy_kept": round(kept, 6)}
+            del delta
+        if cfg.check_untracked:
+            targets = set(names)
+            for name in tqdm([n for n in A.keys() if n not in targets], desc="checking other tensors", unit="tensor",
+                             disable=not progress):
+                wa, wd = A.get(name).float(), D.get(name).float()
+                diff = float((wa - wd).norm())
+                if diff > 0:
+                    stats["untracked_drift"][name] = round(diff / max(float(wa.norm()), 1e-12), 8)
+                del wa, wd
+    if stats["untracked_drift"]:
+        log.warning("%d non-target tensors differ between A and D (largest relative drift %.2e); the adapter does "
+                    "not carry those differences", len(stats["untracked_drift"]), max(stats["untracked_drift"].values()))
+    inputs = {}
+    if cfg.hash_inputs:
+        for role, folder in (("aligned", a_dir), ("degraded", d_dir)):
+            inputs[role] = {f.name: sha256_file(f) for f in sorted(folder.glob("*.safetensors"))}
+    card = {
+        "name": Path(cfg.output).name,
+        "kind": "safety-adapter",
+        "method": "SafeGene (arXiv 2606.06519): low-rank A - D",
+        "base_model": cfg.aligned if cfg.aligned in EMBEDDED_MODELS else str(a_dir),
+        "aligned": {"ref": cfg.aligned, "path": str(a_dir)},
+        "degraded": {"ref": cfg.degraded, "path": str(d_dir)},
+        "fingerprint": fingerprint.to_dict(),
+        "input_sha256": inputs,
+        "config": to_dict(cfg),
+        "modules": stats["modules"],
+        "untracked_drift": stats["untracked_drift"],
+        "timings": {},
+    }
+    adapter = SafetyAdapter(factors=factors, card=card)
+    card["timings"].update({"read_s": round(read_s, 2), "svd_s": round(svd_s, 2)})
+    if cfg.distill.enabled:
+        from .distill import distill_factors
+
+        t = time.perf_counter()
+        adapter, dstats = distill_factors(adapter, a_dir, d_dir, cfg.distill, progress=progress)
+        card = adapter.card
+        card["distill"] = dstats
+        card["timings"]["distill_s"] = round(time.perf_counter() - t, 2)
+    card["timings"]["total_s"] = round(time.perf_counter() - t0, 2)
+    card["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    card["largest_tensor_mb"] = round(largest / 2**20, 1)
+    if save:
+        adapter.save(cfg.output, overwrite=overwrite)
+    return adapter

@@ -1,0 +1,103 @@
+"""Runtime application of a SafetyAdapter: forward hooks on the target linear modules, or an in-place merge.
+
+A hook adds  scale_l · (x Aᵀ) Bᵀ  to the module's output: the low-rank path costs O(r·(in+out)) per token, so
+attaching is cheap, and removing the hooks restores the model bit for bit. Scales live in a dict of tensors so
+recalibration can make them learnable and a server can change them per request without touching the weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from ..errors import FamilyMismatchError
+from .modules import layer_of
+
+
+def _named_modules(model: Any) -> dict[str, Any]:
+    mods = dict(model.named_modules())
+    # a PEFT-wrapped model names modules 'base_model.model.<name>'
+    for k in list(mods):
+        if k.startswith("base_model.model."):
+            mods.setdefault(k[len("base_model.model."):], mods[k])
+    return mods
+
+
+class AttachedAdapter:
+    """Hooks that apply an adapter to a loaded model; toggle, rescale or remove without reloading."""
+
+    def __init__(self, model: Any, adapter: Any, scales: dict[int, Any] | None = None, trainable_factors: bool = False):
+        import torch
+
+        self.model = model
+        self.adapter = adapter
+        self.enabled = True
+        mods = _named_modules(model)
+        ref = next(model.parameters())
+        self.factors: dict[str, tuple[Any, Any]] = {}
+        self.scales: dict[int, Any] = {}
+        self._handles = []
+        missing = [m for m in adapter.modules() if m not in mods]
+        if missing:
+            raise FamilyMismatchError(f"model has no module(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}: "
+                                      "the adapter belongs to another architecture")
+        for m in adapter.modules():
+            a, b = adapter.factors[m]
+            a = a.to(ref.device, ref.dtype)
+            b = b.to(ref.device, ref.dtype)
+            if trainable_factors:
+                a, b = torch.nn.Parameter(a.clone()), torch.nn.Parameter(b.clone())
+            self.factors[m] = (a, b)
+            l = layer_of(m)
+            if l not in self.scales:
+                s = scales[l] if scales and l in scales else torch.tensor(adapter.coefficients.get(l, 1.0), dtype=ref.dtype, device=ref.device)
+                self.scales[l] = s
+            self._handles.append(mods[m].register_forward_hook(self._hook(m, l)))
+
+    def _hook(self, module_name: str, layer: int) -> Callable:
+        def hook(mod, inputs, output):
+            if not self.enabled:
+                return None
+            a, b = self.factors[module_name]
+            x = inputs[0]
+            return output + self.scales[layer] * ((x @ a.T) @ b.T)
+
+        return hook
+
+    def set_coefficients(self, coefficients: dict[int, float] | float) -> None:
+        import torch
+
+        for l, s in self.scales.items():
+            v = coefficients if isinstance(coefficients, (int, float)) else coefficients.get(l, float(s))
+            self.scales[l] = torch.tensor(float(v), dtype=s.dtype, device=s.device)
+
+    def enable(self) -> None:
+        self.enabled = True
+
+    def disable(self) -> None:
+        self.enabled = False
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self.enabled = False
+
+    def __enter__(self) -> "AttachedAdapter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def merge_into_model(adapter: Any, model: Any, sign: float = 1.0) -> Any:
+    """W_m += sign · α_l · B_m A_m for every selected module, in place. Returns the model."""
+    import torch
+
+    mods = _named_modules(model)
+    with torch.no_grad():
+        for m in adapter.modules():
+            if m not in mods:
+                raise FamilyMismatchError(f"model has no module {m}: the adapter belongs to another architecture")
+            w = mods[m].weight
+            w.add_((sign * adapter.delta(m)).to(w.device, w.dtype))
+    return model

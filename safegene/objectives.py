@@ -1,0 +1,94 @@
+"""Teacher-forced sequence batches and the losses the adapter stages train with.
+
+A batch holds chat-formatted prompt + response token ids, right-padded, with a mask over the positions whose
+next token is a response token. Distillation and recalibration score only those positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from .data.records import PromptResponse
+from .training import encode_pair
+
+
+@dataclass
+class SeqBatch:
+    input_ids: Any  # (n, T) long
+    attention_mask: Any  # (n, T) long
+    target_mask: Any  # (n, T) bool: logits at t predict a response token at t+1
+    targets: Any  # (n, T) long: the token at t+1 (0 where not a target)
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def subset(self, idx) -> "SeqBatch":
+        return SeqBatch(self.input_ids[idx], self.attention_mask[idx], self.target_mask[idx], self.targets[idx])
+
+
+def encode_batch(tokenizer: Any, pairs: Sequence[PromptResponse], max_length: int) -> SeqBatch:
+    import torch
+
+    enc = [encode_pair(tokenizer, p, max_length) for p in pairs]
+    width = max(len(e.input_ids) for e in enc)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(enc), width), pad, dtype=torch.long)
+    att = torch.zeros((len(enc), width), dtype=torch.long)
+    tmask = torch.zeros((len(enc), width), dtype=torch.bool)
+    tgt = torch.zeros((len(enc), width), dtype=torch.long)
+    for i, e in enumerate(enc):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        att[i, :n] = 1
+        lab = torch.tensor(e.labels)
+        # position t predicts label t+1
+        nxt = lab[1:]
+        tmask[i, : n - 1] = nxt != -100
+        tgt[i, : n - 1] = torch.where(nxt != -100, nxt, torch.zeros_like(nxt))
+    return SeqBatch(ids, att, tmask, tgt)
+
+
+def target_logits(model: Any, batch: SeqBatch):
+    """Logits at target positions, flattened to (n_targets, vocab)."""
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    return out.logits[batch.target_mask]
+
+
+def teacher_topk(model: Any, batch: SeqBatch, k: int, chunk: int = 8):
+    """The teacher's top-k log-probabilities and token ids at every target position (no grad)."""
+    import torch
+
+    vals, idxs = [], []
+    with torch.inference_mode():
+        for s in range(0, len(batch), chunk):
+            lp = torch.log_softmax(target_logits(model, batch.subset(slice(s, s + chunk))).float(), -1)
+            v, i = lp.topk(min(k, lp.shape[-1]), -1)
+            vals.append(v)
+            idxs.append(i)
+    return torch.cat(vals), torch.cat(idxs)
+
+
+def topk_cross_entropy(student_logits, teacher_vals, teacher_idx):
+    """Cross-entropy of the student against the teacher's renormalised top-k distribution (KL up to a constant)."""
+    import torch
+
+    p = torch.softmax(teacher_vals, -1)
+    logq = torch.log_softmax(student_logits.float(), -1).gather(-1, teacher_idx)
+    return -(p * logq).sum(-1).mean()
+
+
+def topk_kl(student_logits, teacher_vals, teacher_idx):
+    """KL(teacher_topk || student) restricted to the teacher's top-k support (0 when they agree there)."""
+    import torch
+
+    logp = torch.log_softmax(teacher_vals, -1)
+    logq = torch.log_softmax(student_logits.float(), -1).gather(-1, teacher_idx)
+    logq = logq - torch.logsumexp(logq, -1, keepdim=True)
+    return (logp.exp() * (logp - logq)).sum(-1).mean()
+
+
+def token_nll(logits, targets):
+    import torch
+
+    return torch.nn.functional.cross_entropy(logits.float(), targets)
