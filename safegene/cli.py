@@ -146,6 +146,71 @@ def cmd_eval_refusal(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_extract(a: argparse.Namespace) -> int:
+    from .adapter import extract_adapter
+    from .config import ExtractConfig, load_config
+
+    o = {"aligned": a.aligned, "degraded": a.degraded, "output": a.output, "rank": a.rank, "energy": a.energy,
+         "layers": a.layers, "distill.enabled": True if a.distill else None}
+    o.update(_kv(a.set))
+    cfg = load_config(ExtractConfig, a.config, o)
+    ad = extract_adapter(cfg, overwrite=a.overwrite)
+    c = ad.card
+    print(f"extract: wrote {cfg.output}: {len(ad.factors)} modules over {len(ad.all_layers)} layers, rank {ad.rank}, "
+          f"{c['timings']['total_s']:.1f} s, peak RSS {c['peak_rss_mb']:.0f} MB")
+    if c.get("distill"):
+        print(f"  distillation KL to A: {c['distill']['kl_to_A']}")
+    if c["untracked_drift"]:
+        print(f"  note: {len(c['untracked_drift'])} non-target tensors differ between A and D (see safegene.json)")
+    return 0
+
+
+def cmd_select(a: argparse.Namespace) -> int:
+    from .adapter import SafetyAdapter
+    from .config import SelectConfig, load_config
+    from .selection import plot_layer_scores, select_layers
+
+    o = {"model": a.model, "harmful": a.harmful, "benign": a.benign, "method": a.method, "top_k": a.top_k,
+         "threshold": a.threshold}
+    o.update(_kv(a.set))
+    cfg = load_config(SelectConfig, a.config, o)
+    out = select_layers(SafetyAdapter.load(a.adapter), cfg)
+    out.save(a.output, overwrite=a.overwrite, plot=lambda d: plot_layer_scores(out, d / "layer_scores.png"))
+    sel = out.card["selection"]
+    print(f"select: wrote {a.output}: layers {sel['selected_layers']} ({cfg.method}, {sel['seconds']:.0f} s)")
+    for l, v in sel["scores"].items():
+        mark = "*" if int(l) in sel["selected_layers"] else " "
+        print(f"  {mark} layer {int(l):3d}  {v:+.4f}")
+    return 0
+
+
+def cmd_recalibrate(a: argparse.Namespace) -> int:
+    from .adapter import SafetyAdapter
+    from .config import RecalibrateConfig, load_config
+    from .recalibration import recalibrate
+
+    o = {"task_model": a.task_model, "task": a.task, "harmful": a.harmful, "steps": a.steps,
+         "n_harmful": a.n_harmful, "n_task": a.n_task}
+    o.update(_kv(a.set))
+    cfg = load_config(RecalibrateConfig, a.config, o)
+    out = recalibrate(SafetyAdapter.load(a.adapter), cfg)
+    out.save(a.output, overwrite=a.overwrite)
+    rc = out.card["recalibration"]
+    print(f"recalibrate: wrote {a.output} in {rc['seconds']:.0f} s")
+    print("  α: " + ", ".join(f"{l}:{v:.2f}" for l, v in rc["coefficients"].items()))
+    print(f"  objective: {rc['objective']}")
+    return 0
+
+
+def cmd_apply(a: argparse.Namespace) -> int:
+    from .adapter import SafetyAdapter
+    from .apply import merge_to_folder
+
+    out = merge_to_folder(SafetyAdapter.load(a.adapter), a.model, a.output, overwrite=a.overwrite)
+    print(f"apply: wrote {out} (task model with the safety adapter merged)")
+    return 0
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -198,6 +263,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-json", help="write the full result as JSON here")
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     p.set_defaults(func=cmd_eval_refusal)
+
+    p = sub.add_parser("extract", help="aligned A + degraded D -> safety adapter (PEFT-loadable folder)")
+    p.add_argument("--config")
+    p.add_argument("--aligned", help="aligned model A (default: the embedded default)")
+    p.add_argument("--degraded", help="degraded model D")
+    p.add_argument("--output", "-o")
+    p.add_argument("--rank", type=int)
+    p.add_argument("--energy", type=float, help="per-module rank keeping this fraction of ||ΔW||²")
+    p.add_argument("--layers", help="layers to extract, e.g. 0-11,20")
+    p.add_argument("--distill", action="store_true", help="refine the factors by distillation (KL to A)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("select", help="score layers with harmful/benign activations; keep the top ones")
+    p.add_argument("adapter")
+    p.add_argument("--output", "-o", required=True)
+    p.add_argument("--config")
+    p.add_argument("--model", help="model whose activations are scored (default runs/degraded)")
+    p.add_argument("--harmful")
+    p.add_argument("--benign")
+    p.add_argument("--method", choices=["push", "separability", "norm"])
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--threshold", type=float)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_select)
+
+    p = sub.add_parser("recalibrate", help="learn one coefficient per selected layer for a task model")
+    p.add_argument("adapter")
+    p.add_argument("--task-model", required=True)
+    p.add_argument("--output", "-o", required=True)
+    p.add_argument("--config")
+    p.add_argument("--task", help="task name or prompt/response file for the utility shots")
+    p.add_argument("--harmful")
+    p.add_argument("--n-harmful", type=int)
+    p.add_argument("--n-task", type=int)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_recalibrate)
+
+    p = sub.add_parser("apply", help="merge a (calibrated) adapter into a task model -> new HF folder")
+    p.add_argument("adapter")
+    p.add_argument("--model", required=True, help="task model T")
+    p.add_argument("--output", "-o", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_apply)
 
     p = sub.add_parser("demo", help="run the pipeline end to end on the embedded default model")
     p.add_argument("--output", "-o", default="runs/demo")

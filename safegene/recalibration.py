@@ -1,0 +1,140 @@
+"""Few-shot recalibration: one bounded coefficient per selected layer for a task model T.
+
+    W'_l = W_l + α_l · ΔW_l,   α_l = α_max · sigmoid(θ_l) ∈ (0, α_max)
+
+Only θ trains (the adapter's factors and T are frozen). The objective on a few dozen shots is
+
+    NLL(refusal | harmful prompt)  +  λ · KL(T || T + adapter) on task shots' answer positions
+
+so the coefficients buy back refusals where T lost them while leaving T's task outputs where they were.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from typing import Any
+
+from .adapter.core import SafetyAdapter
+from .adapter.runtime import AttachedAdapter
+from .config import RecalibrateConfig, to_dict
+from .data import prompt_response_pairs
+from .data.records import PromptResponse
+from .io import sha256_text
+from .objectives import SeqBatch, encode_batch, target_logits, teacher_topk, token_nll, topk_kl
+from .selection import benign_prompts, harmful_prompt_texts
+
+log = logging.getLogger(__name__)
+
+
+def refusal_shots(cfg: RecalibrateConfig) -> list[PromptResponse]:
+    if cfg.refusals:
+        return prompt_response_pairs(cfg.refusals, n=cfg.n_harmful, seed=cfg.seed)
+    return [PromptResponse(p, cfg.refusal_text) for p in harmful_prompt_texts(cfg.harmful, cfg.n_harmful, cfg.seed)]
+
+
+def task_shots(cfg: RecalibrateConfig) -> list[PromptResponse]:
+    from .data.tasks import TASKS
+
+    if cfg.task in TASKS:
+        return [e.as_pair() for e in TASKS[cfg.task].load("train", n=cfg.n_task, seed=cfg.seed + 1)]
+    return prompt_response_pairs(cfg.task, n=cfg.n_task, seed=cfg.seed + 1)
+
+
+def _rows(batch: SeqBatch, idx: list[int], offsets: list[int]):
+    import torch
+
+    return torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in idx])
+
+
+def recalibrate(adapter: SafetyAdapter, cfg: RecalibrateConfig, model: Any = None, tokenizer: Any = None,
+                progress: bool = True) -> SafetyAdapter:
+    """Learn α_l for `adapter`'s selected layers on task model `cfg.task_model`; returns the calibrated adapter."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from .models import load_model, load_tokenizer
+
+    t0 = time.perf_counter()
+    if model is None:
+        model, tokenizer = load_model(cfg.task_model), load_tokenizer(cfg.task_model)
+    for msg in adapter.check_model(model, what=f"task model {cfg.task_model}"):
+        log.warning(msg)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    tokenizer.padding_side = "right"
+    harm = refusal_shots(cfg)
+    task = task_shots(cfg)
+    hb = encode_batch(tokenizer, harm, cfg.max_length)
+    tb = encode_batch(tokenizer, task, cfg.max_length)
+    layers = adapter.layers
+    handle = AttachedAdapter(model, adapter)
+    try:
+        handle.disable()
+        t_vals, t_idx = teacher_topk(model, tb, k=64)  # T's own answer distribution: what must not move
+        handle.enable()
+        counts = tb.target_mask.sum(1).tolist()
+        offsets = [0]
+        for c in counts:
+            offsets.append(offsets[-1] + c)
+        frac = cfg.alpha_init / cfg.alpha_max
+        theta = torch.nn.Parameter(torch.full((len(layers),), math.log(frac / (1 - frac))))
+        opt = torch.optim.Adam([theta], lr=cfg.learning_rate)
+
+        def set_alphas() -> Any:
+            alpha = cfg.alpha_max * torch.sigmoid(theta)
+            for j, l in enumerate(layers):
+                handle.scales[l] = alpha[j]
+            return alpha
+
+        def objective(h_idx: list[int], t_idx_: list[int]):
+            lh = token_nll(target_logits(model, hb.subset(h_idx)), hb.targets[h_idx][hb.target_mask[h_idx]])
+            rows = _rows(tb, t_idx_, offsets)
+            kl = topk_kl(target_logits(model, tb.subset(t_idx_)), t_vals[rows], t_idx[rows])
+            return lh, kl
+
+        def full_eval() -> tuple[float, float]:
+            with torch.no_grad():
+                lh, kl = objective(list(range(len(hb))), list(range(len(tb))))
+            return float(lh), float(kl)
+
+        handle.disable()
+        before = full_eval()  # T alone
+        handle.enable()
+        set_alphas()
+        rng = random.Random(cfg.seed)
+        half = max(1, cfg.batch_size // 2)
+        history = []
+        for _ in tqdm(range(cfg.steps), desc="recalibrating α", unit="step", disable=not progress):
+            alpha = set_alphas()
+            lh, kl = objective(rng.sample(range(len(hb)), min(half, len(hb))), rng.sample(range(len(tb)), min(half, len(tb))))
+            loss = lh + cfg.utility_weight * kl
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            history.append({"loss": round(loss.detach().item(), 4), "refusal_nll": round(lh.item(), 4), "task_kl": round(kl.item(), 5)})
+        alpha = set_alphas().detach()
+        after = full_eval()
+        handle.set_coefficients(1.0)
+        unit = full_eval()  # α = 1 everywhere: the uncalibrated adapter, for comparison
+    finally:
+        handle.remove()
+    coeffs = {l: round(float(a), 6) for l, a in zip(layers, alpha)}
+    out = adapter.with_coefficients(coeffs)
+    out.card["recalibration"] = {
+        "task_model": cfg.task_model,
+        "config": to_dict(cfg),
+        "coefficients": {str(l): c for l, c in coeffs.items()},
+        "shots": {"harmful": len(harm), "task": len(task),
+                  "data_sha256": sha256_text("\n".join(f"{p.prompt}\x1f{p.response}" for p in harm + task))},
+        "objective": {
+            "task_model_alone": {"refusal_nll": round(before[0], 4), "task_kl": round(before[1], 5)},
+            "alpha_1": {"refusal_nll": round(unit[0], 4), "task_kl": round(unit[1], 5)},
+            "after": {"refusal_nll": round(after[0], 4), "task_kl": round(after[1], 5)},
+        },
+        "history": history,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    return out

@@ -1,0 +1,210 @@
+"""Data-aware layer selection.
+
+For each layer l, on harmful and benign prompts (last prompt token, the position the answer starts from):
+  * the layer's harmful-minus-benign direction d_l = mean_harmful(h_l) - mean_benign(h_l) in the model's own
+    activations, and σ_l, the pooled within-class spread of the activations along d_l;
+  * the push of the adapter's layer-l update alone: the layer is re-run on its recorded input with only its own
+    ΔW switched on, Δh_l = h_l' - h_l.
+Scores are in units of σ_l, so layers are comparable whatever the scale of their activations (raw activation
+gaps grow with depth and would just pick the last layers):
+  push          = mean_harmful(Δh·d̂)/σ  -  mean_benign(|Δh·d̂|)/σ    (default: moves harmful prompts towards
+                                                                      the harmful side, leaves benign ones alone)
+  separability  = (mean_harmful(h·d̂) - mean_benign(h·d̂)) / σ        (how strongly the layer separates the sets)
+  norm          = ||ΔW_l||_F                                           (data-free baseline)
+Cost: one forward pass over the prompts plus one extra pass through each single layer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from .adapter.core import SafetyAdapter
+from .adapter.runtime import AttachedAdapter
+from .config import SelectConfig, to_dict
+from .data import harmful_prompts, prompt_response_pairs
+from .data.tasks import TASKS
+from .chat import prompt_text
+from .errors import SafegeneError
+from .io import sha256_text
+
+log = logging.getLogger(__name__)
+
+
+def _decoder_layers(model: Any):
+    for path in ("model.layers", "base_model.model.model.layers", "transformer.h"):
+        obj = model
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+            return obj
+        except AttributeError:
+            continue
+    raise SafegeneError("cannot find the decoder layers of this model (expected model.layers)")
+
+
+def benign_prompts(ref: str, n: int, seed: int) -> list[str]:
+    if ref in TASKS:
+        return [e.prompt for e in TASKS[ref].load("train", n=n, seed=seed)]
+    return [p.prompt for p in prompt_response_pairs(ref, n=n, seed=seed)]
+
+
+def harmful_prompt_texts(ref: str, n: int, seed: int) -> list[str]:
+    try:
+        return [p.prompt for p in harmful_prompts(ref, n=n, seed=seed)]
+    except SafegeneError:
+        return [p.prompt for p in prompt_response_pairs(ref, n=n, seed=seed)]
+
+
+def _first(x):
+    return x[0] if isinstance(x, tuple) else x
+
+
+def layer_activations_and_pushes(adapter: SafetyAdapter, model: Any, tokenizer: Any, prompts: Sequence[str],
+                                 batch_size: int = 8, progress: bool = True):
+    """Last-token output of every layer (n, L, H) and the push of each layer's own update (n, L, H)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    layers = _decoder_layers(model)
+    idx = adapter.all_layers
+    handle = AttachedAdapter(model, adapter.select(idx))
+    handle.disable()
+    zero = {l: 0.0 for l in idx}
+    recorded: dict[int, tuple] = {}
+    outputs: dict[int, Any] = {}
+
+    def pre(l):
+        def f(mod, args, kwargs):
+            recorded[l] = (args, kwargs)
+        return f
+
+    def post(l):
+        def f(mod, args, kwargs, out):
+            outputs[l] = _first(out)[:, -1, :].detach()
+        return f
+
+    hooks = []
+    for l in idx:
+        hooks.append(layers[l].register_forward_pre_hook(pre(l), with_kwargs=True))
+        hooks.append(layers[l].register_forward_hook(post(l), with_kwargs=True))
+    tokenizer.padding_side = "left"  # last position = last prompt token for every row
+    acts, pushes = [], []
+    try:
+        with torch.inference_mode():
+            for s in tqdm(range(0, len(prompts), batch_size), desc="scoring layers", unit="batch", disable=not progress):
+                texts = [prompt_text(tokenizer, p) for p in prompts[s : s + batch_size]]
+                enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+                handle.disable()
+                model(**enc, use_cache=False)
+                base = torch.stack([outputs[l] for l in idx], 1)
+                push = torch.zeros_like(base)
+                handle.enable()
+                for j, l in enumerate(idx):
+                    handle.set_coefficients({**zero, l: adapter.coefficients.get(l, 1.0)})
+                    args, kwargs = recorded[l]
+                    out = _first(layers[l].__call__(*args, **kwargs))[:, -1, :]
+                    push[:, j] = out - base[:, j]
+                handle.disable()
+                acts.append(base.float())
+                pushes.append(push.float())
+                recorded.clear()
+    finally:
+        for h in hooks:
+            h.remove()
+        handle.remove()
+    return torch.cat(acts), torch.cat(pushes)
+
+
+def score_layers(acts_h, acts_b, push_h, push_b) -> dict[str, Any]:
+    """Per-layer components from activations (n, L, H) of harmful (h) and benign (b) prompts."""
+    import torch
+
+    d = acts_h.mean(0) - acts_b.mean(0)  # (L, H)
+    d_hat = d / d.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    proj_h = (acts_h * d_hat).sum(-1)  # (n_h, L)
+    proj_b = (acts_b * d_hat).sum(-1)
+    var = ((proj_h - proj_h.mean(0)) ** 2).sum(0) + ((proj_b - proj_b.mean(0)) ** 2).sum(0)
+    sigma = (var / max(proj_h.shape[0] + proj_b.shape[0] - 2, 1)).sqrt().clamp_min(1e-6)
+    sep = (proj_h.mean(0) - proj_b.mean(0)) / sigma
+    ph = (push_h * d_hat).sum(-1).mean(0) / sigma
+    pb = (push_b * d_hat).sum(-1).abs().mean(0) / sigma
+    return {"separability": sep.tolist(), "push_harmful": ph.tolist(), "push_benign": pb.tolist(),
+            "push": (ph - pb).tolist(), "sigma": sigma.tolist()}
+
+
+def choose(scores: dict[int, float], top_k: int | None, threshold: float | None) -> list[int]:
+    ranked = sorted(scores, key=lambda l: scores[l], reverse=True)
+    best = max(scores.values())
+    if threshold is not None:
+        keep = [l for l in ranked if best > 0 and scores[l] / best >= threshold]
+    else:
+        keep = [l for l in ranked if scores[l] > 0][:top_k]
+    return sorted(keep or ranked[:1])
+
+
+def select_layers(adapter: SafetyAdapter, cfg: SelectConfig, model: Any = None, tokenizer: Any = None,
+                  progress: bool = True) -> SafetyAdapter:
+    """Score every layer of `adapter` on `cfg.model` (or the given model) and return the adapter with its
+    selection set and the scores recorded in its card."""
+    from .models import load_model, load_tokenizer
+
+    t0 = time.perf_counter()
+    if model is None:
+        model, tokenizer = load_model(cfg.model), load_tokenizer(cfg.model)
+    for msg in adapter.check_model(model, what=f"model {cfg.model}"):
+        log.warning(msg)
+    harm = harmful_prompt_texts(cfg.harmful, cfg.n_harmful, cfg.seed)
+    ben = benign_prompts(cfg.benign, cfg.n_benign, cfg.seed)
+    idx = adapter.all_layers
+    comp: dict[str, Any] = {}
+    if cfg.method == "norm":
+        norms = adapter.layer_norms()
+        raw = {l: norms[l] for l in idx}
+    else:
+        acts, pushes = layer_activations_and_pushes(adapter, model, tokenizer, harm + ben, cfg.batch_size, progress)
+        nh = len(harm)
+        comp = score_layers(acts[:nh], acts[nh:], pushes[:nh], pushes[nh:])
+        raw = {l: comp[cfg.method][j] for j, l in enumerate(idx)}
+    selected = choose(raw, cfg.top_k, cfg.threshold)
+    out = adapter.select(selected)
+    out.card["selection"] = {
+        "config": to_dict(cfg),
+        "scores": {str(l): round(v, 6) for l, v in raw.items()},
+        "components": {k: {str(l): round(v[j], 6) for j, l in enumerate(idx)} for k, v in comp.items()},
+        "selected_layers": selected,
+        "data_sha256": sha256_text("\n".join(harm + ["\x1e"] + ben)),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    return out
+
+
+def plot_layer_scores(adapter: SafetyAdapter, path: str | Path) -> Path | None:
+    """Bar chart of the selection scores over depth, selected layers highlighted (PNG). None without matplotlib."""
+    sel = adapter.card.get("selection")
+    if not sel:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: no layer-score plot (pip install matplotlib)")
+        return None
+    layers = sorted(int(l) for l in sel["scores"])
+    vals = [sel["scores"][str(l)] for l in layers]
+    chosen = set(sel["selected_layers"])
+    fig, ax = plt.subplots(figsize=(max(6, len(layers) * 0.35), 3.2))
+    ax.bar(layers, vals, color=["#c0392b" if l in chosen else "#95a5a6" for l in layers])
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.set_xlabel("layer")
+    ax.set_ylabel(f"{sel['config']['method']} score")
+    ax.set_title(f"SafeGene layer scores (selected in red: {sorted(chosen)})", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

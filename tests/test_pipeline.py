@@ -1,0 +1,138 @@
+"""Selection, recalibration and apply on tiny models with a known adapter."""
+
+import json
+
+import pytest
+import torch
+
+from safegene.adapter import SafetyAdapter, extract_adapter
+from safegene.apply import apply_adapter, merge_to_folder
+from safegene.config import ExtractConfig, RecalibrateConfig, SelectConfig
+from safegene.models import load_model, load_tokenizer
+from safegene.recalibration import recalibrate
+from safegene.selection import choose, plot_layer_scores, score_layers, select_layers
+from test_adapter import IDS, make_degraded
+
+
+@pytest.fixture
+def adapter(tiny_qwen, tmp_path):
+    d = tmp_path / "D"
+    make_degraded(tiny_qwen, d, layers=(0, 1), modules=("q_proj", "o_proj", "down_proj", "up_proj"))
+    ad = extract_adapter(ExtractConfig(aligned=str(tiny_qwen), degraded=str(d), output=str(tmp_path / "ad"), rank=2),
+                         progress=False)
+    return ad, d
+
+
+def test_score_layers_is_scale_free():
+    g = torch.Generator().manual_seed(0)
+    H = 16
+    direction = torch.zeros(H)
+    direction[0] = 1.0
+    acts_h = torch.randn(20, 3, H, generator=g) + 2 * direction
+    acts_b = torch.randn(20, 3, H, generator=g)
+    acts_h[:, 2] = 100 * acts_h[:, 0]  # layer 2: layer 0's geometry at 100x the scale
+    acts_b[:, 2] = 100 * acts_b[:, 0]
+    push_h = torch.zeros(20, 3, H)
+    push_b = torch.zeros(20, 3, H)
+    push_h[:, 0] = direction  # layer 0 pushes harmful prompts along the harmful direction by 1 unit
+    push_h[:, 2] = 100 * direction  # layer 2: the same push in its own units
+    push_b[:, 1] = 5 * direction  # layer 1 only moves benign prompts
+    s = score_layers(acts_h, acts_b, push_h, push_b)
+    assert s["separability"][0] == pytest.approx(s["separability"][2], rel=1e-4)
+    assert s["push"][0] == pytest.approx(s["push"][2], rel=1e-4) and s["push"][0] > 0
+    assert s["push"][1] < 0
+    assert choose(dict(enumerate(s["push"])), top_k=2, threshold=None) == [0, 2]
+    assert choose({0: 1.0, 1: 0.5, 2: 0.1}, top_k=None, threshold=0.4) == [0, 1]
+    assert choose({0: -1.0, 1: -0.5}, top_k=3, threshold=None) == [1]  # never empty
+
+
+def test_select_layers_records_scores_and_plot(adapter, tmp_path):
+    ad, d = adapter
+    sel = select_layers(ad, SelectConfig(model=str(d), harmful="many-shot-harmful", benign="arithmetic",
+                                         n_harmful=6, n_benign=6, top_k=1), progress=False)
+    info = sel.card["selection"]
+    assert len(info["selected_layers"]) == 1 and sel.layers == info["selected_layers"]
+    assert set(info["scores"]) == {"0", "1"}
+    best = max(info["scores"], key=lambda l: info["scores"][l])
+    assert info["selected_layers"] == [int(best)]
+    assert set(info["components"]) == {"separability", "push_harmful", "push_benign", "push", "sigma"}
+    sel.save(tmp_path / "sel", plot=lambda folder: plot_layer_scores(sel, folder / "layer_scores.png"))
+    png = (tmp_path / "sel" / "layer_scores.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "sel" / "safegene.json").read_text())["selected_layers"] == info["selected_layers"]
+    norm_sel = select_layers(ad, SelectConfig(model=str(d), method="norm", top_k=2), progress=False)
+    assert norm_sel.layers == [0, 1]
+
+
+def test_selection_does_not_change_the_model(adapter):
+    ad, d = adapter
+    model, tok = load_model(d), load_tokenizer(d)
+    with torch.no_grad():
+        before = model(IDS).logits.clone()
+    select_layers(ad, SelectConfig(model=str(d), n_harmful=4, n_benign=4), model=model, tokenizer=tok, progress=False)
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, before)
+
+
+def test_recalibration_learns_bounded_coefficients(adapter, tmp_path):
+    ad, d = adapter
+    cfg = RecalibrateConfig(task_model=str(d), harmful="many-shot-harmful", task="arithmetic", n_harmful=6, n_task=6,
+                            steps=15, batch_size=4, learning_rate=0.3, alpha_max=2.0)
+    cal = recalibrate(ad, cfg, progress=False)
+    rc = cal.card["recalibration"]
+    alphas = [cal.coefficients[l] for l in ad.layers]
+    assert all(0.0 < a < 2.0 for a in alphas)
+    assert alphas != [1.0, 1.0]  # it moved
+    obj = rc["objective"]
+    # the learnt coefficients fit the few-shot objective at least as well as plain α = 1
+    assert obj["after"]["refusal_nll"] + obj["after"]["task_kl"] <= obj["alpha_1"]["refusal_nll"] + obj["alpha_1"]["task_kl"] + 1e-3
+    assert rc["shots"] == {"harmful": 6, "task": 6, "data_sha256": rc["shots"]["data_sha256"]}
+    cal.save(tmp_path / "cal")
+    again = SafetyAdapter.load(tmp_path / "cal")
+    assert [again.coefficients[l] for l in ad.layers] == pytest.approx(alphas, abs=1e-6)
+    # the PEFT export folds α into B
+    m = "model.layers.1.mlp.down_proj"
+    from safetensors.torch import load_file
+
+    sd = load_file(str(tmp_path / "cal" / "adapter_model.safetensors"))
+    b = sd[f"base_model.model.{m}.lora_B.weight"]
+    assert torch.allclose(b, ad.factors[m][1] * again.coefficients[1], atol=1e-6)
+
+
+def test_recalibration_with_huge_utility_weight_stays_near_zero_push(adapter):
+    ad, d = adapter
+    cfg = RecalibrateConfig(task_model=str(d), n_harmful=4, n_task=4, steps=20, batch_size=4, learning_rate=0.5,
+                            utility_weight=1e4)
+    cal = recalibrate(ad, cfg, progress=False)
+    obj = cal.card["recalibration"]["objective"]
+    assert obj["after"]["task_kl"] < obj["alpha_1"]["task_kl"]
+
+
+def test_merge_to_folder_streams_and_matches_in_memory_merge(adapter, tiny_qwen, tmp_path):
+    ad, d = adapter
+    ad = ad.with_coefficients({0: 0.5, 1: 1.5})
+    out = merge_to_folder(ad, str(d), tmp_path / "merged", shard_bytes=20_000, progress=False)
+    assert (out / "model.safetensors.index.json").is_file()  # tiny shards -> several files
+    assert len(list(out.glob("model-*.safetensors"))) > 1
+    assert (out / "tokenizer_config.json").is_file() and (out / "safegene_merge.json").is_file()
+    in_memory = apply_adapter(ad, load_model(d), mode="merge")
+    with torch.no_grad():
+        assert torch.allclose(load_model(out)(IDS).logits, in_memory(IDS).logits, atol=1e-5)
+    with pytest.raises(Exception, match="already exists"):
+        merge_to_folder(ad, str(d), out, progress=False)
+
+
+def test_attach_mode_and_swap(adapter):
+    ad, d = adapter
+    model = load_model(d)
+    with torch.no_grad():
+        base = model(IDS).logits.clone()
+        h = apply_adapter(ad, model, mode="attach")
+        full = model(IDS).logits.clone()
+        h.set_coefficients(0.5)
+        half = model(IDS).logits.clone()
+        h.remove()
+        assert torch.equal(model(IDS).logits, base)
+        assert not torch.allclose(full, half)
+        with (0.5 * ad).attach(model):
+            assert torch.allclose(model(IDS).logits, half, atol=1e-6)
