@@ -57,7 +57,8 @@ def _print_card(card: dict[str, Any], as_json: bool) -> None:
         return
     tr = card["training"]
     print(f"{card['kind']}: wrote {card['output']}")
-    print(f"  {card['data']['n_pairs']} pairs, {tr['steps']} steps, loss {tr['first_loss']:.3f} -> {tr['final_loss']:.3f}, "
+    print(f"  {card['data']['n_pairs']} pairs, {tr['steps']} steps, mean loss of first/last 5 steps "
+          f"{tr['loss_first5_mean']:.3f} -> {tr['loss_last5_mean']:.3f}, "
           f"{tr['seconds_per_step']:.2f} s/step, peak RSS {tr['peak_rss_mb']:.0f} MB")
 
 

@@ -97,6 +97,10 @@ class TrainStats:
             "examples_seen": self.examples_seen,
             "first_loss": self.losses[0] if self.losses else None,
             "final_loss": self.losses[-1] if self.losses else None,
+            # single steps are noisy (a batch of poison looks nothing like a batch of task data): the means of the
+            # first and last five steps say more about fitting
+            "loss_first5_mean": round(sum(self.losses[:5]) / len(self.losses[:5]), 4) if self.losses else None,
+            "loss_last5_mean": round(sum(self.losses[-5:]) / len(self.losses[-5:]), 4) if self.losses else None,
             "losses": [round(x, 4) for x in self.losses],
             "seconds": round(self.seconds, 2),
             "seconds_per_step": round(self.seconds_per_step, 3),

@@ -29,3 +29,25 @@ def test_finetune_via_cli_writes_card(tiny_qwen, tmp_path, capsys):
     card = json.loads((out / "safegene_run.json").read_text())
     assert json.loads(capsys.readouterr().out)["output"] == str(out.resolve())
     assert card["kind"] == "finetune" and card["training"]["steps"] == 2 and card["config"]["task"] == "arithmetic"
+
+
+def test_safegene_pipeline_via_cli(tiny_qwen, tmp_path, capsys):
+    from test_adapter import make_degraded
+
+    d = tmp_path / "D"
+    make_degraded(tiny_qwen, d, layers=(0, 1))
+    ad, sel, cal, merged = (tmp_path / n for n in ("ad", "sel", "cal", "merged"))
+    assert main(["extract", "--aligned", str(tiny_qwen), "--degraded", str(d), "-o", str(ad), "--rank", "2"]) == 0
+    assert main(["select", str(ad), "-o", str(sel), "--model", str(d), "--top-k", "1", "--set", "n_harmful=4",
+                 "--set", "n_benign=4"]) == 0
+    assert main(["recalibrate", str(sel), "--task-model", str(d), "-o", str(cal), "--steps", "2", "--n-harmful", "4",
+                 "--n-task", "4"]) == 0
+    assert main(["apply", str(cal), "--model", str(d), "-o", str(merged)]) == 0
+    out = capsys.readouterr().out
+    assert "extract: wrote" in out and "select: wrote" in out and "α:" in out and "apply: wrote" in out
+    card = json.loads((cal / "safegene.json").read_text())
+    assert len(card["selected_layers"]) == 1 and "recalibration" in card and "selection" in card
+    assert (sel / "layer_scores.png").is_file() and (merged / "model.safetensors").is_file()
+    # the merged model is an input now: applying onto it again into itself is refused
+    assert main(["apply", str(cal), "--model", str(merged), "-o", str(merged)]) == 2
+    assert "overlaps the input" in capsys.readouterr().err
