@@ -285,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model whose activations are scored (default runs/degraded)")
     p.add_argument("--harmful")
     p.add_argument("--benign")
-    p.add_argument("--method", choices=["push", "separability", "norm"])
+    p.add_argument("--method", choices=["refusal-gain", "push", "separability", "norm"])
     p.add_argument("--top-k", type=int)
     p.add_argument("--threshold", type=float)
     p.add_argument("--set", action="append", metavar="KEY=VALUE")

@@ -291,15 +291,18 @@ class SelectConfig:
     benign: str = opt("arithmetic", "benign prompts: task name, benign set, or file")
     n_harmful: int = opt(32, "harmful prompts")
     n_benign: int = opt(32, "benign prompts")
-    method: str = opt("push", "push (adapter's push along the harmful-benign direction, harmful minus benign), "
+    method: str = opt("refusal-gain", "refusal-gain (what the layer's update alone adds to log p(refusal) on harmful "
+                      "minus benign prompts), push (its push along the harmful-benign activation direction), "
                       "separability (Fisher ratio of the layer's activations), or norm (adapter norm)")
+    refusal_text: str = opt("I'm sorry, but I can't assist with that.", "refusal answer scored by refusal-gain")
     top_k: int | None = opt(8, "keep this many top-scoring layers")
     threshold: float | None = opt(None, "or keep layers whose normalised score >= threshold (0..1)")
     batch_size: int = opt(8, "prompts per forward pass")
     seed: int = opt(0, "sampling seed")
 
     def __post_init__(self) -> None:
-        _check(self.method in ("push", "separability", "norm"), f"method must be push, separability or norm, got {self.method}")
+        _check(self.method in ("refusal-gain", "push", "separability", "norm"),
+               f"method must be refusal-gain, push, separability or norm, got {self.method}")
         _check(self.top_k is not None or self.threshold is not None, "set top_k or threshold")
         _check(self.top_k is None or self.top_k >= 1, "top_k must be >= 1")
 

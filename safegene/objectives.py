@@ -92,3 +92,17 @@ def token_nll(logits, targets):
     import torch
 
     return torch.nn.functional.cross_entropy(logits.float(), targets)
+
+
+def sequence_logprob(model: Any, batch: SeqBatch, chunk: int = 8):
+    """Sum of log-probabilities of each sequence's response tokens, (n,) (no grad)."""
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for s in range(0, len(batch), chunk):
+            sub = batch.subset(slice(s, s + chunk))
+            logits = model(input_ids=sub.input_ids, attention_mask=sub.attention_mask).logits.float()
+            lp = torch.log_softmax(logits, -1).gather(-1, sub.targets.unsqueeze(-1)).squeeze(-1)
+            out.append((lp * sub.target_mask).sum(1))
+    return torch.cat(out)

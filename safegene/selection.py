@@ -5,13 +5,17 @@ For each layer l, on harmful and benign prompts (last prompt token, the position
     activations, and σ_l, the pooled within-class spread of the activations along d_l;
   * the push of the adapter's layer-l update alone: the layer is re-run on its recorded input with only its own
     ΔW switched on, Δh_l = h_l' - h_l.
-Scores are in units of σ_l, so layers are comparable whatever the scale of their activations (raw activation
-gaps grow with depth and would just pick the last layers):
+Scores must be comparable across layers (raw activation gaps grow with depth and would just pick the last
+layers), so each is in units that do not depend on the layer's activation scale:
+  refusal-gain  = mean_harmful(Δ log p(refusal)) - mean_benign(Δ log p(refusal))   (default)
+                  where Δ log p is the change of the log-probability of a refusal answer when only layer l's update
+                  is switched on: what the layer alone does for refusing harmful prompts minus what it does for
+                  refusing benign ones, in nats. Costs one forward pass per layer.
   push          = mean_harmful(Δh·d̂)/σ  -  mean_benign(|Δh·d̂|)/σ    (default: moves harmful prompts towards
                                                                       the harmful side, leaves benign ones alone)
   separability  = (mean_harmful(h·d̂) - mean_benign(h·d̂)) / σ        (how strongly the layer separates the sets)
   norm          = ||ΔW_l||_F                                           (data-free baseline)
-Cost: one forward pass over the prompts plus one extra pass through each single layer.
+The activation scores (push, separability) cost one forward pass plus one extra pass through each single layer.
 """
 
 from __future__ import annotations
@@ -135,6 +139,37 @@ def score_layers(acts_h, acts_b, push_h, push_b) -> dict[str, Any]:
             "push": (ph - pb).tolist(), "sigma": sigma.tolist()}
 
 
+def refusal_gain(adapter: SafetyAdapter, model: Any, tokenizer: Any, harmful: Sequence[str], benign: Sequence[str],
+                 refusal_text: str, batch_size: int = 8, progress: bool = True) -> dict[str, Any]:
+    """Per layer: change of log p(refusal | prompt) with only that layer's update on, harmful vs benign prompts."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from .data.records import PromptResponse
+    from .objectives import encode_batch, sequence_logprob
+
+    tokenizer.padding_side = "right"
+    batch = encode_batch(tokenizer, [PromptResponse(p, refusal_text) for p in list(harmful) + list(benign)], 256)
+    nh = len(harmful)
+    idx = adapter.all_layers
+    handle = AttachedAdapter(model, adapter.select(idx))
+    try:
+        handle.disable()
+        base = sequence_logprob(model, batch, batch_size)
+        handle.enable()
+        gain_h, gain_b = [], []
+        for l in tqdm(idx, desc="scoring layers", unit="layer", disable=not progress):
+            handle.set_coefficients({j: (adapter.coefficients.get(l, 1.0) if j == l else 0.0) for j in idx})
+            delta = sequence_logprob(model, batch, batch_size) - base
+            gain_h.append(float(delta[:nh].mean()))
+            gain_b.append(float(delta[nh:].mean()))
+    finally:
+        handle.remove()
+    return {"refusal_gain_harmful": gain_h, "refusal_gain_benign": gain_b,
+            "refusal-gain": [h - b for h, b in zip(gain_h, gain_b)],
+            "base_logprob_harmful": float(base[:nh].mean()), "base_logprob_benign": float(base[nh:].mean())}
+
+
 def choose(scores: dict[int, float], top_k: int | None, threshold: float | None) -> list[int]:
     ranked = sorted(scores, key=lambda l: scores[l], reverse=True)
     best = max(scores.values())
@@ -163,6 +198,10 @@ def select_layers(adapter: SafetyAdapter, cfg: SelectConfig, model: Any = None, 
     if cfg.method == "norm":
         norms = adapter.layer_norms()
         raw = {l: norms[l] for l in idx}
+    elif cfg.method == "refusal-gain":
+        comp = refusal_gain(adapter, model, tokenizer, harm, ben, cfg.refusal_text, cfg.batch_size, progress)
+        raw = {l: comp["refusal-gain"][j] for j, l in enumerate(idx)}
+        comp = {k: v for k, v in comp.items() if isinstance(v, list)}
     else:
         acts, pushes = layer_activations_and_pushes(adapter, model, tokenizer, harm + ben, cfg.batch_size, progress)
         nh = len(harm)

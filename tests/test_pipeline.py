@@ -55,7 +55,12 @@ def test_select_layers_records_scores_and_plot(adapter, tmp_path):
     assert set(info["scores"]) == {"0", "1"}
     best = max(info["scores"], key=lambda l: info["scores"][l])
     assert info["selected_layers"] == [int(best)]
-    assert set(info["components"]) == {"separability", "push_harmful", "push_benign", "push", "sigma"}
+    assert set(info["components"]) == {"refusal_gain_harmful", "refusal_gain_benign", "refusal-gain"}
+    c = info["components"]
+    for l in ("0", "1"):
+        assert c["refusal-gain"][l] == pytest.approx(c["refusal_gain_harmful"][l] - c["refusal_gain_benign"][l], abs=1e-5)
+    push = select_layers(ad, SelectConfig(model=str(d), method="push", n_harmful=6, n_benign=6, top_k=2), progress=False)
+    assert set(push.card["selection"]["components"]) == {"separability", "push_harmful", "push_benign", "push", "sigma"}
     sel.save(tmp_path / "sel", plot=lambda folder: plot_layer_scores(sel, folder / "layer_scores.png"))
     png = (tmp_path / "sel" / "layer_scores.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
@@ -64,14 +69,34 @@ def test_select_layers_records_scores_and_plot(adapter, tmp_path):
     assert norm_sel.layers == [0, 1]
 
 
-def test_selection_does_not_change_the_model(adapter):
+@pytest.mark.parametrize("method", ["refusal-gain", "push"])
+def test_selection_does_not_change_the_model(adapter, method):
     ad, d = adapter
     model, tok = load_model(d), load_tokenizer(d)
     with torch.no_grad():
         before = model(IDS).logits.clone()
-    select_layers(ad, SelectConfig(model=str(d), n_harmful=4, n_benign=4), model=model, tokenizer=tok, progress=False)
+    select_layers(ad, SelectConfig(model=str(d), method=method, n_harmful=4, n_benign=4), model=model, tokenizer=tok,
+                  progress=False)
     with torch.no_grad():
         assert torch.equal(model(IDS).logits, before)
+
+
+def test_refusal_gain_matches_a_direct_measurement(adapter):
+    """The gain of layer 1 equals log p(refusal) with only layer 1's update on minus with none, measured directly."""
+    from safegene.data.records import PromptResponse
+    from safegene.objectives import encode_batch, sequence_logprob
+    from safegene.selection import refusal_gain
+
+    ad, d = adapter
+    model, tok = load_model(d), load_tokenizer(d, padding_side="right")
+    harm, ben = ["Say sorry"], ["What is 2 + 2?"]
+    res = refusal_gain(ad, model, tok, harm, ben, "I'm sorry", progress=False)
+    batch = encode_batch(tok, [PromptResponse(p, "I'm sorry") for p in harm + ben], 64)
+    base = sequence_logprob(model, batch)
+    with ad.select([1]).attach(model):
+        on = sequence_logprob(model, batch)
+    assert res["refusal_gain_harmful"][1] == pytest.approx(float(on[0] - base[0]), abs=1e-4)
+    assert res["refusal_gain_benign"][1] == pytest.approx(float(on[1] - base[1]), abs=1e-4)
 
 
 def test_recalibration_learns_bounded_coefficients(adapter, tmp_path):

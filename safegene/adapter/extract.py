@@ -99,7 +99,7 @@ def extract_adapter(cfg: ExtractConfig, progress: bool = True, overwrite: bool =
         if not names:
             raise SafegeneError(f"no tensor of {A.folder} matches target_modules {cfg.target_modules}"
                                 + (f" in layers {layers}" if layers else ""))
-        largest = max(math.prod(A.shape(n)) for n in A.keys()) * 4
+        largest = max(A.nbytes(n) for n in A.keys())
         for i, name in enumerate(tqdm(names, desc="extracting ΔW", unit="tensor", disable=not progress)):
             t = time.perf_counter()
             delta = A.get(name).float() - D.get(name).float()
