@@ -23,7 +23,8 @@ from .config import RecalibrateConfig, to_dict
 from .data import prompt_response_pairs
 from .data.records import PromptResponse
 from .io import sha256_text
-from .objectives import SeqBatch, encode_batch, target_logits, teacher_topk, token_nll, topk_kl
+from .forward import capture, decoder_parts, run_from
+from .objectives import SeqBatch, encode_batch, token_nll, topk_kl
 from .selection import benign_prompts, harmful_prompt_texts
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,10 @@ def _rows(batch: SeqBatch, idx: list[int], offsets: list[int]):
     return torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in idx])
 
 
+def _n_layers(model: Any) -> int:
+    return len(decoder_parts(model)[0])
+
+
 def recalibrate(adapter: SafetyAdapter, cfg: RecalibrateConfig, model: Any = None, tokenizer: Any = None,
                 progress: bool = True) -> SafetyAdapter:
     """Learn α_l for `adapter`'s selected layers on task model `cfg.task_model`; returns the calibrated adapter."""
@@ -70,14 +75,20 @@ def recalibrate(adapter: SafetyAdapter, cfg: RecalibrateConfig, model: Any = Non
     hb = encode_batch(tokenizer, harm, cfg.max_length)
     tb = encode_batch(tokenizer, task, cfg.max_length)
     layers = adapter.layers
+    start_layer = min(layers)
     handle = AttachedAdapter(model, adapter)
     try:
         handle.disable()
-        t_vals, t_idx = teacher_topk(model, tb, k=64)  # T's own answer distribution: what must not move
+        # layers below the lowest selected one never change: record their output once, run only the rest per step
+        h_rec = capture(model, hb.input_ids, hb.attention_mask, list(range(start_layer, _n_layers(model))))
+        t_rec = capture(model, tb.input_ids, tb.attention_mask, list(range(start_layer, _n_layers(model))))
+        with torch.inference_mode():
+            t_logp = torch.log_softmax(run_from(model, start_layer, t_rec, tb.target_mask).float(), -1)
+            t_vals, t_idx = t_logp.topk(64, -1)  # T's own answer distribution: what must not move
+        t_vals, t_idx = t_vals.clone(), t_idx.clone()
         handle.enable()
-        counts = tb.target_mask.sum(1).tolist()
         offsets = [0]
-        for c in counts:
+        for c in tb.target_mask.sum(1).tolist():
             offsets.append(offsets[-1] + c)
         frac = cfg.alpha_init / cfg.alpha_max
         theta = torch.nn.Parameter(torch.full((len(layers),), math.log(frac / (1 - frac))))
@@ -90,9 +101,11 @@ def recalibrate(adapter: SafetyAdapter, cfg: RecalibrateConfig, model: Any = Non
             return alpha
 
         def objective(h_idx: list[int], t_idx_: list[int]):
-            lh = token_nll(target_logits(model, hb.subset(h_idx)), hb.targets[h_idx][hb.target_mask[h_idx]])
+            hm = hb.target_mask[h_idx]
+            lh = token_nll(run_from(model, start_layer, h_rec.subset(h_idx), hm), hb.targets[h_idx][hm])
             rows = _rows(tb, t_idx_, offsets)
-            kl = topk_kl(target_logits(model, tb.subset(t_idx_)), t_vals[rows], t_idx[rows])
+            tm = tb.target_mask[t_idx_]
+            kl = topk_kl(run_from(model, start_layer, t_rec.subset(t_idx_), tm), t_vals[rows], t_idx[rows])
             return lh, kl
 
         def full_eval() -> tuple[float, float]:
@@ -114,7 +127,8 @@ def recalibrate(adapter: SafetyAdapter, cfg: RecalibrateConfig, model: Any = Non
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            history.append({"loss": round(loss.detach().item(), 4), "refusal_nll": round(lh.item(), 4), "task_kl": round(kl.item(), 5)})
+            history.append({"loss": round(loss.detach().item(), 4), "refusal_nll": round(lh.detach().item(), 4),
+                            "task_kl": round(kl.detach().item(), 5)})
         alpha = set_alphas().detach()
         after = full_eval()
         handle.set_coefficients(1.0)

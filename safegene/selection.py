@@ -140,34 +140,58 @@ def score_layers(acts_h, acts_b, push_h, push_b) -> dict[str, Any]:
 
 
 def refusal_gain(adapter: SafetyAdapter, model: Any, tokenizer: Any, harmful: Sequence[str], benign: Sequence[str],
-                 refusal_text: str, batch_size: int = 8, progress: bool = True) -> dict[str, Any]:
-    """Per layer: change of log p(refusal | prompt) with only that layer's update on, harmful vs benign prompts."""
+                 refusal_text: str, batch_size: int = 8, progress: bool = True, max_refusal_tokens: int = 4) -> dict[str, Any]:
+    """Per layer: change of log p(refusal opening | prompt) with only that layer's update on, harmful vs benign.
+
+    Only the first `max_refusal_tokens` tokens of the refusal are scored: the decision to refuse is made there.
+    Each layer's pass starts from the recorded input of that layer, and logits are computed at scored positions only.
+    """
     import torch
     from tqdm.auto import tqdm
 
     from .data.records import PromptResponse
-    from .objectives import encode_batch, sequence_logprob
+    from .forward import capture, run_from
+    from .objectives import encode_batch
 
     tokenizer.padding_side = "right"
-    batch = encode_batch(tokenizer, [PromptResponse(p, refusal_text) for p in list(harmful) + list(benign)], 256)
+    ids = tokenizer(refusal_text, add_special_tokens=False)["input_ids"][:max_refusal_tokens]
+    opening = tokenizer.decode(ids)
+    pairs = [PromptResponse(p, opening) for p in list(harmful) + list(benign)]
     nh = len(harmful)
     idx = adapter.all_layers
     handle = AttachedAdapter(model, adapter.select(idx))
+    sums = {l: torch.zeros(len(pairs)) for l in idx}
+    base = torch.zeros(len(pairs))
+
+    def seq_logprob(logits, batch):
+        lp = torch.log_softmax(logits.float(), -1).gather(-1, batch.targets[batch.target_mask].unsqueeze(-1)).squeeze(-1)
+        owner = torch.arange(len(batch)).unsqueeze(1).expand_as(batch.target_mask)[batch.target_mask]
+        return torch.zeros(len(batch)).index_add_(0, owner, lp)
+
     try:
-        handle.disable()
-        base = sequence_logprob(model, batch, batch_size)
-        handle.enable()
-        gain_h, gain_b = [], []
-        for l in tqdm(idx, desc="scoring layers", unit="layer", disable=not progress):
-            handle.set_coefficients({j: (adapter.coefficients.get(l, 1.0) if j == l else 0.0) for j in idx})
-            delta = sequence_logprob(model, batch, batch_size) - base
-            gain_h.append(float(delta[:nh].mean()))
-            gain_b.append(float(delta[nh:].mean()))
+        with torch.inference_mode():
+            steps = [(s, encode_batch(tokenizer, pairs[s : s + batch_size], 256)) for s in range(0, len(pairs), batch_size)]
+            bar = tqdm(total=len(steps) * (len(idx) + 1), desc="scoring layers", unit="pass", disable=not progress)
+            for s, batch in steps:
+                handle.disable()
+                rec = capture(model, batch.input_ids, batch.attention_mask)
+                rows = slice(s, s + len(batch))
+                base[rows] = seq_logprob(run_from(model, 0, rec, batch.target_mask), batch)
+                handle.enable()
+                bar.update(1)
+                for l in idx:
+                    handle.set_coefficients({j: (adapter.coefficients.get(l, 1.0) if j == l else 0.0) for j in idx})
+                    sums[l][rows] = seq_logprob(run_from(model, l, rec, batch.target_mask), batch)
+                    bar.update(1)
+            bar.close()
     finally:
         handle.remove()
+    gain_h = [float((sums[l] - base)[:nh].mean()) for l in idx]
+    gain_b = [float((sums[l] - base)[nh:].mean()) for l in idx]
     return {"refusal_gain_harmful": gain_h, "refusal_gain_benign": gain_b,
             "refusal-gain": [h - b for h, b in zip(gain_h, gain_b)],
-            "base_logprob_harmful": float(base[:nh].mean()), "base_logprob_benign": float(base[nh:].mean())}
+            "base_logprob_harmful": float(base[:nh].mean()), "base_logprob_benign": float(base[nh:].mean()),
+            "scored_opening": opening}
 
 
 def choose(scores: dict[int, float], top_k: int | None, threshold: float | None) -> list[int]:
@@ -201,6 +225,7 @@ def select_layers(adapter: SafetyAdapter, cfg: SelectConfig, model: Any = None, 
     elif cfg.method == "refusal-gain":
         comp = refusal_gain(adapter, model, tokenizer, harm, ben, cfg.refusal_text, cfg.batch_size, progress)
         raw = {l: comp["refusal-gain"][j] for j, l in enumerate(idx)}
+        opening = comp.pop("scored_opening")
         comp = {k: v for k, v in comp.items() if isinstance(v, list)}
     else:
         acts, pushes = layer_activations_and_pushes(adapter, model, tokenizer, harm + ben, cfg.batch_size, progress)
@@ -217,6 +242,8 @@ def select_layers(adapter: SafetyAdapter, cfg: SelectConfig, model: Any = None, 
         "data_sha256": sha256_text("\n".join(harm + ["\x1e"] + ben)),
         "seconds": round(time.perf_counter() - t0, 2),
     }
+    if cfg.method == "refusal-gain":
+        out.card["selection"]["scored_refusal_opening"] = opening
     return out
 
 

@@ -90,13 +90,34 @@ def test_refusal_gain_matches_a_direct_measurement(adapter):
     ad, d = adapter
     model, tok = load_model(d), load_tokenizer(d, padding_side="right")
     harm, ben = ["Say sorry"], ["What is 2 + 2?"]
-    res = refusal_gain(ad, model, tok, harm, ben, "I'm sorry", progress=False)
-    batch = encode_batch(tok, [PromptResponse(p, "I'm sorry") for p in harm + ben], 64)
+    res = refusal_gain(ad, model, tok, harm, ben, "I'm sorry, but no", progress=False, max_refusal_tokens=3)
+    assert res["scored_opening"] == tok.decode(tok("I'm sorry, but no", add_special_tokens=False)["input_ids"][:3])
+    batch = encode_batch(tok, [PromptResponse(p, res["scored_opening"]) for p in harm + ben], 64)
     base = sequence_logprob(model, batch)
     with ad.select([1]).attach(model):
         on = sequence_logprob(model, batch)
     assert res["refusal_gain_harmful"][1] == pytest.approx(float(on[0] - base[0]), abs=1e-4)
     assert res["refusal_gain_benign"][1] == pytest.approx(float(on[1] - base[1]), abs=1e-4)
+
+
+def test_partial_forward_equals_the_full_model(adapter):
+    from safegene.data.records import PromptResponse
+    from safegene.forward import capture, run_from
+    from safegene.objectives import encode_batch
+
+    ad, d = adapter
+    model, tok = load_model(d), load_tokenizer(d, padding_side="right")
+    batch = encode_batch(tok, [PromptResponse("a short one", "ok"), PromptResponse("a much longer prompt here " * 3, "fine")], 64)
+    with torch.no_grad():
+        full = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[batch.target_mask]
+        rec = capture(model, batch.input_ids, batch.attention_mask)
+        assert torch.allclose(run_from(model, 0, rec, batch.target_mask), full, atol=1e-5)
+        # from layer 1 with the adapter on layer 1 only == full model with that adapter
+        with ad.select([1]).attach(model):
+            want = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[batch.target_mask]
+            assert torch.allclose(run_from(model, 1, rec, batch.target_mask), want, atol=1e-5)
+            sub = rec.subset([1])
+            assert torch.allclose(run_from(model, 1, sub, batch.target_mask[[1]]), want[-int(batch.target_mask[1].sum()):], atol=1e-5)
 
 
 def test_recalibration_learns_bounded_coefficients(adapter, tmp_path):
