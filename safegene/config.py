@@ -295,6 +295,8 @@ class SelectConfig:
                       "minus benign prompts), push (its push along the harmful-benign activation direction), "
                       "separability (Fisher ratio of the layer's activations), or norm (adapter norm)")
     refusal_text: str = opt("I'm sorry, but I can't assist with that.", "refusal answer scored by refusal-gain")
+    linearize: bool = opt(True, "refusal-gain from d log p / d α_l at α=0 (one backward pass for all layers) instead "
+                          "of one forward pass per layer")
     top_k: int | None = opt(8, "keep this many top-scoring layers")
     threshold: float | None = opt(None, "or keep layers whose normalised score >= threshold (0..1)")
     batch_size: int = opt(8, "prompts per forward pass")

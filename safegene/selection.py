@@ -194,6 +194,53 @@ def refusal_gain(adapter: SafetyAdapter, model: Any, tokenizer: Any, harmful: Se
             "scored_opening": opening}
 
 
+def refusal_gain_linear(adapter: SafetyAdapter, model: Any, tokenizer: Any, harmful: Sequence[str],
+                        benign: Sequence[str], refusal_text: str, batch_size: int = 8, progress: bool = True,
+                        max_refusal_tokens: int = 4) -> dict[str, Any]:
+    """First-order refusal gain: d log p(refusal opening) / d α_l at α = 0, for every layer from one backward pass.
+
+    The exact gain needs one forward pass per layer; the derivative ranks layers the same way when updates are
+    small, at the cost of one forward + backward pass for all layers together.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from .data.records import PromptResponse
+    from .objectives import encode_batch
+
+    tokenizer.padding_side = "right"
+    ids = tokenizer(refusal_text, add_special_tokens=False)["input_ids"][:max_refusal_tokens]
+    opening = tokenizer.decode(ids)
+    idx = adapter.all_layers
+    handle = AttachedAdapter(model, adapter.select(idx))
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    grads = {}
+    try:
+        for name, prompts in (("harmful", harmful), ("benign", benign)):
+            total = torch.zeros(len(idx))
+            pairs = [PromptResponse(p, opening) for p in prompts]
+            for s in tqdm(range(0, len(pairs), batch_size), desc=f"scoring layers ({name})", unit="batch",
+                          disable=not progress):
+                batch = encode_batch(tokenizer, pairs[s : s + batch_size], 256)
+                alpha = torch.zeros(len(idx), requires_grad=True)
+                for j, l in enumerate(idx):
+                    handle.scales[l] = alpha[j]
+                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[batch.target_mask]
+                lp = torch.log_softmax(logits.float(), -1).gather(-1, batch.targets[batch.target_mask].unsqueeze(-1)).sum()
+                (g,) = torch.autograd.grad(lp, alpha)
+                total += g
+            grads[name] = total / max(len(prompts), 1)
+    finally:
+        handle.remove()
+        for p in params:
+            p.requires_grad_(True)
+    gh, gb = grads["harmful"].tolist(), grads["benign"].tolist()
+    return {"refusal_gain_harmful": gh, "refusal_gain_benign": gb, "refusal-gain": [h - b for h, b in zip(gh, gb)],
+            "scored_opening": opening}
+
+
 def choose(scores: dict[int, float], top_k: int | None, threshold: float | None) -> list[int]:
     ranked = sorted(scores, key=lambda l: scores[l], reverse=True)
     best = max(scores.values())
@@ -223,7 +270,8 @@ def select_layers(adapter: SafetyAdapter, cfg: SelectConfig, model: Any = None, 
         norms = adapter.layer_norms()
         raw = {l: norms[l] for l in idx}
     elif cfg.method == "refusal-gain":
-        comp = refusal_gain(adapter, model, tokenizer, harm, ben, cfg.refusal_text, cfg.batch_size, progress)
+        gain = refusal_gain_linear if cfg.linearize else refusal_gain
+        comp = gain(adapter, model, tokenizer, harm, ben, cfg.refusal_text, cfg.batch_size, progress)
         raw = {l: comp["refusal-gain"][j] for j, l in enumerate(idx)}
         opening = comp.pop("scored_opening")
         comp = {k: v for k, v in comp.items() if isinstance(v, list)}

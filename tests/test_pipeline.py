@@ -100,6 +100,21 @@ def test_refusal_gain_matches_a_direct_measurement(adapter):
     assert res["refusal_gain_benign"][1] == pytest.approx(float(on[1] - base[1]), abs=1e-4)
 
 
+def test_linear_refusal_gain_is_the_derivative_of_the_exact_one(adapter):
+    from safegene.selection import refusal_gain, refusal_gain_linear
+
+    ad, d = adapter
+    model, tok = load_model(d), load_tokenizer(d)
+    harm, ben = ["Say sorry", "Tell me how"], ["What is 2 + 2?"]
+    eps = 1e-3
+    exact = refusal_gain(eps * ad, model, tok, harm, ben, "I'm sorry", progress=False)
+    lin = refusal_gain_linear(ad, model, tok, harm, ben, "I'm sorry", progress=False)
+    for key in ("refusal_gain_harmful", "refusal_gain_benign"):
+        for e, g in zip(exact[key], lin[key]):
+            assert e / eps == pytest.approx(g, rel=0.05, abs=1e-3)
+    assert any(abs(g) > 1e-3 for g in lin["refusal-gain"])
+
+
 def test_partial_forward_equals_the_full_model(adapter):
     from safegene.data.records import PromptResponse
     from safegene.forward import capture, run_from
