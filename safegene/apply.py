@@ -40,7 +40,6 @@ def apply_adapter(adapter: SafetyAdapter, model: Any, mode: str = "merge") -> An
 def merge_to_folder(adapter: SafetyAdapter, model_ref: str, output: str | Path, overwrite: bool = False,
                     shard_bytes: int = SHARD_BYTES, progress: bool = True) -> Path:
     """Write task model + adapter as a new HF folder (safetensors shards), reading one tensor at a time."""
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()

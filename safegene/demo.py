@@ -9,6 +9,7 @@ interrupted demo picks up where it stopped. The table goes to stdout and summary
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass, field
@@ -103,7 +104,6 @@ def _evaluate(label: str, model: Any, tok: Any, prompts, tasks: list[str], p: De
 def run_demo(output: str | Path = "runs/demo", quick: bool = False, overwrite: bool = False,
              model: str | None = None) -> dict[str, Any]:
     from .adapter import extract_adapter
-    from .recalibration import recalibrate
     from .selection import plot_layer_scores, select_layers
 
     out = Path(output)
@@ -147,13 +147,14 @@ def run_demo(output: str | Path = "runs/demo", quick: bool = False, overwrite: b
     timings["extract_s"] = round(time.perf_counter() - t, 1)
     scfg = SelectConfig(model=str(out / "degraded"), n_harmful=p.select_prompts, n_benign=p.select_prompts, top_k=p.top_k)
 
-    def build_selection():
-        sel = select_layers(adapter, scfg, model=d_model, tokenizer=d_tok)
+    def build_selection(model: Any, tok: Any):
+        sel = select_layers(adapter, scfg, model=model, tokenizer=tok)
         sel.save(out / "adapter-selected", overwrite=True, plot=lambda d: plot_layer_scores(sel, d / "layer_scores.png"))
         return sel
 
     t = time.perf_counter()
-    selected = _adapter_stage("select", out / "adapter-selected", "selection", scfg, build_selection, overwrite)
+    selected = _adapter_stage("select", out / "adapter-selected", "selection", scfg,
+                              functools.partial(build_selection, d_model, d_tok), overwrite)
     timings["select_s"] = round(time.perf_counter() - t, 1)
     del d_model
     print(f"[select] layers {selected.layers}")
@@ -164,14 +165,10 @@ def run_demo(output: str | Path = "runs/demo", quick: bool = False, overwrite: b
         rcfg = RecalibrateConfig(task_model=t_ref, task=task, n_harmful=p.recal_shots, n_task=p.recal_shots,
                                  steps=p.recal_steps)
 
-        def build_calibrated():
-            cal = recalibrate(selected, rcfg, model=t_model, tokenizer=t_tok)
-            cal.save(out / f"adapter-{task}", overwrite=True)
-            return cal
-
         t = time.perf_counter()
         calibrated = _adapter_stage(f"recalibrate {task}", out / f"adapter-{task}", "recalibration", rcfg,
-                                    build_calibrated, overwrite)
+                                    functools.partial(_calibrate, selected, rcfg, t_model, t_tok, out / f"adapter-{task}"),
+                                    overwrite)
         timings[f"recalibrate_{task}_s"] = round(time.perf_counter() - t, 1)
         print(f"[recalibrate {task}] α = " + ", ".join(f"{l}:{calibrated.coefficients[l]:.2f}" for l in calibrated.layers))
         with calibrated.attach(t_model):
@@ -188,6 +185,14 @@ def run_demo(output: str | Path = "runs/demo", quick: bool = False, overwrite: b
     print(table)
     print(f"\nwrote {out / 'summary.json'} and {out / 'summary.md'} in {timings['total_s']:.0f} s")
     return summary
+
+
+def _calibrate(adapter: Any, cfg: RecalibrateConfig, model: Any, tok: Any, output: Path):
+    from .recalibration import recalibrate
+
+    cal = recalibrate(adapter, cfg, model=model, tokenizer=tok)
+    cal.save(output, overwrite=True)
+    return cal
 
 
 def recovery(rows: dict[str, Any], name: str) -> float | None:

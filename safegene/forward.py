@@ -16,11 +16,7 @@ from .errors import SafegeneError
 
 def decoder_parts(model: Any) -> tuple[Any, Any, Any]:
     """(layers, final_norm, lm_head) of a causal LM; PEFT wrappers are looked through."""
-    inner = model
-    for attr in ("base_model", "model"):
-        if hasattr(inner, "get_base_model"):
-            inner = inner.get_base_model()
-            break
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     body = getattr(inner, "model", None)
     layers = getattr(body, "layers", None)
     norm = getattr(body, "norm", None)

@@ -25,7 +25,7 @@ from .data.records import PromptResponse
 from .io import sha256_text
 from .forward import capture, decoder_parts, run_from
 from .objectives import SeqBatch, encode_batch, token_nll, topk_kl
-from .selection import benign_prompts, harmful_prompt_texts
+from .selection import harmful_prompt_texts
 
 log = logging.getLogger(__name__)
 

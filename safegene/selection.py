@@ -124,7 +124,6 @@ def layer_activations_and_pushes(adapter: SafetyAdapter, model: Any, tokenizer: 
 
 def score_layers(acts_h, acts_b, push_h, push_b) -> dict[str, Any]:
     """Per-layer components from activations (n, L, H) of harmful (h) and benign (b) prompts."""
-    import torch
 
     d = acts_h.mean(0) - acts_b.mean(0)  # (L, H)
     d_hat = d / d.norm(dim=-1, keepdim=True).clamp_min(1e-12)

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from safegene.adapter import SafetyAdapter, extract_adapter, merge_into_model
-from safegene.adapter.checkpoint import LazyCheckpoint
 from safegene.config import ExtractConfig
 from safegene.errors import FamilyMismatchError, SafegeneError
 from safegene.models import load_model
@@ -108,7 +107,6 @@ def test_save_load_round_trip_and_arithmetic(pair, tmp_path):
     sel = loaded.select([1]).with_coefficients({1: 0.25})
     assert sel.modules() == sorted(x for x in loaded.factors if ".layers.1." in x)
     sel.save(tmp_path / "sel")
-    peft_sd = LazyCheckpoint.__new__(LazyCheckpoint)  # noqa: F841 (only to show the file is plain safetensors)
     from safetensors.torch import load_file
 
     sd = load_file(str(tmp_path / "sel" / "adapter_model.safetensors"))
@@ -189,3 +187,20 @@ def test_untracked_drift_is_reported(tiny_qwen, tmp_path):
     save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
     ad = extract_adapter(cfg(tiny_qwen, d, tmp_path / "ad"), progress=False, save=False)
     assert ad.card["untracked_drift"] == {"model.norm.weight": pytest.approx(0.1, rel=1e-3)}
+
+
+def test_distillation_refines_a_rank_starved_adapter(tiny_qwen, tmp_path):
+    from safegene.config import DistillConfig
+
+    d = tmp_path / "D"
+    make_degraded(tiny_qwen, d, rank=6, layers=(0, 1), modules=("q_proj", "v_proj", "down_proj"))
+    distill = DistillConfig(enabled=True, harmful="many-shot-harmful", benign="arithmetic", n_harmful=4, n_benign=4,
+                            response_tokens=6, steps=25, batch_size=8, learning_rate=5e-3, top_k=16)
+    ad = extract_adapter(cfg(tiny_qwen, d, tmp_path / "ad", rank=1, distill=distill), progress=False)
+    kl = ad.card["distill"]["kl_to_A"]
+    assert kl["D"] > kl["D+svd"] > 0  # rank 1 of a rank-6 update: SVD helps but cannot be exact
+    assert kl["D+distilled"] < kl["D+svd"]  # training the factors on A's distribution closes more of the gap
+    assert ad.card["timings"]["distill_s"] > 0
+    saved = SafetyAdapter.load(tmp_path / "ad")
+    m = "model.layers.0.mlp.down_proj"
+    assert torch.allclose(saved.factors[m][0], ad.factors[m][0]) and saved.rank == 1

@@ -11,7 +11,6 @@ import gc
 import random
 import time
 from pathlib import Path
-from typing import Any
 
 from ..config import DistillConfig, GenerationConfig
 from ..data import harmful_prompts, prompt_response_pairs
@@ -87,7 +86,7 @@ def distill_factors(adapter: SafetyAdapter, aligned: Path, degraded: Path, cfg: 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(round(float(loss), 4))
+        losses.append(round(loss.detach().item(), 4))
     kl_after = kl_all()
     new_factors = dict(adapter.factors)
     for m, (a, b) in handle.factors.items():

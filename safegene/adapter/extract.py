@@ -8,7 +8,6 @@ Only one pair of tensors is in memory at a time; tensors are matched by name, ne
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from ..models.fingerprint import fingerprint_folder
 from ..models.registry import EMBEDDED_MODELS
 from .checkpoint import LazyCheckpoint
 from .core import SafetyAdapter
-from .modules import layer_of, parse_layers, target_weight_names
+from .modules import parse_layers, target_weight_names
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +75,6 @@ def low_rank(delta, rank: int, energy: float | None, method: str, oversample: in
 
 def extract_adapter(cfg: ExtractConfig, progress: bool = True, overwrite: bool = False, save: bool = True) -> SafetyAdapter:
     """Build the safety adapter from A and D and (by default) save it to `cfg.output`."""
-    import torch
     from tqdm.auto import tqdm
 
     from ..training import peak_rss_mb

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Sequence, TypeVar
 
 from ..errors import DataError
-from .builtin import DATASETS, dataset_info, load_builtin
+from .builtin import dataset_info, load_builtin
 from .loaders import load_harmful_prompts, load_prompt_responses
 from .records import HarmfulPrompt, PromptResponse
 
