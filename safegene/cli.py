@@ -157,7 +157,7 @@ def cmd_extract(a: argparse.Namespace) -> int:
     ad = extract_adapter(cfg, overwrite=a.overwrite)
     c = ad.card
     print(f"extract: wrote {cfg.output}: {len(ad.factors)} modules over {len(ad.all_layers)} layers, rank {ad.rank}, "
-          f"{c['timings']['total_s']:.1f} s, peak RSS {c['peak_rss_mb']:.0f} MB")
+          f"{c['timings']['total_s']:.1f} s, process peak RSS {c['process_peak_rss_mb']:.0f} MB")
     if c.get("distill"):
         print(f"  distillation KL to A: {c['distill']['kl_to_A']}")
     if c["untracked_drift"]:

@@ -132,7 +132,8 @@ def run_demo(output: str | Path = "runs/demo", quick: bool = False, overwrite: b
 
     task_models = {}
     for task in p.tasks:
-        n_task = min(p.task_examples, len(get_task(task).load("train")) + round(p.poison_ratio * p.task_examples))
+        # small tasks (gsm8k-100 has 60 train items) get fewer examples, keeping the poison ratio
+        n_task = min(p.task_examples, int(len(get_task(task).load("train")) / (1 - p.poison_ratio)))
         fcfg = FinetuneConfig(model=aligned, task=task, n_examples=n_task, poison_ratio=p.poison_ratio, save="adapter",
                               output=str(out / f"task-{task}"), train=LoraTrainConfig(max_steps=p.task_steps, **train))
         card = _train_stage(f"finetune {task}", out / f"task-{task}", fcfg, finetune, overwrite)
