@@ -32,6 +32,12 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def _check_training_output(cfg: Any) -> None:
+    """Checks shared by the configs of commands that train and save a model."""
+    _check(cfg.n_examples >= 1, f"n_examples must be >= 1, got {cfg.n_examples}")
+    _check(cfg.save in ("adapter", "merged", "both"), f"save must be adapter, merged or both, got {cfg.save}")
+
+
 @dataclass
 class LoraTrainConfig:
     """LoRA supervised fine-tuning on chat-templated (prompt, response) pairs; loss on response tokens only."""
@@ -82,8 +88,7 @@ class DegradeConfig:
     train: LoraTrainConfig = opt(LoraTrainConfig(), "LoRA training settings")
 
     def __post_init__(self) -> None:
-        _check(self.n_examples >= 1, f"n_examples must be >= 1, got {self.n_examples}")
-        _check(self.save in ("adapter", "merged", "both"), f"save must be adapter, merged or both, got {self.save}")
+        _check_training_output(self)
 
 
 @dataclass
@@ -101,8 +106,7 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.poison_ratio < 1.0, f"poison_ratio must be in [0, 1), got {self.poison_ratio}")
-        _check(self.n_examples >= 1, f"n_examples must be >= 1, got {self.n_examples}")
-        _check(self.save in ("adapter", "merged", "both"), f"save must be adapter, merged or both, got {self.save}")
+        _check_training_output(self)
 
 
 @dataclass
