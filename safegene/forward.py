@@ -27,6 +27,7 @@ def decoder_parts(model: Any) -> tuple[Any, Any, Any]:
 
 
 def _first(x):
+    """A decoder layer returns a tensor (transformers 5) or a tuple whose first item is the hidden states."""
     return x[0] if isinstance(x, tuple) else x
 
 

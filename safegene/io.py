@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .errors import OutputExistsError, SafegeneError
+from .errors import OutputExistsError
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 24) -> str:
@@ -100,12 +100,3 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         json.dump(obj, f, indent=2, sort_keys=False, default=str)
         f.write("\n")
 
-
-def read_json(path: str | os.PathLike) -> Any:
-    p = Path(path)
-    try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SafegeneError(f"{p} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise SafegeneError(f"{p} is not valid JSON (line {e.lineno}: {e.msg}); re-create it") from None

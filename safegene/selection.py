@@ -32,21 +32,10 @@ from .data import harmful_prompts, prompt_response_pairs
 from .data.tasks import TASKS
 from .chat import prompt_text
 from .errors import SafegeneError
+from .forward import _first, decoder_parts
 from .io import sha256_text
 
 log = logging.getLogger(__name__)
-
-
-def _decoder_layers(model: Any):
-    for path in ("model.layers", "base_model.model.model.layers", "transformer.h"):
-        obj = model
-        try:
-            for part in path.split("."):
-                obj = getattr(obj, part)
-            return obj
-        except AttributeError:
-            continue
-    raise SafegeneError("cannot find the decoder layers of this model (expected model.layers)")
 
 
 def benign_prompts(ref: str, n: int, seed: int) -> list[str]:
@@ -62,17 +51,13 @@ def harmful_prompt_texts(ref: str, n: int, seed: int) -> list[str]:
         return [p.prompt for p in prompt_response_pairs(ref, n=n, seed=seed)]
 
 
-def _first(x):
-    return x[0] if isinstance(x, tuple) else x
-
-
 def layer_activations_and_pushes(adapter: SafetyAdapter, model: Any, tokenizer: Any, prompts: Sequence[str],
                                  batch_size: int = 8, progress: bool = True):
     """Last-token output of every layer (n, L, H) and the push of each layer's own update (n, L, H)."""
     import torch
     from tqdm.auto import tqdm
 
-    layers = _decoder_layers(model)
+    layers = decoder_parts(model)[0]
     idx = adapter.all_layers
     handle = AttachedAdapter(model, adapter.select(idx))
     handle.disable()

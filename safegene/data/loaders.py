@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 from ..errors import DataError
 from .records import HarmfulPrompt, PromptResponse
@@ -140,6 +140,3 @@ def load_harmful_prompts(
         for i, r in enumerate(rows)
     ]
 
-
-def map_rows(rows: list[dict[str, Any]], fn: Callable[[dict[str, Any]], Any]) -> list[Any]:
-    return [fn(r) for r in rows]
