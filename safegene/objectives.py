@@ -26,6 +26,13 @@ class SeqBatch:
     def subset(self, idx) -> "SeqBatch":
         return SeqBatch(self.input_ids[idx], self.attention_mask[idx], self.target_mask[idx], self.targets[idx])
 
+    def target_rows(self, idx: Sequence[int]):
+        """Rows of sequences `idx` in tensors flattened over all target positions (e.g. a teacher's top-k)."""
+        import torch
+
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), self.target_mask.sum(1).cumsum(0)])
+        return torch.cat([torch.arange(int(offsets[i]), int(offsets[i + 1])) for i in idx])
+
 
 def encode_batch(tokenizer: Any, pairs: Sequence[PromptResponse], max_length: int) -> SeqBatch:
     import torch
@@ -94,15 +101,20 @@ def token_nll(logits, targets):
     return torch.nn.functional.cross_entropy(logits.float(), targets)
 
 
-def sequence_logprob(model: Any, batch: SeqBatch, chunk: int = 8):
-    """Sum of log-probabilities of each sequence's response tokens, (n,) (no grad)."""
+def target_logprob_sums(logits: Any, batch: SeqBatch):
+    """Per-sequence sum of target-token log-probabilities, from logits at `batch`'s target positions, (n,)."""
     import torch
 
-    out = []
+    lp = torch.log_softmax(logits.float(), -1).gather(-1, batch.targets[batch.target_mask].unsqueeze(-1)).squeeze(-1)
+    owner = torch.arange(len(batch)).unsqueeze(1).expand_as(batch.target_mask)[batch.target_mask]
+    return torch.zeros(len(batch), dtype=lp.dtype).index_add_(0, owner, lp)
+
+
+def sequence_logprob(model: Any, batch: SeqBatch, chunk: int = 8):
+    """Sum of log-probabilities of each sequence's response tokens with a full forward pass, (n,) (no grad)."""
+    import torch
+
     with torch.inference_mode():
-        for s in range(0, len(batch), chunk):
-            sub = batch.subset(slice(s, s + chunk))
-            logits = model(input_ids=sub.input_ids, attention_mask=sub.attention_mask).logits.float()
-            lp = torch.log_softmax(logits, -1).gather(-1, sub.targets.unsqueeze(-1)).squeeze(-1)
-            out.append((lp * sub.target_mask).sum(1))
-    return torch.cat(out)
+        return torch.cat([target_logprob_sums(target_logits(model, batch.subset(slice(s, s + chunk))),
+                                              batch.subset(slice(s, s + chunk)))
+                          for s in range(0, len(batch), chunk)])

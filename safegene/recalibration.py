@@ -24,7 +24,7 @@ from .data import prompt_response_pairs
 from .data.records import PromptResponse
 from .io import sha256_text
 from .forward import capture, decoder_parts, run_from
-from .objectives import SeqBatch, encode_batch, token_nll, topk_kl
+from .objectives import encode_batch, token_nll, topk_kl
 from .selection import harmful_prompt_texts
 
 log = logging.getLogger(__name__)
@@ -42,12 +42,6 @@ def task_shots(cfg: RecalibrateConfig) -> list[PromptResponse]:
     if cfg.task in TASKS:
         return [e.as_pair() for e in TASKS[cfg.task].load("train", n=cfg.n_task, seed=cfg.seed + 1)]
     return prompt_response_pairs(cfg.task, n=cfg.n_task, seed=cfg.seed + 1)
-
-
-def _rows(batch: SeqBatch, idx: list[int], offsets: list[int]):
-    import torch
-
-    return torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in idx])
 
 
 def _n_layers(model: Any) -> int:
@@ -87,9 +81,6 @@ def recalibrate(adapter: SafetyAdapter, cfg: RecalibrateConfig, model: Any = Non
             t_vals, t_idx = t_logp.topk(64, -1)  # T's own answer distribution: what must not move
         t_vals, t_idx = t_vals.clone(), t_idx.clone()
         handle.enable()
-        offsets = [0]
-        for c in tb.target_mask.sum(1).tolist():
-            offsets.append(offsets[-1] + c)
         frac = cfg.alpha_init / cfg.alpha_max
         theta = torch.nn.Parameter(torch.full((len(layers),), math.log(frac / (1 - frac))))
         opt = torch.optim.Adam([theta], lr=cfg.learning_rate)
@@ -103,7 +94,7 @@ def recalibrate(adapter: SafetyAdapter, cfg: RecalibrateConfig, model: Any = Non
         def objective(h_idx: list[int], t_idx_: list[int]):
             hm = hb.target_mask[h_idx]
             lh = token_nll(run_from(model, start_layer, h_rec.subset(h_idx), hm), hb.targets[h_idx][hm])
-            rows = _rows(tb, t_idx_, offsets)
+            rows = tb.target_rows(t_idx_)
             tm = tb.target_mask[t_idx_]
             kl = topk_kl(run_from(model, start_layer, t_rec.subset(t_idx_), tm), t_vals[rows], t_idx[rows])
             return lh, kl

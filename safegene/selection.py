@@ -10,9 +10,10 @@ layers), so each is in units that do not depend on the layer's activation scale:
   refusal-gain  = mean_harmful(Δ log p(refusal)) - mean_benign(Δ log p(refusal))   (default)
                   where Δ log p is the change of the log-probability of a refusal answer when only layer l's update
                   is switched on: what the layer alone does for refusing harmful prompts minus what it does for
-                  refusing benign ones, in nats. Costs one forward pass per layer.
-  push          = mean_harmful(Δh·d̂)/σ  -  mean_benign(|Δh·d̂|)/σ    (default: moves harmful prompts towards
-                                                                      the harmful side, leaves benign ones alone)
+                  refusing benign ones, in nats. By default estimated as d log p / d α_l at α = 0 (one
+                  backward pass for all layers); `linearize=False` runs one partial forward pass per layer.
+  push          = mean_harmful(Δh·d̂)/σ  -  mean_benign(|Δh·d̂|)/σ    (moves harmful prompts towards the harmful
+                                                                      side, leaves benign ones alone)
   separability  = (mean_harmful(h·d̂) - mean_benign(h·d̂)) / σ        (how strongly the layer separates the sets)
   norm          = ||ΔW_l||_F                                           (data-free baseline)
 The activation scores (push, separability) cost one forward pass plus one extra pass through each single layer.
@@ -57,28 +58,17 @@ def layer_activations_and_pushes(adapter: SafetyAdapter, model: Any, tokenizer: 
     import torch
     from tqdm.auto import tqdm
 
+    from .forward import capture
+
     layers = decoder_parts(model)[0]
     idx = adapter.all_layers
     handle = AttachedAdapter(model, adapter.select(idx))
-    handle.disable()
     zero = {l: 0.0 for l in idx}
-    recorded: dict[int, tuple] = {}
-    outputs: dict[int, Any] = {}
 
-    def pre(l):
-        def f(mod, args, kwargs):
-            recorded[l] = (args, kwargs)
-        return f
+    def layer_out(l: int, rec) -> Any:
+        args, kw = rec.calls[l]
+        return _first(layers[l](rec.hidden[l], *args, **kw))[:, -1, :]
 
-    def post(l):
-        def f(mod, args, kwargs, out):
-            outputs[l] = _first(out)[:, -1, :].detach()
-        return f
-
-    hooks = []
-    for l in idx:
-        hooks.append(layers[l].register_forward_pre_hook(pre(l), with_kwargs=True))
-        hooks.append(layers[l].register_forward_hook(post(l), with_kwargs=True))
     tokenizer.padding_side = "left"  # last position = last prompt token for every row
     acts, pushes = [], []
     try:
@@ -87,22 +77,18 @@ def layer_activations_and_pushes(adapter: SafetyAdapter, model: Any, tokenizer: 
                 texts = [prompt_text(tokenizer, p) for p in prompts[s : s + batch_size]]
                 enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
                 handle.disable()
-                model(**enc, use_cache=False)
-                base = torch.stack([outputs[l] for l in idx], 1)
+                rec = capture(model, enc["input_ids"], enc["attention_mask"])
+                # a layer's output is the next layer's recorded input; only the last layer must be run again
+                base = torch.stack([rec.hidden[l + 1][:, -1, :] if l + 1 in rec.hidden else layer_out(l, rec)
+                                    for l in idx], 1)
                 push = torch.zeros_like(base)
                 handle.enable()
                 for j, l in enumerate(idx):
                     handle.set_coefficients({**zero, l: adapter.coefficients.get(l, 1.0)})
-                    args, kwargs = recorded[l]
-                    out = _first(layers[l].__call__(*args, **kwargs))[:, -1, :]
-                    push[:, j] = out - base[:, j]
-                handle.disable()
+                    push[:, j] = layer_out(l, rec) - base[:, j]
                 acts.append(base.float())
                 pushes.append(push.float())
-                recorded.clear()
     finally:
-        for h in hooks:
-            h.remove()
         handle.remove()
     return torch.cat(acts), torch.cat(pushes)
 
@@ -123,6 +109,11 @@ def score_layers(acts_h, acts_b, push_h, push_b) -> dict[str, Any]:
             "push": (ph - pb).tolist(), "sigma": sigma.tolist()}
 
 
+def refusal_opening(tokenizer: Any, refusal_text: str, max_tokens: int) -> str:
+    """The first `max_tokens` tokens of the refusal, as text: where the decision to refuse is made."""
+    return tokenizer.decode(tokenizer(refusal_text, add_special_tokens=False)["input_ids"][:max_tokens])
+
+
 def refusal_gain(adapter: SafetyAdapter, model: Any, tokenizer: Any, harmful: Sequence[str], benign: Sequence[str],
                  refusal_text: str, batch_size: int = 8, progress: bool = True, max_refusal_tokens: int = 4) -> dict[str, Any]:
     """Per layer: change of log p(refusal opening | prompt) with only that layer's update on, harmful vs benign.
@@ -135,22 +126,16 @@ def refusal_gain(adapter: SafetyAdapter, model: Any, tokenizer: Any, harmful: Se
 
     from .data.records import PromptResponse
     from .forward import capture, run_from
-    from .objectives import encode_batch
+    from .objectives import encode_batch, target_logprob_sums
 
     tokenizer.padding_side = "right"
-    ids = tokenizer(refusal_text, add_special_tokens=False)["input_ids"][:max_refusal_tokens]
-    opening = tokenizer.decode(ids)
+    opening = refusal_opening(tokenizer, refusal_text, max_refusal_tokens)
     pairs = [PromptResponse(p, opening) for p in list(harmful) + list(benign)]
     nh = len(harmful)
     idx = adapter.all_layers
     handle = AttachedAdapter(model, adapter.select(idx))
     sums = {l: torch.zeros(len(pairs)) for l in idx}
     base = torch.zeros(len(pairs))
-
-    def seq_logprob(logits, batch):
-        lp = torch.log_softmax(logits.float(), -1).gather(-1, batch.targets[batch.target_mask].unsqueeze(-1)).squeeze(-1)
-        owner = torch.arange(len(batch)).unsqueeze(1).expand_as(batch.target_mask)[batch.target_mask]
-        return torch.zeros(len(batch)).index_add_(0, owner, lp)
 
     try:
         with torch.inference_mode():
@@ -160,12 +145,12 @@ def refusal_gain(adapter: SafetyAdapter, model: Any, tokenizer: Any, harmful: Se
                 handle.disable()
                 rec = capture(model, batch.input_ids, batch.attention_mask)
                 rows = slice(s, s + len(batch))
-                base[rows] = seq_logprob(run_from(model, 0, rec, batch.target_mask), batch)
+                base[rows] = target_logprob_sums(run_from(model, 0, rec, batch.target_mask), batch)
                 handle.enable()
                 bar.update(1)
                 for l in idx:
                     handle.set_coefficients({j: (adapter.coefficients.get(l, 1.0) if j == l else 0.0) for j in idx})
-                    sums[l][rows] = seq_logprob(run_from(model, l, rec, batch.target_mask), batch)
+                    sums[l][rows] = target_logprob_sums(run_from(model, l, rec, batch.target_mask), batch)
                     bar.update(1)
             bar.close()
     finally:
@@ -193,8 +178,7 @@ def refusal_gain_linear(adapter: SafetyAdapter, model: Any, tokenizer: Any, harm
     from .objectives import encode_batch
 
     tokenizer.padding_side = "right"
-    ids = tokenizer(refusal_text, add_special_tokens=False)["input_ids"][:max_refusal_tokens]
-    opening = tokenizer.decode(ids)
+    opening = refusal_opening(tokenizer, refusal_text, max_refusal_tokens)
     idx = adapter.all_layers
     handle = AttachedAdapter(model, adapter.select(idx))
     params = [p for p in model.parameters() if p.requires_grad]

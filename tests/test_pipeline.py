@@ -81,6 +81,31 @@ def test_selection_does_not_change_the_model(adapter, method):
         assert torch.equal(model(IDS).logits, before)
 
 
+def test_push_matches_a_direct_measurement(adapter):
+    """Layer 1's push = its output with only its own update on minus off; layer 0's activation = its output."""
+    from safegene.chat import prompt_text
+    from safegene.selection import layer_activations_and_pushes
+
+    ad, d = adapter
+    model, tok = load_model(d), load_tokenizer(d)
+    prompts = ["Say sorry", "What is 2 + 2?"]
+    acts, push = layer_activations_and_pushes(ad, model, tok, prompts, progress=False)
+    enc = tok([prompt_text(tok, p) for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False)
+    outs = {}
+    hook = model.model.layers[1].register_forward_hook(lambda m, a, o: outs.__setitem__("h", (o[0] if isinstance(o, tuple) else o)[:, -1]))
+    with torch.no_grad():
+        hidden = model(**enc, output_hidden_states=True).hidden_states
+        off = outs["h"].clone()
+        with ad.select([1]).attach(model):
+            model(**enc)
+        on = outs["h"].clone()
+    hook.remove()
+    assert torch.allclose(acts[:, 0], hidden[1][:, -1], atol=1e-5)
+    assert torch.allclose(acts[:, 1], off, atol=1e-5)
+    assert torch.allclose(push[:, 1], on - off, atol=1e-5)
+    assert push[:, 1].abs().max() > 1e-4
+
+
 def test_refusal_gain_matches_a_direct_measurement(adapter):
     """The gain of layer 1 equals log p(refusal) with only layer 1's update on minus with none, measured directly."""
     from safegene.data.records import PromptResponse

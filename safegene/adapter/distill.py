@@ -55,18 +55,12 @@ def distill_factors(adapter: SafetyAdapter, aligned: Path, degraded: Path, cfg: 
     handle = AttachedAdapter(student, adapter, trainable_factors=True)
     params = [t for ab in handle.factors.values() for t in ab]
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
-    # row offsets of each sequence's target positions in the flattened teacher tensors
-    counts = batch.target_mask.sum(1).tolist()
-    offsets = [0]
-    for c in counts:
-        offsets.append(offsets[-1] + c)
-
     def kl_all() -> float:
         with torch.no_grad():
             tot, n = 0.0, 0
             for s in range(0, len(batch), 8):
                 idx = list(range(s, min(s + 8, len(batch))))
-                rows = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in idx])
+                rows = batch.target_rows(idx)
                 lg = target_logits(student, batch.subset(idx))
                 tot += float(topk_kl(lg, t_vals[rows], t_idx[rows])) * len(rows)
                 n += len(rows)
@@ -81,7 +75,7 @@ def distill_factors(adapter: SafetyAdapter, aligned: Path, degraded: Path, cfg: 
     losses = []
     for _ in tqdm(range(cfg.steps), desc="distilling", unit="step", disable=not progress):
         idx = rng.sample(range(len(batch)), min(cfg.batch_size, len(batch)))
-        rows = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in idx])
+        rows = batch.target_rows(idx)
         loss = topk_cross_entropy(target_logits(student, batch.subset(idx)), t_vals[rows], t_idx[rows])
         opt.zero_grad(set_to_none=True)
         loss.backward()
