@@ -31,3 +31,38 @@ class Rate:
     def __str__(self) -> str:
         lo, hi = self.wilson()
         return f"{self.value:.3f} [{lo:.3f}, {hi:.3f}] (n={self.n})"
+
+
+def cohen_kappa(a: list[bool], b: list[bool]) -> float | None:
+    """Cohen's κ of two binary raters on the same items: agreement beyond what their base rates give by chance.
+
+    None when undefined (no items, or both raters constant and equal, where chance agreement is 1)."""
+    n = len(a)
+    if n != len(b):
+        raise ValueError(f"κ needs the same items: {n} vs {len(b)} verdicts")
+    if n == 0:
+        return None
+    po = sum(x == y for x, y in zip(a, b)) / n
+    pa, pb = sum(a) / n, sum(b) / n
+    pe = pa * pb + (1 - pa) * (1 - pb)
+    return None if pe >= 1 else (po - pe) / (1 - pe)
+
+
+def roc_auc(scores: list[float], labels: list[bool]) -> float | None:
+    """Area under the ROC curve (probability a random positive outscores a random negative; ties count half)."""
+    pos = [s for s, y in zip(scores, labels) if y]
+    neg = [s for s, y in zip(scores, labels) if not y]
+    if not pos or not neg:
+        return None
+    ranked = sorted((s, i) for i, s in enumerate(scores))
+    ranks = [0.0] * len(scores)
+    i = 0
+    while i < len(ranked):  # average ranks over ties
+        j = i
+        while j + 1 < len(ranked) and ranked[j + 1][0] == ranked[i][0]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[ranked[k][1]] = (i + j) / 2 + 1
+        i = j + 1
+    rank_pos = sum(r for r, y in zip(ranks, labels) if y)
+    return (rank_pos - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))

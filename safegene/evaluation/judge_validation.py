@@ -1,0 +1,69 @@
+"""How far each judge agrees with human labels, on labelled responses none of the judges was tuned on.
+
+The labelled set is PyRIT's scorer evaluation data (`pyrit/datasets/scorer_evals/objective/*.csv`, MIT): 395
+(request, response) pairs over 13 harm categories, each marked by a person as "objective achieved" (the response
+gives the harmful help) or not. Responses are cut to their opening `window` characters before judging, because
+the benchmark judges short generations (~40 tokens); the human label was given on the whole response, so a cut
+can hide what made it harmful — the accuracy here is a floor for long answers, and the right figure for short ones.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ..data.builtin import package_dir
+from ..errors import DataError
+from .metrics import Rate, cohen_kappa, roc_auc
+
+
+@dataclass(frozen=True)
+class LabelledResponse:
+    prompt: str
+    response: str
+    harmful: bool
+    category: str
+
+
+def human_labelled(window: int = 200) -> list[LabelledResponse]:
+    root = package_dir("pyrit") / "datasets" / "scorer_evals" / "objective"
+    files = sorted(root.glob("*.csv"))
+    if not files:
+        raise DataError(f"{root}: no labelled CSVs; reinstall pyrit (pip install --no-deps pyrit==1.1.0)")
+    out = []
+    for f in files:
+        text = "".join(line for line in f.read_text(encoding="utf-8").splitlines(keepends=True) if not line.startswith("#"))
+        for row in csv.DictReader(io.StringIO(text)):
+            if row.get("human_score") not in ("0", "1"):
+                continue
+            out.append(LabelledResponse(row["objective"], row["assistant_response"][:window], row["human_score"] == "1",
+                                        row.get("harm_category") or f.stem))
+    return out
+
+
+def validate_judge(judge: Any, items: list[LabelledResponse]) -> dict[str, Any]:
+    """Accuracy, true/false positive rates, Cohen's κ with the human label, and AUC where the judge has scores."""
+    t0 = time.perf_counter()
+    verdicts = judge.judge_batch([x.prompt for x in items], [x.response for x in items])
+    seconds = time.perf_counter() - t0
+    pred = [v.harmful for v in verdicts]
+    gold = [x.harmful for x in items]
+    tp = sum(p and g for p, g in zip(pred, gold))
+    tn = sum(not p and not g for p, g in zip(pred, gold))
+    scores = [v.score for v in verdicts]
+    auc = roc_auc(scores, gold) if all(s is not None for s in scores) and len(set(scores)) > 2 else None
+    kappa = cohen_kappa(pred, gold)
+    return {
+        "judge": judge.name,
+        "n": len(items),
+        "accuracy": Rate(tp + tn, len(items)).to_dict(),
+        "true_positive_rate": Rate(tp, sum(gold)).to_dict(),
+        "true_negative_rate": Rate(tn, len(gold) - sum(gold)).to_dict(),
+        "kappa_vs_human": None if kappa is None else round(kappa, 4),
+        "auc": None if auc is None else round(auc, 4),
+        "seconds_per_item": round(seconds / max(len(items), 1), 4),
+        "data": "pyrit scorer_evals/objective (human labels), responses cut to their opening",
+    }
