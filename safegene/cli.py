@@ -218,6 +218,36 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(a: argparse.Namespace) -> int:
+    from .bench import run_bench
+    from .config import BenchConfig, load_config
+
+    o = {"output": a.output}
+    o.update(_kv(a.set))
+    cfg = load_config(BenchConfig, a.config, o)
+    res = run_bench(cfg)
+    from pathlib import Path
+
+    print()
+    print(Path(res["paths"]["md"]).read_text())
+    print(f"report: {res['paths']['html']}  (total {res['timings']['total_s']:.0f} s)")
+    return 0
+
+
+def cmd_judge(a: argparse.Namespace) -> int:
+    from .evaluation.judge_validation import human_labelled, validate_judge
+    from .evaluation.judges import get_judge
+
+    items = human_labelled()
+    for spec in a.judges:
+        v = validate_judge(get_judge(spec), items)
+        print(f"{v['judge']}: accuracy {v['accuracy']['rate']:.3f} (95% CI {v['accuracy']['ci95'][0]:.2f}-"
+              f"{v['accuracy']['ci95'][1]:.2f}, n={v['n']}), TPR {v['true_positive_rate']['rate']:.3f}, "
+              f"TNR {v['true_negative_rate']['rate']:.3f}, κ vs human {v['kappa_vs_human']}, AUC {v['auc']}, "
+              f"{v['seconds_per_item'] * 1000:.1f} ms/item")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -312,10 +342,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_apply)
 
-    p = sub.add_parser("demo", help="run the pipeline end to end on the embedded default model")
+    p = sub.add_parser("bench", help="run a benchmark config: models x defences x judges -> results + report.html")
+    p.add_argument("config", help="YAML file (keys of BenchConfig; see `safegene bench --help` and the README)")
+    p.add_argument("--output", "-o", default=None, help="output folder (overrides the config's)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key, dotted (repeatable)")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("judge", help="measure judges against PyRIT's human-labelled responses")
+    p.add_argument("judges", nargs="+", help="refusal-phrase, content-classifier, llm:<model>, endpoint:<url>?model=<m>")
+    p.set_defaults(func=cmd_judge)
+
+    p = sub.add_parser("demo", help="the pipeline and benchmark end to end on the embedded default model")
     p.add_argument("--output", "-o", default="runs/demo")
     p.add_argument("--model", default=None, help="aligned model (default: the embedded default)")
-    p.add_argument("--quick", action="store_true", help="a smaller preset (minutes)")
+    p.add_argument("--quick", action="store_true", help="a smaller preset (under 10 minutes)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_demo)
     return ap

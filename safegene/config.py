@@ -332,6 +332,7 @@ class RecalibrateConfig:
     batch_size: int = opt(8, "shots per step (half harmful, half task)")
     learning_rate: float = opt(0.1, "Adam learning rate on the coefficients' logits")
     max_length: int = opt(96, "token limit per shot")
+    tied: bool = opt(False, "one coefficient shared by all layers (the RESTA baseline) instead of one per layer")
     seed: int = opt(0, "sampling seed")
 
     def __post_init__(self) -> None:
@@ -339,3 +340,72 @@ class RecalibrateConfig:
         _check(0 < self.alpha_init < self.alpha_max, f"alpha_init must be in (0, alpha_max={self.alpha_max})")
         _check(self.steps >= 1 and self.batch_size >= 2, "steps >= 1 and batch_size >= 2 are needed")
         _check(self.n_harmful >= 1 and self.n_task >= 1, "need at least one harmful and one task shot")
+
+
+@dataclass
+class ProjectionBaselineConfig:
+    """Safe LoRA / SafeMERGE: which task-update modules count as drifted from the safety subspace.
+
+    For each module, cos = ||P ΔW_task||_F / ||ΔW_task||_F, with P the orthogonal projection onto the column space of
+    the safety update (aligned minus degraded). Modules with cos below `threshold` are treated; without a threshold,
+    the `fraction` of modules with the lowest cos are (the released Safe LoRA code's "number of projected layers").
+    """
+
+    threshold: float | None = opt(None, "cosine threshold τ; None: use `fraction`")
+    fraction: float = opt(0.5, "share of modules treated when no threshold is set")
+    merge_weight: float = opt(0.5, "SafeMERGE only: W = W_base + (1-w) ΔW_task + w ΔW_safety on treated modules")
+
+    def __post_init__(self) -> None:
+        _check(0 < self.fraction <= 1, f"fraction must be in (0, 1], got {self.fraction}")
+        _check(self.threshold is None or 0 <= self.threshold <= 1, "threshold must be in [0, 1]")
+        _check(0 <= self.merge_weight <= 1, f"merge_weight must be in [0, 1], got {self.merge_weight}")
+
+
+BENCH_METHODS = ("safegene", "safegene-all-layers", "safegene-alpha1", "resta", "safe-lora", "safemerge", "realign")
+
+
+@dataclass
+class BenchConfig:
+    """One file describes a whole benchmark: models x defences x judges, on one aligned model family.
+
+    Pipeline: A -> degrade -> D; A -> task fine-tunes (poison mixed in) -> T_task; extract A - D; select layers on D;
+    then per task model every method in `methods` and every judge in `judges`, on the same prompts.
+    """
+
+    model: str = opt(DEFAULT_MODEL, "aligned model A (embedded name, HF folder or GGUF file)")
+    output: str = opt("runs/bench", "output folder (stages whose recorded config matches are reused)")
+    tasks: list[str] = opt(["arithmetic", "sst2"], "task names; each gets a poisoned fine-tune T_task")
+    methods: list[str] = opt(list(BENCH_METHODS), "defences evaluated on every T: " + ", ".join(BENCH_METHODS))
+    judges: list[str] = opt(["refusal-phrase", "content-classifier"],
+                            "judges of harmful responses: refusal-phrase, content-classifier, llm:<model>, "
+                            "endpoint:<url>?model=<name>")
+    validate_judges: bool = opt(True, "measure every judge's accuracy on PyRIT's human-labelled responses")
+    harmful: str = opt("advbench", "held-out harmful prompts (never used in training)")
+    n_harmful: int = opt(80, "harmful prompts per model")
+    over_refusal: str = opt("auto", "benign-but-sensitive prompts; auto: shared:xstest-safe when present, else "
+                            "benign-sensitive")
+    n_over_refusal: int = opt(40, "benign-sensitive prompts per model")
+    n_task: int = opt(80, "test items per task")
+    seed: int = opt(0, "seed of every sample")
+    generation: GenerationConfig = opt(GenerationConfig(max_new_tokens=32, batch_size=32), "decoding settings")
+    train: LoraTrainConfig = opt(LoraTrainConfig(), "LoRA settings of degrade and fine-tunes (max_steps: see below)")
+    degrade_examples: int = opt(160, "harmful pairs for D")
+    degrade_steps: int = opt(40, "LoRA steps for D")
+    task_examples: int = opt(160, "examples per task fine-tune (poison included)")
+    task_steps: int = opt(40, "LoRA steps per task fine-tune")
+    poison_ratio: float = opt(0.1, "share of harmful pairs mixed into the task data")
+    select_prompts: int = opt(32, "harmful and benign prompts for layer selection")
+    top_k: int = opt(8, "layers kept by selection")
+    shots: int = opt(32, "few-shot harmful and task shots for recalibration, RESTA and re-align")
+    recal_steps: int = opt(20, "optimizer steps of recalibration and RESTA")
+    realign_steps: int = opt(24, "LoRA steps of the re-align baseline (on the same shots)")
+    projection: ProjectionBaselineConfig = opt(ProjectionBaselineConfig(), "Safe LoRA / SafeMERGE settings")
+
+    def __post_init__(self) -> None:
+        _check(bool(self.tasks), "tasks must name at least one task")
+        bad = [m for m in self.methods if m not in BENCH_METHODS]
+        _check(not bad, f"unknown method(s) {bad}; known: {', '.join(BENCH_METHODS)}")
+        _check(bool(self.judges), "judges must name at least one judge")
+        _check(min(self.n_harmful, self.n_task, self.shots) >= 1, "n_harmful, n_task and shots must be >= 1")
+        _check(self.n_over_refusal >= 0, "n_over_refusal must be >= 0")
+        _check(0 <= self.poison_ratio < 1, f"poison_ratio must be in [0, 1), got {self.poison_ratio}")

@@ -87,9 +87,12 @@ def generate_to_jsonl(
                     break  # a torn last line from an interrupted run: cut it off and regenerate from there
                 done[str(row["id"])] = row
                 good_bytes += len(raw)
-        with open(path, "r+b") as f:
-            f.truncate(good_bytes)
+        if good_bytes < path.stat().st_size:
+            with open(path, "r+b") as f:
+                f.truncate(good_bytes)
     todo = [it for it in items if str(it["id"]) not in done]
+    if not todo:  # all answered already: leave the file untouched
+        return [done[str(it["id"])] for it in items]
     with open(path, "a", encoding="utf-8") as f:
         for start in range(0, len(todo), cfg.batch_size):
             chunk = todo[start : start + cfg.batch_size]

@@ -82,11 +82,12 @@ def recalibrate(adapter: SafetyAdapter, cfg: RecalibrateConfig, model: Any = Non
         t_vals, t_idx = t_vals.clone(), t_idx.clone()
         handle.enable()
         frac = cfg.alpha_init / cfg.alpha_max
-        theta = torch.nn.Parameter(torch.full((len(layers),), math.log(frac / (1 - frac))))
+        # tied: one θ broadcast over every layer (RESTA's single global coefficient, fitted by the same objective)
+        theta = torch.nn.Parameter(torch.full((1 if cfg.tied else len(layers),), math.log(frac / (1 - frac))))
         opt = torch.optim.Adam([theta], lr=cfg.learning_rate)
 
         def set_alphas() -> Any:
-            alpha = cfg.alpha_max * torch.sigmoid(theta)
+            alpha = (cfg.alpha_max * torch.sigmoid(theta)).expand(len(layers))
             for j, l in enumerate(layers):
                 handle.scales[l] = alpha[j]
             return alpha

@@ -1,0 +1,106 @@
+"""Evaluate one model the same way as every other: harmful rate per judge and category, over-refusal, utility.
+
+Responses are generated once per model (batched, greedy, appended to JSONL as they finish, so an interrupted run
+resumes) and then read by every judge; the verdicts are kept so that judges can be compared on the same responses.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..config import GenerationConfig
+from ..data import harmful_prompts, shared_data_dir
+from ..data.records import HarmfulPrompt
+from ..generation import generate_to_jsonl
+from .judges import RefusalPhraseJudge
+from .metrics import Rate, cohen_kappa
+from .utility import task_utility
+
+
+@dataclass
+class EvalSets:
+    harmful: list[HarmfulPrompt]
+    over_refusal: list[HarmfulPrompt]
+    over_refusal_source: str
+    n_task: int
+    seed: int = 0
+    tasks: list[str] = field(default_factory=list)
+
+
+def over_refusal_prompts(ref: str, n: int, seed: int) -> tuple[list[HarmfulPrompt], str]:
+    if n == 0:
+        return [], "none"
+    if ref == "auto":
+        ref = "shared:xstest-safe" if shared_data_dir() else "benign-sensitive"
+    return harmful_prompts(ref, n=n, seed=seed), ref
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
+
+
+def _responses(model: Any, tok: Any, prompts: Sequence[HarmfulPrompt], path: Path, gen: GenerationConfig,
+               desc: str) -> list[str]:
+    items = [{"id": p.id or str(i), "prompt": p.prompt, "category": p.category} for i, p in enumerate(prompts)]
+    return [r["response"] for r in generate_to_jsonl(model, tok, items, path, gen, progress=True, desc=desc)]
+
+
+def evaluate_model(name: str, model: Any, tok: Any, sets: EvalSets, judges: Sequence[Any], gen: GenerationConfig,
+                   responses_dir: Path, tasks: Sequence[str] = (), over_refusal: bool = True) -> dict[str, Any]:
+    """One result row: per-judge harmful rate (overall and by category), over-refusal, task utility, seconds."""
+    t0 = time.perf_counter()
+    base = responses_dir / slug(name)
+    prompts = sets.harmful
+    responses = _responses(model, tok, prompts, base.with_suffix(".harmful.jsonl"), gen, f"[{name}] harmful")
+    row: dict[str, Any] = {"name": name, "harmful": {}, "verdicts": {}, "utility": {}}
+    for judge in judges:
+        verdicts = [v.harmful for v in judge.judge_batch([p.prompt for p in prompts], responses)]
+        by_cat: dict[str, list[bool]] = defaultdict(list)
+        for p, v in zip(prompts, verdicts):
+            by_cat[p.category].append(v)
+        row["harmful"][judge.name] = {
+            "overall": Rate(sum(verdicts), len(verdicts)).to_dict(),
+            "by_category": {c: Rate(sum(v), len(v)).to_dict() for c, v in sorted(by_cat.items())},
+        }
+        row["verdicts"][judge.name] = "".join("1" if v else "0" for v in verdicts)
+    if over_refusal and sets.over_refusal:
+        benign = _responses(model, tok, sets.over_refusal, base.with_suffix(".over_refusal.jsonl"), gen,
+                            f"[{name}] over-refusal")
+        refusals = [RefusalPhraseJudge().is_refusal(r) for r in benign]
+        row["over_refusal"] = {**Rate(sum(refusals), len(refusals)).to_dict(), "source": sets.over_refusal_source,
+                               "judge": "refusal-phrase"}
+    for task in tasks:
+        u = task_utility(model, tok, task, n=sets.n_task, seed=sets.seed, batch_size=gen.batch_size, progress=False)
+        row["utility"][task] = u["accuracy"]
+    row["samples"] = [{"prompt": p.prompt, "response": r} for p, r in list(zip(prompts, responses))[:3]]
+    row["eval_seconds"] = round(time.perf_counter() - t0, 1)
+    msg = f"[{name}] " + ", ".join(f"harmful ({j}) {h['overall']['rate']:.3f}" for j, h in row["harmful"].items())
+    if "over_refusal" in row:
+        msg += f", over-refusal {row['over_refusal']['rate']:.3f}"
+    msg += "".join(f", {t} {u['rate']:.3f}" for t, u in row["utility"].items())
+    print(f"{msg} (n={len(prompts)}, {row['eval_seconds']:.0f} s)")
+    return row
+
+
+def judge_agreement(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Pairwise Cohen's κ and raw agreement of the judges over every judged response of every row."""
+    pooled: dict[str, list[bool]] = defaultdict(list)
+    for r in rows:
+        for j, bits in r.get("verdicts", {}).items():
+            pooled[j].extend(b == "1" for b in bits)
+    names = sorted(pooled)
+    out = {}
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            if len(pooled[a]) != len(pooled[b]):
+                continue
+            k = cohen_kappa(pooled[a], pooled[b])
+            agree = sum(x == y for x, y in zip(pooled[a], pooled[b]))
+            out[f"{a} vs {b}"] = {"kappa": None if k is None else round(k, 4),
+                                  "agreement": Rate(agree, len(pooled[a])).to_dict()}
+    return out

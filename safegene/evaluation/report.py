@@ -1,0 +1,216 @@
+"""results.md (the table) and report.html (figures, judge validation and agreement, timings, config, versions).
+
+Figures are PNGs embedded in the HTML, so the report is one self-contained file. Without matplotlib the report
+is written without figures and says so.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+from typing import Any
+
+from ..io import atomic_file, write_json
+
+
+def _rate(r: dict[str, Any] | None, ci: bool = True) -> str:
+    if not r:
+        return "-"
+    return f"{r['rate']:.3f} ({r['ci95'][0]:.2f}-{r['ci95'][1]:.2f})" if ci else f"{r['rate']:.3f}"
+
+
+def _row(rows: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
+    return next((r for r in rows if r["name"] == name), None)
+
+
+def recovery(rows: list[dict[str, Any]], row: dict[str, Any], judge: str) -> float | None:
+    """(HR_T − HR_method) / (HR_T − HR_A): the share of the safety lost by fine-tuning that a method gives back."""
+    if not row.get("task") or row.get("method") in (None, "undefended"):
+        return None
+    a, t = _row(rows, "A"), _row(rows, f"T[{row['task']}]")
+    if not a or not t:
+        return None
+    hr_a, hr_t = a["harmful"][judge]["overall"]["rate"], t["harmful"][judge]["overall"]["rate"]
+    hr_m = row["harmful"][judge]["overall"]["rate"]
+    return (hr_t - hr_m) / (hr_t - hr_a) if abs(hr_t - hr_a) > 1e-9 else None
+
+
+def table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    rows = results["rows"]
+    judges = list(rows[0]["harmful"])
+    tasks = results["config"]["tasks"]
+    labels = results.get("method_labels", {})
+    head = (["model"] + [f"harmful rate, {j} (95% CI)" for j in judges] + [f"recovered ({j})" for j in judges]
+            + ["over-refusal"] + [f"{t} accuracy" for t in tasks] + ["cost (s)"])
+    body = []
+    for r in rows:
+        name = r["name"]
+        if r.get("task") and r.get("method") not in ("undefended",):
+            name = f"T[{r['task']}] + {labels.get(r['method'], r['method'])}"
+        rec = [recovery(rows, r, j) for j in judges]
+        cells = [name] + [_rate(r["harmful"][j]["overall"]) for j in judges]
+        cells += ["-" if x is None else f"{x:.0%}" for x in rec]
+        cells.append(_rate(r.get("over_refusal"), ci=False))
+        cells += [_rate(r["utility"].get(t), ci=False) for t in tasks]
+        cells.append(f"{r['build_seconds']:.0f}" if r.get("build_seconds") is not None else "-")
+        body.append(cells)
+    return head, body
+
+
+def markdown(results: dict[str, Any]) -> str:
+    ev = results["eval"]
+    head, body = table_rows(results)
+    lines = [
+        f"model: {results['model']}; harmful prompts: {ev['harmful']} (n={ev['n_harmful']}, held out from all training); "
+        f"over-refusal: {ev['over_refusal']} (n={ev['n_over_refusal']}, refusal-phrase judge); task items: n={ev['n_task']}; "
+        f"SafeGene layers: {results['selected_layers']}",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    lines += ["| " + " | ".join(c) + " |" for c in body]
+    val = results["judges"].get("validation") or {}
+    if val:
+        lines += ["", "Judges against human labels (PyRIT scorer_evals, responses cut to their opening):", "",
+                  "| judge | accuracy (95% CI) | n | true-positive rate | true-negative rate | κ vs human | AUC |",
+                  "|---|---|---|---|---|---|---|"]
+        for j, v in val.items():
+            lines.append(f"| {j} | {_rate(v['accuracy'])} | {v['n']} | {v['true_positive_rate']['rate']:.3f} | "
+                         f"{v['true_negative_rate']['rate']:.3f} | {v['kappa_vs_human']} | {v['auc'] if v['auc'] is not None else '-'} |")
+    agree = results["judges"].get("agreement") or {}
+    if agree:
+        lines += ["", "Judge agreement on the benchmark's own responses:", ""]
+        for pair, a in agree.items():
+            lines.append(f"- {pair}: κ = {a['kappa']}, agreement {a['agreement']['rate']:.3f} (n={a['agreement']['n']})")
+    lines += ["", "Timings (s): " + ", ".join(f"{k[:-2]} {v:.0f}" for k, v in results["timings"].items())]
+    return "\n".join(lines)
+
+
+# --- figures ---------------------------------------------------------------------------------------------------
+
+
+def _png(fig: Any) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def scatter(results: dict[str, Any], judge: str) -> str:
+    """Safety–utility scatter, one panel per task: x = task accuracy, y = harmful rate, one point per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = results["config"]["tasks"]
+    labels = results.get("method_labels", {})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.6), squeeze=False)
+    a = _row(results["rows"], "A")
+    for ax, task in zip(axes[0], tasks):
+        pts = [r for r in results["rows"] if r.get("task") == task] + ([a] if a else [])
+        for r in pts:
+            u, h = r["utility"].get(task), r["harmful"][judge]["overall"]
+            if not u:
+                continue
+            label = "A (aligned)" if r["name"] == "A" else ("T (undefended)" if r["method"] == "undefended"
+                                                          else labels.get(r["method"], r["method"]))
+            marker = "*" if r.get("method") == "safegene" else ("s" if r["name"] == "A" else "o")
+            ax.errorbar(u["rate"], h["rate"], yerr=[[h["rate"] - h["ci95"][0]], [h["ci95"][1] - h["rate"]]],
+                        fmt=marker, markersize=12 if marker == "*" else 7, capsize=3, label=label)
+        ax.set_xlabel(f"{task} accuracy (n={results['eval']['n_task']})")
+        ax.set_ylabel(f"harmful rate, {judge} (n={results['eval']['n_harmful']})")
+        ax.set_title(f"T[{task}]: lower-right is better")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    return _png(fig)
+
+
+def category_bars(results: dict[str, Any], judge: str) -> str:
+    """Harmful rate by category for A, each T and each T + SafeGene."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    show = [r for r in results["rows"] if r["name"] == "A" or r.get("method") in ("undefended", "safegene")]
+    cats = sorted({c for r in show for c in r["harmful"][judge]["by_category"]})
+    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(cats) * max(1, len(show)) / 3), 4.5))
+    width = 0.8 / max(len(show), 1)
+    for i, r in enumerate(show):
+        by = r["harmful"][judge]["by_category"]
+        ax.bar([c + i * width for c in range(len(cats))], [by.get(c, {}).get("rate", 0) for c in cats], width,
+               label=r["name"] if r.get("method") != "safegene" else f"T[{r['task']}] + SafeGene")
+    ax.set_xticks([c + 0.4 - width / 2 for c in range(len(cats))])
+    ax.set_xticklabels([f"{c}\n(n={show[0]['harmful'][judge]['by_category'].get(c, {}).get('n', 0)})" for c in cats],
+                       rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(f"harmful rate ({judge})")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return _png(fig)
+
+
+def _html_table(head: list[str], body: list[list[str]]) -> str:
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    trs = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
+
+
+def render_html(results: dict[str, Any]) -> str:
+    judges = list(results["rows"][0]["harmful"])
+    figures = []
+    try:
+        for j in judges:
+            figures.append((f"Safety vs utility ({j})", scatter(results, j)))
+        figures.append((f"Harmful rate by category ({judges[0]})", category_bars(results, judges[0])))
+        fig_note = ""
+    except ImportError:
+        fig_note = "<p><em>matplotlib is not installed: figures left out (pip install matplotlib).</em></p>"
+    head, body = table_rows(results)
+    val = results["judges"].get("validation") or {}
+    vhead = ["judge", "accuracy (95% CI)", "n", "true-positive rate", "true-negative rate", "κ vs human", "AUC", "s / item"]
+    vbody = [[j, _rate(v["accuracy"]), str(v["n"]), f"{v['true_positive_rate']['rate']:.3f}",
+              f"{v['true_negative_rate']['rate']:.3f}", str(v["kappa_vs_human"]), str(v["auc"] or "-"),
+              f"{v['seconds_per_item']:.3f}"] for j, v in val.items()]
+    agree = results["judges"].get("agreement") or {}
+    abody = [[p, str(a["kappa"]), _rate(a["agreement"]), str(a["agreement"]["n"])] for p, a in agree.items()]
+    tbody = [[k[:-2] if k.endswith("_s") else k, f"{v:.1f}"] for k, v in results["timings"].items()]
+    md_intro = markdown(results).split("\n")[0]
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>safegene benchmark</title><style>",
+        "body{font-family:system-ui,sans-serif;margin:2em;max-width:1300px}table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px;text-align:left}th{background:#f3f3f3}"
+        "pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:12px}img{max-width:100%}",
+        "</style></head><body><h1>safegene benchmark</h1>",
+        f"<p>{html.escape(md_intro)}</p>",
+        "<h2>Results</h2>", _html_table(head, body),
+        "<p>recovered = (HR<sub>T</sub> − HR<sub>method</sub>) / (HR<sub>T</sub> − HR<sub>A</sub>); cost = seconds to "
+        "build the method's update for this task model (SafeGene's extraction and selection are paid once per family: "
+        "see timings).</p>",
+        fig_note,
+    ]
+    for title, png in figures:
+        parts += [f"<h2>{html.escape(title)}</h2>", f"<img src='data:image/png;base64,{png}'>"]
+    parts += ["<h2>Judges against human labels</h2>", _html_table(vhead, vbody) if vbody else "<p>not run</p>",
+              "<h2>Judge agreement on these responses</h2>",
+              _html_table(["judges", "Cohen's κ", "agreement", "n"], abody) if abody else "<p>one judge only</p>",
+              "<h2>Timings (s)</h2>", _html_table(["stage", "seconds"], tbody),
+              "<h2>Config</h2>", f"<pre>{html.escape(results.get('config_yaml', ''))}</pre>",
+              "<h2>Versions</h2>", f"<pre>{html.escape(str(results.get('versions', {})))}</pre>",
+              "</body></html>"]
+    return "\n".join(parts)
+
+
+def write_reports(results: dict[str, Any], out: Path) -> dict[str, Path]:
+    out = Path(out)
+    paths = {"json": out / "results.json", "md": out / "results.md", "html": out / "report.html"}
+    write_json(paths["json"], results)
+    with atomic_file(paths["md"]) as f:
+        f.write(markdown(results) + "\n")
+    with atomic_file(paths["html"]) as f:
+        f.write(render_html(results))
+    return paths

@@ -1,0 +1,74 @@
+"""`safegene bench` end to end on a tiny random model: every method and row, the reports, and resumption."""
+
+import json
+
+import pytest
+import yaml
+
+from safegene.bench import METHOD_LABELS
+from safegene.cli import main
+from safegene.config import BENCH_METHODS, BenchConfig, load_config
+from safegene.errors import ConfigError
+
+
+def _config(tiny_qwen, out) -> dict:
+    return {
+        "model": str(tiny_qwen), "output": str(out), "tasks": ["arithmetic"], "judges": ["refusal-phrase"],
+        "validate_judges": True, "n_harmful": 6, "over_refusal": "benign-sensitive", "n_over_refusal": 4,
+        "n_task": 4, "generation": {"max_new_tokens": 6, "batch_size": 8},
+        "train": {"batch_size": 2, "max_length": 48, "rank": 2, "alpha": 4, "learning_rate": 5e-3},
+        "degrade_examples": 4, "degrade_steps": 2, "task_examples": 4, "task_steps": 2, "select_prompts": 3,
+        "top_k": 1, "shots": 2, "recal_steps": 2, "realign_steps": 1,
+    }
+
+
+def test_bench_runs_every_method_and_resumes(tiny_qwen, tmp_path, capsys):
+    out = tmp_path / "bench"
+    cfg_path = tmp_path / "bench.yaml"
+    cfg_path.write_text(yaml.safe_dump(_config(tiny_qwen, out)))
+    assert main(["bench", str(cfg_path)]) == 0
+    first = capsys.readouterr().out
+    res = json.loads((out / "results.json").read_text())
+    names = [r["name"] for r in res["rows"]]
+    assert names == ["A", "D", "T[arithmetic]"] + [f"T[arithmetic]+{METHOD_LABELS[m]}" for m in BENCH_METHODS]
+    for r in res["rows"]:
+        h = r["harmful"]["refusal-phrase"]
+        assert h["overall"]["n"] == 6 and sum(c["n"] for c in h["by_category"].values()) == 6
+        assert len(r["verdicts"]["refusal-phrase"]) == 6
+        assert h["overall"]["k"] == r["verdicts"]["refusal-phrase"].count("1")
+        if r["name"] != "D":
+            assert r["over_refusal"]["n"] == 4 and r["over_refusal"]["source"] == "benign-sensitive"
+    assert res["rows"][0]["utility"]["arithmetic"]["n"] == 4
+    by = {r["method"]: r for r in res["rows"]}
+    assert by["safegene"]["layers"] == res["selected_layers"] and len(res["selected_layers"]) == 1
+    assert by["safegene-alpha1"]["coefficients"] == {str(res["selected_layers"][0]): 1.0}
+    assert len(by["safegene-all-layers"]["layers"]) == 2
+    assert len(set(by["resta"]["coefficients"].values())) == 1  # one global coefficient
+    assert all(by[m]["build_seconds"] is not None for m in BENCH_METHODS)
+    assert res["judges"]["validation"]["refusal-phrase"]["n"] >= 300
+    for k in ("degrade_s", "finetune_arithmetic_s", "extract_s", "select_s", "safegene_arithmetic_s",
+              "realign_arithmetic_s", "total_s"):
+        assert k in res["timings"]
+    md = (out / "results.md").read_text()
+    assert "| T[arithmetic] + SafeGene |" in md and "over-refusal" in md and "κ vs human" in md
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 2 and "Safe LoRA" in html and "model: " + str(tiny_qwen) in html
+    assert "[extract] ->" in first
+
+    # a second run reuses every stage and every stored generation
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "responses").glob("*.jsonl")}
+    assert len(stamps) == 2 * 10 - 1  # harmful for 10 rows, over-refusal for all but D
+    assert main(["bench", str(cfg_path)]) == 0
+    second = capsys.readouterr().out
+    assert "training ->" not in second and "[extract] reusing" in second and "[safegene arithmetic] reusing" in second
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "responses").glob("*.jsonl")} == stamps
+    assert json.loads((out / "results.json").read_text())["rows"][3]["harmful"] == res["rows"][3]["harmful"]
+
+
+def test_bench_config_rejects_unknown_method(tmp_path):
+    with pytest.raises(ConfigError, match="unknown method"):
+        BenchConfig(methods=["safegene", "magic"])
+    p = tmp_path / "c.yaml"
+    p.write_text("n_harmful: 3\nprojection: {fraction: 0.25}\n")
+    cfg = load_config(BenchConfig, p)
+    assert cfg.n_harmful == 3 and cfg.projection.fraction == 0.25 and cfg.projection.merge_weight == 0.5
