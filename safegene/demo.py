@@ -21,8 +21,8 @@ def preset(quick: bool, output: str | Path = "runs/demo", model: str | None = No
     tasks = ["arithmetic", "sst2" if shared_data_dir() else "gsm8k-100"]
     common = dict(model=model or DEFAULT_MODEL, output=str(output), projection=ProjectionBaselineConfig())
     if quick:
-        return BenchConfig(**common, tasks=tasks[:1], n_harmful=24, n_over_refusal=16, n_task=24,
-                           generation=GenerationConfig(max_new_tokens=32, batch_size=24),
+        return BenchConfig(**common, tasks=tasks[:1], n_harmful=16, n_over_refusal=8, n_task=16,
+                           generation=GenerationConfig(max_new_tokens=32, batch_size=16),
                            train=LoraTrainConfig(learning_rate=4e-4), degrade_examples=40, degrade_steps=10,
                            task_examples=40, task_steps=10, select_prompts=12, shots=16, recal_steps=8,
                            realign_steps=8)
