@@ -117,6 +117,8 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     from .evaluation.report import write_reports
     from .selection import plot_layer_scores, select_layers
 
+    for task in cfg.tasks:  # fail on a misspelt task before an hour of work, not after
+        get_task(task).load("test", n=1)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     responses = out / "responses"

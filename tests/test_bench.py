@@ -72,3 +72,12 @@ def test_bench_config_rejects_unknown_method(tmp_path):
     p.write_text("n_harmful: 3\nprojection: {fraction: 0.25}\n")
     cfg = load_config(BenchConfig, p)
     assert cfg.n_harmful == 3 and cfg.projection.fraction == 0.25 and cfg.projection.merge_weight == 0.5
+
+
+def test_bench_fails_early_on_unknown_task(tmp_path):
+    from safegene.bench import run_bench
+    from safegene.errors import DataError
+
+    with pytest.raises((DataError, ConfigError), match="sst3"):
+        run_bench(BenchConfig(tasks=["sst3"], output=str(tmp_path / "b")))
+    assert not (tmp_path / "b").exists()  # nothing written
