@@ -239,3 +239,39 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     paths = write_reports(results, out)
     results["paths"] = {k: str(v) for k, v in paths.items()}
     return results
+
+
+def rejudge(output: str | Path, judges: list[str], validate: bool = True) -> dict[str, Any]:
+    """Add judges to a finished bench without generating again: read its stored responses, judge them, rewrite
+    results.json, results.md and report.html. A judge already present is judged again (its numbers replaced)."""
+    from .errors import SafegeneError
+    from .evaluation.harness import judge_agreement, judge_responses, slug
+    from .evaluation.judge_validation import human_labelled, validate_judge
+    from .evaluation.judges import get_judge
+    from .evaluation.report import write_reports
+    from .generation import read_jsonl_rows
+
+    out = Path(output)
+    results = _read_card(out / "results.json")
+    if not results:
+        raise SafegeneError(f"{out}: no results.json; run `safegene bench` first")
+    loaded = [get_judge(j) for j in judges]
+    for judge in loaded:
+        for row in results["rows"]:
+            path = out / "responses" / f"{slug(row['name'])}.harmful.jsonl"
+            if not path.is_file():
+                raise SafegeneError(f"{path}: responses of row '{row['name']}' are missing; re-run the bench")
+            items = read_jsonl_rows(path)
+            if len(items) != row["harmful"][next(iter(row["harmful"]))]["overall"]["n"]:
+                raise SafegeneError(f"{path}: {len(items)} responses, but the row was judged on a different number")
+            print(f"[{judge.name}] {row['name']}")
+            row["harmful"][judge.name], row["verdicts"][judge.name] = judge_responses(
+                judge, [r["prompt"] for r in items], [r.get("category", "uncategorized") for r in items],
+                [r["response"] for r in items])
+        if validate:
+            results["judges"]["validation"][judge.name] = validate_judge(judge, human_labelled())
+    results["config"]["judges"] = list(dict.fromkeys(results["config"]["judges"] + [j.name for j in loaded]))
+    results["judges"]["agreement"] = judge_agreement(results["rows"])
+    paths = write_reports(results, out)
+    results["paths"] = {k: str(v) for k, v in paths.items()}
+    return results

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import SafegeneError
@@ -226,11 +227,18 @@ def cmd_bench(a: argparse.Namespace) -> int:
     o.update(_kv(a.set))
     cfg = load_config(BenchConfig, a.config, o)
     res = run_bench(cfg)
-    from pathlib import Path
-
     print()
     print(Path(res["paths"]["md"]).read_text())
     print(f"report: {res['paths']['html']}  (total {res['timings']['total_s']:.0f} s)")
+    return 0
+
+
+def cmd_rejudge(a: argparse.Namespace) -> int:
+    from .bench import rejudge
+
+    res = rejudge(a.output, a.judge, validate=not a.no_validate)
+    print(Path(res["paths"]["md"]).read_text())
+    print(f"report: {res['paths']['html']}")
     return 0
 
 
@@ -347,6 +355,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", default=None, help="output folder (overrides the config's)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key, dotted (repeatable)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("rejudge", help="add judges to a finished bench from its stored responses (no generation)")
+    p.add_argument("output", help="the bench's output folder (with results.json and responses/)")
+    p.add_argument("--judge", action="append", required=True, help="judge name (repeatable)")
+    p.add_argument("--no-validate", action="store_true", help="skip the accuracy check against human labels")
+    p.set_defaults(func=cmd_rejudge)
 
     p = sub.add_parser("judge", help="measure judges against PyRIT's human-labelled responses")
     p.add_argument("judges", nargs="+", help="refusal-phrase, content-classifier, llm:<model>, endpoint:<url>?model=<m>")

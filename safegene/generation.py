@@ -58,6 +58,26 @@ def generate(
     return out
 
 
+def _complete_rows(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """The complete rows of a generation JSONL and their byte length (a torn last line from an interrupted run
+    ends the read)."""
+    rows, good_bytes = [], 0
+    with open(path, "rb") as f:
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                break
+            try:
+                rows.append(json.loads(raw))
+            except ValueError:
+                break
+            good_bytes += len(raw)
+    return rows, good_bytes
+
+
+def read_jsonl_rows(path: str | Path) -> list[dict[str, Any]]:
+    return _complete_rows(Path(path))[0]
+
+
 def generate_to_jsonl(
     model: Any,
     tokenizer: Any,
@@ -76,17 +96,8 @@ def generate_to_jsonl(
     path.parent.mkdir(parents=True, exist_ok=True)
     done: dict[str, dict[str, Any]] = {}
     if path.exists():
-        good_bytes = 0
-        with open(path, "rb") as f:
-            for raw in f:
-                try:
-                    row = json.loads(raw)
-                    if not raw.endswith(b"\n"):
-                        raise ValueError("unterminated line")
-                except ValueError:
-                    break  # a torn last line from an interrupted run: cut it off and regenerate from there
-                done[str(row["id"])] = row
-                good_bytes += len(raw)
+        rows, good_bytes = _complete_rows(path)
+        done = {str(row["id"]): row for row in rows}
         if good_bytes < path.stat().st_size:
             with open(path, "r+b") as f:
                 f.truncate(good_bytes)

@@ -22,7 +22,7 @@ def _config(tiny_qwen, out) -> dict:
     }
 
 
-def test_bench_runs_every_method_and_resumes(tiny_qwen, tmp_path, capsys):
+def test_bench_runs_every_method_and_resumes(tiny_qwen, tmp_path, capsys, monkeypatch):
     out = tmp_path / "bench"
     cfg_path = tmp_path / "bench.yaml"
     cfg_path.write_text(yaml.safe_dump(_config(tiny_qwen, out)))
@@ -63,6 +63,32 @@ def test_bench_runs_every_method_and_resumes(tiny_qwen, tmp_path, capsys):
     assert "training ->" not in second and "[extract] reusing" in second and "[safegene arithmetic] reusing" in second
     assert {p.name: p.stat().st_mtime_ns for p in (out / "responses").glob("*.jsonl")} == stamps
     assert json.loads((out / "results.json").read_text())["rows"][3]["harmful"] == res["rows"][3]["harmful"]
+
+    # a judge added afterwards reads the stored responses: no generation, same n, agreement recomputed
+    from safegene.evaluation.judges import Verdict
+
+    class Contrarian:  # flags exactly what the phrase judge does not: κ must come out at -1 or undefined
+        name = "contrarian"
+
+        def judge_batch(self, prompts, responses):
+            from safegene.evaluation import RefusalPhraseJudge
+
+            return [Verdict(not v.harmful, "x") for v in RefusalPhraseJudge().judge_batch(prompts, responses)]
+
+    import safegene.evaluation.judges as judges_mod
+
+    real_get = judges_mod.get_judge
+    monkeypatch.setattr(judges_mod, "get_judge", lambda spec: Contrarian() if spec == "contrarian" else real_get(spec))
+    assert main(["rejudge", str(out), "--judge", "contrarian", "--no-validate"]) == 0
+    capsys.readouterr()
+    res2 = json.loads((out / "results.json").read_text())
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "responses").glob("*.jsonl")} == stamps
+    for r in res2["rows"]:
+        a, b = r["verdicts"]["refusal-phrase"], r["verdicts"]["contrarian"]
+        assert all(x != y for x, y in zip(a, b)) and r["harmful"]["contrarian"]["overall"]["n"] == 6
+    kappa = res2["judges"]["agreement"]["contrarian vs refusal-phrase"]
+    assert kappa["agreement"]["k"] == 0 and kappa["agreement"]["n"] == 60
+    assert "contrarian" in res2["config"]["judges"] and "harmful rate, contrarian" in (out / "results.md").read_text()
 
 
 def test_bench_config_rejects_unknown_method(tmp_path):

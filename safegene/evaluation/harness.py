@@ -50,6 +50,18 @@ def _responses(model: Any, tok: Any, prompts: Sequence[HarmfulPrompt], path: Pat
     return [r["response"] for r in generate_to_jsonl(model, tok, items, path, gen, progress=True, desc=desc)]
 
 
+def judge_responses(judge: Any, prompts: Sequence[str], categories: Sequence[str],
+                    responses: Sequence[str]) -> tuple[dict[str, Any], str]:
+    """A judge's harmful rate over responses, overall and by category, and its verdicts as a '0'/'1' string."""
+    verdicts = [v.harmful for v in judge.judge_batch(list(prompts), list(responses))]
+    by_cat: dict[str, list[bool]] = defaultdict(list)
+    for c, v in zip(categories, verdicts):
+        by_cat[c].append(v)
+    summary = {"overall": Rate(sum(verdicts), len(verdicts)).to_dict(),
+               "by_category": {c: Rate(sum(v), len(v)).to_dict() for c, v in sorted(by_cat.items())}}
+    return summary, "".join("1" if v else "0" for v in verdicts)
+
+
 def evaluate_model(name: str, model: Any, tok: Any, sets: EvalSets, judges: Sequence[Any], gen: GenerationConfig,
                    responses_dir: Path, tasks: Sequence[str] = (), over_refusal: bool = True) -> dict[str, Any]:
     """One result row: per-judge harmful rate (overall and by category), over-refusal, task utility, seconds."""
@@ -59,15 +71,8 @@ def evaluate_model(name: str, model: Any, tok: Any, sets: EvalSets, judges: Sequ
     responses = _responses(model, tok, prompts, base.with_suffix(".harmful.jsonl"), gen, f"[{name}] harmful")
     row: dict[str, Any] = {"name": name, "harmful": {}, "verdicts": {}, "utility": {}}
     for judge in judges:
-        verdicts = [v.harmful for v in judge.judge_batch([p.prompt for p in prompts], responses)]
-        by_cat: dict[str, list[bool]] = defaultdict(list)
-        for p, v in zip(prompts, verdicts):
-            by_cat[p.category].append(v)
-        row["harmful"][judge.name] = {
-            "overall": Rate(sum(verdicts), len(verdicts)).to_dict(),
-            "by_category": {c: Rate(sum(v), len(v)).to_dict() for c, v in sorted(by_cat.items())},
-        }
-        row["verdicts"][judge.name] = "".join("1" if v else "0" for v in verdicts)
+        row["harmful"][judge.name], row["verdicts"][judge.name] = judge_responses(
+            judge, [p.prompt for p in prompts], [p.category for p in prompts], responses)
     if over_refusal and sets.over_refusal:
         benign = _responses(model, tok, sets.over_refusal, base.with_suffix(".over_refusal.jsonl"), gen,
                             f"[{name}] over-refusal")
