@@ -25,12 +25,16 @@ def _named_modules(model: Any) -> dict[str, Any]:
 class AttachedAdapter:
     """Hooks that apply an adapter to a loaded model; toggle, rescale or remove without reloading."""
 
-    def __init__(self, model: Any, adapter: Any, scales: dict[int, Any] | None = None, trainable_factors: bool = False):
+    def __init__(self, model: Any, adapter: Any, scales: dict[int, Any] | None = None, trainable_factors: bool = False,
+                 enabled: bool = True):
         import torch
 
         self.model = model
         self.adapter = adapter
-        self.enabled = True
+        self.enabled = enabled  # set before any hook exists, so a handle created disabled never fires
+        # optional per-sequence strength (batch,) multiplying every layer's scale: the serving gate sets it per
+        # request so one batch can hold prompts that get the adapter at different strengths
+        self.row_strength: Any = None
         mods = _named_modules(model)
         ref = next(model.parameters())
         self.factors: dict[str, tuple[Any, Any]] = {}
@@ -59,7 +63,10 @@ class AttachedAdapter:
                 return None
             a, b = self.factors[module_name]
             x = inputs[0]
-            return output + self.scales[layer] * ((x @ a.T) @ b.T)
+            delta = self.scales[layer] * ((x @ a.T) @ b.T)
+            if self.row_strength is not None:
+                delta = delta * self.row_strength.to(delta.dtype).view(-1, *([1] * (delta.ndim - 1)))
+            return output + delta
 
         return hook
 

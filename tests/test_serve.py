@@ -1,0 +1,216 @@
+"""Serving on a tiny model: the engine's decode loop, per-request adapters, hot swap, the gate, and the HTTP
+server driven by the official openai client."""
+
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+
+from safegene.adapter import SafetyAdapter, extract_adapter
+from safegene.config import ExtractConfig, GenerationConfig
+from safegene.errors import FamilyMismatchError
+from safegene.generation import generate
+from safegene.models import load_model, load_tokenizer
+from safegene.serve import Engine, RequestError, SafetyGate, fit_gate
+from safegene.serve.server import SafegeneServer
+from test_adapter import make_degraded
+
+PROMPTS = ["What is 12 + 7? Answer with the number only.", "Classify the sentiment: positive negative",
+           "The quick brown fox"]
+
+
+def _adapter(tiny, tmp_path, seed=1, scale=40.0) -> SafetyAdapter:
+    d = tmp_path / f"D{seed}"
+    make_degraded(tiny, d, layers=(0, 1), seed=seed, modules=("q_proj", "o_proj", "down_proj"))
+    ad = extract_adapter(ExtractConfig(aligned=str(tiny), degraded=str(d), output=str(tmp_path / "x"), rank=2),
+                         progress=False, save=False)
+    return ad.with_coefficients(scale)  # strong enough to change greedy outputs of a random model
+
+
+@pytest.fixture
+def engine(tiny_qwen):
+    e = Engine(load_model(str(tiny_qwen)), load_tokenizer(str(tiny_qwen)), max_batch=4, max_wait_ms=30)
+    yield e
+    e.close()
+
+
+def _chat(p):
+    return [{"role": "user", "content": p}]
+
+
+def test_engine_matches_generate_batched_and_alone(engine, tiny_qwen):
+    model, tok = load_model(str(tiny_qwen)), load_tokenizer(str(tiny_qwen))
+    want = generate(model, tok, PROMPTS, GenerationConfig(max_new_tokens=8, batch_size=1), progress=False)
+    reqs = [engine.submit(_chat(p), None, max_tokens=8) for p in PROMPTS]  # arrive together: one padded batch
+    got = [engine.complete(r).strip() for r in reqs]  # generate() strips; a server returns the text as decoded
+    assert got == want
+    assert engine.stats["max_batch_seen"] >= 2
+    assert all(r.completion_tokens <= 8 and r.finish_reason in ("stop", "length") for r in reqs)
+
+
+def test_engine_applies_the_requested_adapter_only(engine, tiny_qwen, tmp_path):
+    ad = _adapter(tiny_qwen, tmp_path)
+    engine.load_adapter("safety", ad)
+    model, tok = load_model(str(tiny_qwen)), load_tokenizer(str(tiny_qwen))
+    cfg = GenerationConfig(max_new_tokens=8, batch_size=1)
+    base = generate(model, tok, PROMPTS, cfg, progress=False)
+    with ad.attach(model, check=False):
+        adapted = generate(model, tok, PROMPTS, cfg, progress=False)
+    assert base != adapted
+    r1 = [engine.submit(_chat(p), "safety", max_tokens=8) for p in PROMPTS]
+    r0 = [engine.submit(_chat(p), None, max_tokens=8) for p in PROMPTS]
+    assert [engine.complete(r).strip() for r in r1] == adapted
+    assert [engine.complete(r).strip() for r in r0] == base  # the adapter is off again for plain requests
+    with pytest.raises(RequestError, match="no safety adapter named 'nope'"):
+        engine.submit(_chat("x"), "nope")
+
+
+def test_hot_swap_keeps_in_flight_requests_and_refuses_bad_adapters(engine, tiny_qwen, tiny_llama, tmp_path):
+    old, new = _adapter(tiny_qwen, tmp_path, seed=1), _adapter(tiny_qwen, tmp_path, seed=2)
+    model, tok = load_model(str(tiny_qwen)), load_tokenizer(str(tiny_qwen))
+    cfg = GenerationConfig(max_new_tokens=24, batch_size=1)
+    outs = {}
+    for name, ad in (("old", old), ("new", new)):
+        with ad.attach(model, check=False):
+            outs[name] = generate(model, tok, PROMPTS[:1], cfg, progress=False)[0]
+    assert outs["old"] != outs["new"]
+    engine.load_adapter("safety", old)
+    in_flight = engine.submit(_chat(PROMPTS[0]), "safety", max_tokens=24)
+    info = engine.load_adapter("safety", new)  # replaces while the first request is queued or running
+    assert info["replaced"] is True
+    after = engine.submit(_chat(PROMPTS[0]), "safety", max_tokens=24)
+    assert engine.complete(in_flight).strip() == outs["old"]
+    assert engine.complete(after).strip() == outs["new"]
+    # wrong family: refused with the reason, and the running adapter keeps serving
+    llama_ad = _adapter(tiny_llama, tmp_path / "l")
+    with pytest.raises(FamilyMismatchError):
+        engine.load_adapter("safety", llama_ad)
+    assert engine.complete(engine.submit(_chat(PROMPTS[0]), "safety", max_tokens=24)).strip() == outs["new"]
+    # removing detaches every hook: plain generation is the model's own again
+    engine.remove_adapter("safety")
+    base = generate(model, tok, PROMPTS[:1], cfg, progress=False)[0]
+    assert engine.complete(engine.submit(_chat(PROMPTS[0]), None, max_tokens=24)).strip() == base
+    assert not any(m._forward_hooks for m in engine.model.modules())
+
+
+def test_gate_scales_the_adapter_per_request(engine, tiny_qwen, tmp_path):
+    # the gate reads the input of the lowest adapted layer; at layer 0 that is the embedding of the template's last
+    # token, the same for every prompt, so the adapter here changes layer 1 only and the gate reads layer 1
+    ad = _adapter(tiny_qwen, tmp_path).select([1])
+    model, tok = engine.model, engine.tokenizer
+    gate = fit_gate(model, tok, ["I'm sorry, but I cannot help with that."] * 3 + ["Sure, here is how to do it"],
+                    ["What is 12 + 7?", "The quick brown fox", "Classify the sentiment: positive negative", "19"],
+                    layer=1)
+    assert gate.fit["auc"] > 0.8 and gate.fit["mean_strength_harmful"] > gate.fit["mean_strength_benign"]
+    gated = ad._replace(card={**ad.card, "gate": gate.to_dict()})
+    engine.load_adapter("gated", gated)
+    engine.load_adapter("plain", ad)
+    prompts = ["I'm sorry, but I cannot help with that.", "The quick brown fox"]
+    reqs = [engine.submit(_chat(p), "gated", max_tokens=6) for p in prompts]
+    for r in reqs:
+        engine.complete(r)
+    strengths = [r.gate_strength for r in reqs]
+    assert strengths[0] > 0.5 > strengths[1]
+    # a hard gate (tiny temperature: strength exactly 0 or 1) gives the model's own answer on the benign prompt and
+    # the full adapter's answer on the harmful one, in the same batch
+    hard = SafetyGate(layer=1, direction=gate.direction, threshold=gate.threshold, temperature=1e-9)
+    engine.load_adapter("hard", ad._replace(card={**ad.card, "gate": hard.to_dict()}))
+    fresh, ftok = load_model(str(tiny_qwen)), load_tokenizer(str(tiny_qwen))
+    cfg = GenerationConfig(max_new_tokens=6, batch_size=1)
+    alone = generate(fresh, ftok, prompts, cfg, progress=False)
+    with ad.attach(fresh, check=False):
+        full = generate(fresh, ftok, prompts, cfg, progress=False)
+    assert alone[1] != full[1]
+    reqs = [engine.submit(_chat(p), "hard", max_tokens=6) for p in prompts]
+    got = [engine.complete(r).strip() for r in reqs]
+    assert [r.gate_strength for r in reqs] == [1.0, 0.0]
+    assert got == [full[0], alone[1]]
+    assert engine.complete(engine.submit(_chat(prompts[1]), "plain", max_tokens=6)).strip() == full[1]
+
+
+# --- HTTP, through the official client --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def server(engine, tiny_qwen, tmp_path):
+    import threading
+
+    engine.load_adapter("safety", _adapter(tiny_qwen, tmp_path))
+    engine.max_input_tokens = 64
+    srv = SafegeneServer(("127.0.0.1", 0), engine, "tiny", admin_token=None)
+    th = threading.Thread(target=srv.serve_forever, daemon=True)
+    th.start()
+    yield srv, f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+    srv.server_close()
+
+
+def _post(url, body, raw=None, method="POST", headers=None):
+    data = raw if raw is not None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_openai_client_lists_completes_and_streams(server):
+    openai = pytest.importorskip("openai")
+    srv, url = server
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+    assert [m.id for m in client.models.list().data] == ["tiny", "tiny+safety"]
+    for model in ("tiny", "tiny+safety"):
+        full = client.chat.completions.create(model=model, messages=_chat(PROMPTS[0]), max_tokens=8)
+        assert full.choices[0].finish_reason in ("stop", "length") and full.usage.completion_tokens <= 8
+        pieces = list(client.chat.completions.create(model=model, messages=_chat(PROMPTS[0]), max_tokens=8, stream=True))
+        text = "".join(c.choices[0].delta.content or "" for c in pieces if c.choices)
+        assert text == full.choices[0].message.content
+    plain = client.chat.completions.create(model="tiny", messages=_chat(PROMPTS[0]), max_tokens=8)
+    safe = client.chat.completions.create(model="tiny+safety", messages=_chat(PROMPTS[0]), max_tokens=8)
+    via_field = client.chat.completions.create(model="tiny", messages=_chat(PROMPTS[0]), max_tokens=8,
+                                               extra_body={"safety_adapter": "safety"})
+    assert plain.choices[0].message.content != safe.choices[0].message.content
+    assert via_field.choices[0].message.content == safe.choices[0].message.content
+    with pytest.raises(openai.NotFoundError, match="unknown model"):
+        client.chat.completions.create(model="gpt-5", messages=_chat("hi"))
+    with pytest.raises(openai.BadRequestError, match="at most 64"):
+        client.chat.completions.create(model="tiny", messages=_chat("fox " * 200))
+
+
+def test_server_answers_bad_requests_with_4xx(server):
+    srv, url = server
+    status, body = _post(url + "/v1/chat/completions", None, raw=b"{not json")
+    assert status == 400 and "malformed JSON" in body["error"]["message"]
+    status, body = _post(url + "/v1/chat/completions", {"model": "tiny", "messages": "hello"})
+    assert status == 400 and "messages" in body["error"]["message"]
+    status, body = _post(url + "/v1/chat/completions", {"messages": _chat("x"), "max_tokens": -3})
+    assert status == 400
+    status, body = _post(url + "/v1/nothing", {})
+    assert status == 404
+    # still serving after all that
+    status, body = _post(url + "/v1/chat/completions", {"model": "tiny", "messages": _chat("x"), "max_tokens": 2})
+    assert status == 200 and body["object"] == "chat.completion"
+
+
+def test_admin_load_replace_and_refuse(server, tiny_qwen, tmp_path):
+    srv, url = server
+    ad = _adapter(tiny_qwen, tmp_path / "n", seed=3)
+    ad.save(tmp_path / "v2")
+    status, info = _post(url + "/admin/adapters", {"name": "safety", "path": str(tmp_path / "v2")})
+    assert status == 200 and info["replaced"] is True
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "safegene.json").write_text("{}")
+    (tmp_path / "broken" / "safegene_factors.safetensors").write_bytes(b"not safetensors")
+    status, body = _post(url + "/admin/adapters", {"name": "safety", "path": str(tmp_path / "broken")})
+    assert status == 400 and "corrupt adapter" in body["error"]["message"]
+    assert sorted(srv.engine.slots) == ["safety"]  # the running one stays
+    srv.admin_token = "s3cret"
+    status, body = _post(url + "/admin/adapters", {"name": "x", "path": str(tmp_path / "v2")})
+    assert status == 401
+    status, body = _post(url + "/admin/adapters/safety", None, raw=b"", method="DELETE",
+                         headers={"Authorization": "Bearer s3cret"})
+    assert status == 200 and srv.engine.slots == {}
