@@ -242,6 +242,40 @@ def cmd_rejudge(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gate(a: argparse.Namespace) -> int:
+    from .adapter import SafetyAdapter
+    from .config import GateConfig, load_config
+    from .serve.gate import gate_adapter
+
+    o = {"model": a.model, "layer": a.layer}
+    o.update(_kv(a.set))
+    cfg = load_config(GateConfig, a.config, o)
+    out = gate_adapter(SafetyAdapter.load(a.adapter), cfg)
+    out.save(a.output, overwrite=a.overwrite)
+    g = out.card["gate"]
+    print(f"gate: wrote {a.output}: layer {g['layer']}, separation AUC {g['fit']['auc']:.3f} on the fitting prompts, "
+          f"mean strength harmful {g['fit']['mean_strength_harmful']:.2f} / benign {g['fit']['mean_strength_benign']:.2f}")
+    return 0
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    import os
+
+    from .serve import serve
+
+    adapters = {}
+    for item in a.adapter or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise SafegeneError(f"--adapter expects NAME=PATH, got '{item}'")
+        adapters[name] = path
+    token = os.environ.get(a.admin_token_env) or None
+    print(f"serving {a.model} on http://{a.host}:{a.port}/v1 (adapters: {', '.join(adapters) or 'none'})", flush=True)
+    serve(a.model, adapters, host=a.host, port=a.port, admin_token=token, model_name=a.name,
+          max_batch=a.max_batch, max_input_tokens=a.max_input_tokens, use_gate=not a.no_gate)
+    return 0
+
+
 def cmd_judge(a: argparse.Namespace) -> int:
     from .evaluation.judge_validation import human_labelled, validate_judge
     from .evaluation.judges import get_judge
@@ -355,6 +389,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", default=None, help="output folder (overrides the config's)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key, dotted (repeatable)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("gate", help="fit the adaptive gate of an adapter on the model it will serve with")
+    p.add_argument("--adapter", required=True, help="adapter folder (usually a calibrated one)")
+    p.add_argument("--model", help="the served model T")
+    p.add_argument("--layer", type=int, help="layer whose input the gate reads (default: the adapter's lowest)")
+    p.add_argument("--output", "-o", required=True, help="output adapter folder (the adapter plus its gate)")
+    p.add_argument("--config", help="YAML with GateConfig keys")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_gate)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible server with per-request safety adapters and hot swap")
+    p.add_argument("--model", required=True, help="model to serve (loaded once)")
+    p.add_argument("--adapter", action="append", metavar="NAME=PATH", help="safety adapter to attach (repeatable)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--name", help="model id clients use (default: the model folder's name)")
+    p.add_argument("--admin-token-env", default="SAFEGENE_ADMIN_TOKEN",
+                   help="environment variable holding the admin token (needed for admin calls from other hosts)")
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--max-input-tokens", type=int, default=2048)
+    p.add_argument("--no-gate", action="store_true", help="ignore adapters' gates (always full strength)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("rejudge", help="add judges to a finished bench from its stored responses (no generation)")
     p.add_argument("output", help="the bench's output folder (with results.json and responses/)")

@@ -409,3 +409,25 @@ class BenchConfig:
         _check(min(self.n_harmful, self.n_task, self.shots) >= 1, "n_harmful, n_task and shots must be >= 1")
         _check(self.n_over_refusal >= 0, "n_over_refusal must be >= 0")
         _check(0 <= self.poison_ratio < 1, f"poison_ratio must be in [0, 1), got {self.poison_ratio}")
+
+
+@dataclass
+class GateConfig:
+    """Fit the adaptive gate of a (calibrated) adapter on the model it will serve with."""
+
+    model: str = opt("runs/task-model", "the served model T (the gate reads its hidden states)")
+    harmful: str = opt("harmful-pairs", "harmful prompts (disjoint from evaluation prompts)")
+    benign: list[str] = opt(["arithmetic", "depresso"], "benign prompt sources: task names, benign sets or files "
+                            "(the traffic whose utility the gate should keep)")
+    n_harmful: int = opt(32, "harmful prompts")
+    n_benign: int = opt(32, "benign prompts, split over the sources")
+    layer: int | None = opt(None, "layer whose input the gate reads; default: the adapter's lowest layer")
+    floor: float = opt(0.0, "minimum strength on any prompt")
+    sharpness: float = opt(2.0, "temperature = projected spread / sharpness (higher: closer to on/off)")
+    seed: int = opt(0, "sampling seed")
+
+    def __post_init__(self) -> None:
+        _check(self.n_harmful >= 2 and self.n_benign >= 2, "need at least 2 harmful and 2 benign prompts")
+        _check(bool(self.benign), "benign must name at least one source")
+        _check(0 <= self.floor < 1, f"floor must be in [0, 1), got {self.floor}")
+        _check(self.sharpness > 0, "sharpness must be > 0")

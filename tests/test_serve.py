@@ -214,3 +214,45 @@ def test_admin_load_replace_and_refuse(server, tiny_qwen, tmp_path):
     status, body = _post(url + "/admin/adapters/safety", None, raw=b"", method="DELETE",
                          headers={"Authorization": "Bearer s3cret"})
     assert status == 200 and srv.engine.slots == {}
+
+
+def test_cli_gate_then_serve_in_a_subprocess(tiny_qwen, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from safegene.cli import main
+
+    ad = _adapter(tiny_qwen, tmp_path).select([1])
+    ad.save(tmp_path / "ad")
+    assert main(["gate", "--adapter", str(tmp_path / "ad"), "--model", str(tiny_qwen), "-o", str(tmp_path / "gated"),
+                 "--set", "n_harmful=4", "--set", "n_benign=4", "--set", "benign=arithmetic",
+                 "--set", "harmful=many-shot-harmful"]) == 0
+    gated = SafetyAdapter.load(tmp_path / "gated")
+    assert gated.card["gate"]["layer"] == 1 and len(gated.card["gate"]["direction"]) == 32
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "safegene.cli", "serve", "--model", str(tiny_qwen), "--name", "tiny",
+                             "--adapter", f"safety={tmp_path / 'gated'}", "--port", str(port)],
+                            env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    health = json.loads(r.read())
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode()[-2000:]
+                time.sleep(0.3)
+        assert health["adapters"] == ["safety"] and health["model"] == "tiny"
+        status, body = _post(f"http://127.0.0.1:{port}/v1/chat/completions",
+                             {"model": "tiny+safety", "messages": _chat("19"), "max_tokens": 3})
+        assert status == 200 and body["safegene"]["adapter"] == "safety" and 0 <= body["safegene"]["gate"] <= 1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -13,9 +13,12 @@ selection uses) and stored in the adapter's card under "gate"; computing it cost
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -96,3 +99,22 @@ def install_gate(gate: SafetyGate, model: Any, handle: Any) -> Any:
             handle.row_strength = gate.strength(hidden[:, -1, :].float())
 
     return layers[gate.layer].register_forward_pre_hook(pre, with_kwargs=True)
+
+
+def gate_adapter(adapter: Any, cfg: Any, model: Any = None, tokenizer: Any = None) -> Any:
+    """The adapter with a gate fitted on `cfg.model` stored in its card (`GateConfig`)."""
+    from ..config import to_dict
+    from ..models import load_model, load_tokenizer
+    from ..selection import benign_prompts, harmful_prompt_texts
+
+    if model is None:
+        model, tokenizer = load_model(cfg.model), load_tokenizer(cfg.model)
+    layer = min(adapter.layers) if cfg.layer is None else cfg.layer
+    if layer > min(adapter.layers):
+        log.warning("gate layer %d is above adapter layer %d: the adapter will change what the gate reads at decode "
+                    "time only after the prompt was gated", layer, min(adapter.layers))
+    per = max(1, cfg.n_benign // len(cfg.benign))
+    benign = [p for src in cfg.benign for p in benign_prompts(src, per, cfg.seed)]
+    harmful = harmful_prompt_texts(cfg.harmful, cfg.n_harmful, cfg.seed)
+    gate = fit_gate(model, tokenizer, harmful, benign, layer, floor=cfg.floor, sharpness=cfg.sharpness)
+    return adapter._replace(card={**adapter.card, "gate": gate.to_dict(), "gate_config": to_dict(cfg)})
