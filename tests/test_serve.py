@@ -6,7 +6,6 @@ import urllib.error
 import urllib.request
 
 import pytest
-import torch
 
 from safegene.adapter import SafetyAdapter, extract_adapter
 from safegene.config import ExtractConfig, GenerationConfig
