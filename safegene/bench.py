@@ -111,6 +111,7 @@ def _method_builders(cfg: BenchConfig, adapter: Any, selected: Any, t_ref: str, 
 
 def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     from .adapter import extract_adapter
+    from .data.attacks import attack_prompts
     from .evaluation.harness import EvalSets, evaluate_model, judge_agreement, over_refusal_prompts
     from .evaluation.judge_validation import human_labelled, validate_judge
     from .evaluation.judges import get_judge
@@ -134,6 +135,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     over, over_src = over_refusal_prompts(cfg.over_refusal, cfg.n_over_refusal, cfg.seed)
     sets = EvalSets(harmful=harmful_prompts(cfg.harmful, n=cfg.n_harmful, seed=cfg.seed), over_refusal=over,
                     over_refusal_source=over_src, n_task=cfg.n_task, seed=cfg.seed, tasks=list(cfg.tasks))
+    sets.attacks = {a: attack_prompts(a, sets.harmful, cfg.n_attack, cfg.seed) for a in cfg.attacks}
     manifest = {"harmful": [p.prompt for p in sets.harmful], "over_refusal": [p.prompt for p in over],
                 "generation": to_dict(cfg.generation)}
     if _read_card(responses / "manifest.json") != manifest:
@@ -155,7 +157,11 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     evaluate = functools.partial(evaluate_model, sets=sets, judges=judges, gen=cfg.generation, responses_dir=responses)
 
     a_model, a_tok = load_model(aligned), load_tokenizer(aligned)
-    rows.append({**evaluate("A", a_model, a_tok, tasks=cfg.tasks), "task": None, "method": "aligned"})
+    def attacked(method: str) -> bool:
+        return bool(cfg.attacks) and method in cfg.attack_methods
+
+    rows.append({**evaluate("A", a_model, a_tok, tasks=cfg.tasks, attacks=attacked("aligned")), "task": None,
+                 "method": "aligned"})
     del a_model
 
     def train_cfg(steps: int) -> Any:
@@ -204,7 +210,8 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
         if task in fresh_tasks:
             for f in responses.glob(f"T_{task}*.jsonl"):
                 f.unlink()
-        rows.append({**evaluate(f"T[{task}]", t_model, t_tok, tasks=[task]), "task": task, "method": "undefended"})
+        rows.append({**evaluate(f"T[{task}]", t_model, t_tok, tasks=[task], attacks=attacked("undefended")),
+                     "task": task, "method": "undefended"})
         rcfg = RecalibrateConfig(task_model=t_ref, task=task, n_harmful=cfg.shots, n_task=cfg.shots,
                                  steps=cfg.recal_steps, seed=cfg.seed)
         # what a method's update depends on: a retrained T or a re-extracted adapter invalidates it
@@ -221,7 +228,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
                 _forget(responses, name)
             timings[f"{method}_{task}_s"] = seconds
             with update.attach(t_model, check=False):
-                row = evaluate(name, t_model, t_tok, tasks=[task])
+                row = evaluate(name, t_model, t_tok, tasks=[task], attacks=attacked(method))
             rows.append({**row, "task": task, "method": method, "build_seconds": seconds,
                          "layers": update.layers, "coefficients": {str(l): round(update.coefficients[l], 4)
                                                                    for l in update.layers}})
@@ -231,6 +238,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     results = {
         "model": aligned, "config": to_dict(cfg), "config_yaml": dump_yaml(cfg), "versions": _versions(),
         "selected_layers": selected.layers, "eval": {"harmful": cfg.harmful, "n_harmful": len(sets.harmful),
+                                                     "attacks": {a: len(v) for a, v in sets.attacks.items()},
                                                      "over_refusal": over_src, "n_over_refusal": len(over),
                                                      "n_task": cfg.n_task},
         "rows": rows, "judges": {"validation": validation, "agreement": judge_agreement(rows)},
@@ -245,7 +253,7 @@ def rejudge(output: str | Path, judges: list[str], validate: bool = True) -> dic
     """Add judges to a finished bench without generating again: read its stored responses, judge them, rewrite
     results.json, results.md and report.html. A judge already present is judged again (its numbers replaced)."""
     from .errors import SafegeneError
-    from .evaluation.harness import judge_agreement, judge_responses, slug
+    from .evaluation.harness import judge_agreement, judge_responses, slug, stored_request
     from .evaluation.judge_validation import human_labelled, validate_judge
     from .evaluation.judges import get_judge
     from .evaluation.report import write_reports
@@ -256,18 +264,26 @@ def rejudge(output: str | Path, judges: list[str], validate: bool = True) -> dic
     if not results:
         raise SafegeneError(f"{out}: no results.json; run `safegene bench` first")
     loaded = [get_judge(j) for j in judges]
+    def judged(path: Path, expected_n: int, judge: Any) -> tuple[dict[str, Any], str]:
+        if not path.is_file():
+            raise SafegeneError(f"{path}: stored responses are missing; re-run the bench")
+        items = read_jsonl_rows(path)
+        if len(items) != expected_n:
+            raise SafegeneError(f"{path}: {len(items)} responses, but the row was judged on {expected_n}")
+        return judge_responses(judge, [stored_request(r) for r in items],
+                               [r.get("category", "uncategorized") for r in items], [r["response"] for r in items])
+
     for judge in loaded:
         for row in results["rows"]:
-            path = out / "responses" / f"{slug(row['name'])}.harmful.jsonl"
-            if not path.is_file():
-                raise SafegeneError(f"{path}: responses of row '{row['name']}' are missing; re-run the bench")
-            items = read_jsonl_rows(path)
-            if len(items) != row["harmful"][next(iter(row["harmful"]))]["overall"]["n"]:
-                raise SafegeneError(f"{path}: {len(items)} responses, but the row was judged on a different number")
             print(f"[{judge.name}] {row['name']}")
-            row["harmful"][judge.name], row["verdicts"][judge.name] = judge_responses(
-                judge, [r["prompt"] for r in items], [r.get("category", "uncategorized") for r in items],
-                [r["response"] for r in items])
+            first = next(iter(row["harmful"].values()))
+            row["harmful"][judge.name], row["verdicts"][judge.name] = judged(
+                out / "responses" / f"{slug(row['name'])}.harmful.jsonl", first["overall"]["n"], judge)
+            for attack, by_judge in row.get("attacks", {}).items():
+                files = sorted((out / "responses").glob(f"{slug(row['name'])}.attack-{attack}-*.jsonl"),
+                               key=lambda p: p.stat().st_mtime)
+                n = next(iter(by_judge.values()))["overall"]["n"]
+                by_judge[judge.name] = judged(files[-1] if files else Path("missing"), n, judge)[0]
         if validate:
             results["judges"]["validation"][judge.name] = validate_judge(judge, human_labelled())
     results["config"]["judges"] = list(dict.fromkeys(results["config"]["judges"] + [j.name for j in loaded]))

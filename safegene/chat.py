@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 FALLBACK_TEMPLATE_USER = "User: {prompt}\nAssistant:"
 
 
-def prompt_text(tokenizer: Any, prompt: str, system: str | None = None) -> str:
-    """The text a chat model sees before it answers `prompt` (generation prompt included)."""
+def prompt_text(tokenizer: Any, prompt: str | Sequence[dict[str, str]], system: str | None = None) -> str:
+    """The text a chat model sees before it answers (generation prompt included). `prompt` is one user message,
+    or a whole conversation as chat messages ending with the user turn to answer."""
+    turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if getattr(tokenizer, "chat_template", None):
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        messages = ([{"role": "system", "content": system}] if system else []) + turns
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     # tokenizers without a chat template (tiny test models, base models): a plain, stable format
     head = f"{system}\n" if system else ""
-    return head + FALLBACK_TEMPLATE_USER.format(prompt=prompt) + " "
+    earlier = "".join(f"{'User' if t['role'] == 'user' else 'Assistant'}: {t['content']}\n" for t in turns[:-1])
+    return head + earlier + FALLBACK_TEMPLATE_USER.format(prompt=turns[-1]["content"]) + " "
 
 
 def end_of_turn(tokenizer: Any) -> str:

@@ -400,9 +400,15 @@ class BenchConfig:
     recal_steps: int = opt(20, "optimizer steps of recalibration and RESTA")
     realign_steps: int = opt(24, "LoRA steps of the re-align baseline (on the same shots)")
     projection: ProjectionBaselineConfig = opt(ProjectionBaselineConfig(), "Safe LoRA / SafeMERGE settings")
+    attacks: list[str] = opt([], "adversarial variants of the harmful prompts: jailbreak, past-tense, multi-turn")
+    n_attack: int = opt(48, "prompts per attack")
+    attack_methods: list[str] = opt(["aligned", "undefended", "safegene", "resta", "realign"],
+                                    "rows evaluated under attack: aligned (A), undefended (T), or method names")
 
     def __post_init__(self) -> None:
         _check(bool(self.tasks), "tasks must name at least one task")
+        unknown = [a for a in self.attacks if a not in ("jailbreak", "past-tense", "multi-turn")]
+        _check(not unknown, f"unknown attack(s) {unknown}; known: jailbreak, past-tense, multi-turn")
         bad = [m for m in self.methods if m not in BENCH_METHODS]
         _check(not bad, f"unknown method(s) {bad}; known: {', '.join(BENCH_METHODS)}")
         _check(bool(self.judges), "judges must name at least one judge")

@@ -19,6 +19,7 @@ def _config(tiny_qwen, out) -> dict:
         "train": {"batch_size": 2, "max_length": 48, "rank": 2, "alpha": 4, "learning_rate": 5e-3},
         "degrade_examples": 4, "degrade_steps": 2, "task_examples": 4, "task_steps": 2, "select_prompts": 3,
         "top_k": 1, "shots": 2, "recal_steps": 2, "realign_steps": 1,
+        "attacks": ["past-tense", "multi-turn"], "n_attack": 3, "attack_methods": ["aligned", "safegene"],
     }
 
 
@@ -39,6 +40,11 @@ def test_bench_runs_every_method_and_resumes(tiny_qwen, tmp_path, capsys, monkey
         if r["name"] != "D":
             assert r["over_refusal"]["n"] == 4 and r["over_refusal"]["source"] == "benign-sensitive"
     assert res["rows"][0]["utility"]["arithmetic"]["n"] == 4
+    attacked = [r["name"] for r in res["rows"] if r.get("attacks")]
+    assert attacked == ["A", "T[arithmetic]+SafeGene"]
+    for r in res["rows"]:
+        for attack in r.get("attacks", {}).values():
+            assert attack["refusal-phrase"]["overall"]["n"] == 3
     by = {r["method"]: r for r in res["rows"]}
     assert by["safegene"]["layers"] == res["selected_layers"] and len(res["selected_layers"]) == 1
     assert by["safegene-alpha1"]["coefficients"] == {str(res["selected_layers"][0]): 1.0}
@@ -51,13 +57,14 @@ def test_bench_runs_every_method_and_resumes(tiny_qwen, tmp_path, capsys, monkey
         assert k in res["timings"]
     md = (out / "results.md").read_text()
     assert "| T[arithmetic] + SafeGene |" in md and "over-refusal" in md and "κ vs human" in md
+    assert "under attack" in md and "multi-turn (refusal-phrase, n=3)" in md
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 2 and "Safe LoRA" in html and "model: " + str(tiny_qwen) in html
     assert "[extract] ->" in first
 
     # a second run reuses every stage and every stored generation
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "responses").glob("*.jsonl")}
-    assert len(stamps) == 2 * 10 - 1  # harmful for 10 rows, over-refusal for all but D
+    assert len(stamps) == 2 * 10 - 1 + 2 * 2  # harmful for 10 rows, over-refusal for all but D, 2 attacks x 2 rows
     assert main(["bench", str(cfg_path)]) == 0
     second = capsys.readouterr().out
     assert "training ->" not in second and "[extract] reusing" in second and "[safegene arithmetic] reusing" in second
@@ -86,6 +93,9 @@ def test_bench_runs_every_method_and_resumes(tiny_qwen, tmp_path, capsys, monkey
     for r in res2["rows"]:
         a, b = r["verdicts"]["refusal-phrase"], r["verdicts"]["contrarian"]
         assert all(x != y for x, y in zip(a, b)) and r["harmful"]["contrarian"]["overall"]["n"] == 6
+    for r in res2["rows"]:
+        for attack in r.get("attacks", {}).values():
+            assert attack["contrarian"]["overall"]["k"] == 3 - attack["refusal-phrase"]["overall"]["k"]
     kappa = res2["judges"]["agreement"]["contrarian vs refusal-phrase"]
     assert kappa["agreement"]["k"] == 0 and kappa["agreement"]["n"] == 60
     assert "contrarian" in res2["config"]["judges"] and "harmful rate, contrarian" in (out / "results.md").read_text()

@@ -14,6 +14,21 @@ class HarmfulPrompt:
     category: str = "uncategorized"
     source: str = ""
     id: str = ""
+    #: for attacks: the plain request judges should read when `prompt` wraps it (a jailbreak template) ...
+    request: str = ""
+    #: ... and earlier turns of a conversation, alternating user/assistant, before `prompt` (multi-turn)
+    history: tuple[str, ...] = ()
+
+    @property
+    def judged_request(self) -> str:
+        return self.request or self.prompt
+
+    def chat(self) -> str | list[dict[str, str]]:
+        """What the model is sent: the prompt, or the conversation ending with it."""
+        if not self.history:
+            return self.prompt
+        roles = ["user", "assistant"] * len(self.history)
+        return [{"role": r, "content": t} for r, t in zip(roles, self.history)] + [{"role": "user", "content": self.prompt}]
 
 
 @dataclass(frozen=True)

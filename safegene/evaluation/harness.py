@@ -6,6 +6,7 @@ resumes) and then read by every judge; the verdicts are kept so that judges can 
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections import defaultdict
@@ -17,6 +18,7 @@ from ..config import GenerationConfig
 from ..data import harmful_prompts, shared_data_dir
 from ..data.records import HarmfulPrompt
 from ..generation import generate_to_jsonl
+from ..io import sha256_text
 from .judges import RefusalPhraseJudge
 from .metrics import Rate, cohen_kappa
 from .utility import task_utility
@@ -30,6 +32,7 @@ class EvalSets:
     n_task: int
     seed: int = 0
     tasks: list[str] = field(default_factory=list)
+    attacks: dict[str, list[HarmfulPrompt]] = field(default_factory=dict)  # adversarial variants, by attack
 
 
 def over_refusal_prompts(ref: str, n: int, seed: int) -> tuple[list[HarmfulPrompt], str]:
@@ -46,8 +49,17 @@ def slug(name: str) -> str:
 
 def _responses(model: Any, tok: Any, prompts: Sequence[HarmfulPrompt], path: Path, gen: GenerationConfig,
                desc: str) -> list[str]:
-    items = [{"id": p.id or str(i), "prompt": p.prompt, "category": p.category} for i, p in enumerate(prompts)]
+    items = [{"id": p.id or str(i), "prompt": p.chat(), "category": p.category}
+             | ({"request": p.request} if p.request else {}) for i, p in enumerate(prompts)]
     return [r["response"] for r in generate_to_jsonl(model, tok, items, path, gen, progress=True, desc=desc)]
+
+
+def stored_request(item: dict[str, Any]) -> str:
+    """The request judges read, from a stored generation row (plain prompt, wrapped prompt, or conversation)."""
+    if item.get("request"):
+        return item["request"]
+    prompt = item["prompt"]
+    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
 
 
 def judge_responses(judge: Any, prompts: Sequence[str], categories: Sequence[str],
@@ -63,8 +75,10 @@ def judge_responses(judge: Any, prompts: Sequence[str], categories: Sequence[str
 
 
 def evaluate_model(name: str, model: Any, tok: Any, sets: EvalSets, judges: Sequence[Any], gen: GenerationConfig,
-                   responses_dir: Path, tasks: Sequence[str] = (), over_refusal: bool = True) -> dict[str, Any]:
-    """One result row: per-judge harmful rate (overall and by category), over-refusal, task utility, seconds."""
+                   responses_dir: Path, tasks: Sequence[str] = (), over_refusal: bool = True,
+                   attacks: bool = False) -> dict[str, Any]:
+    """One result row: per-judge harmful rate (overall and by category), over-refusal, task utility, seconds;
+    with `attacks`, the harmful rate under each adversarial variant in `sets.attacks` too."""
     t0 = time.perf_counter()
     base = responses_dir / slug(name)
     prompts = sets.harmful
@@ -72,7 +86,16 @@ def evaluate_model(name: str, model: Any, tok: Any, sets: EvalSets, judges: Sequ
     row: dict[str, Any] = {"name": name, "harmful": {}, "verdicts": {}, "utility": {}}
     for judge in judges:
         row["harmful"][judge.name], row["verdicts"][judge.name] = judge_responses(
-            judge, [p.prompt for p in prompts], [p.category for p in prompts], responses)
+            judge, [p.judged_request for p in prompts], [p.category for p in prompts], responses)
+    if attacks:
+        row["attacks"] = {}
+        for attack, adv in sets.attacks.items():
+            # the file name carries a hash of the prompts: a changed attack set never reuses stale answers
+            tag = sha256_text("\n".join(json.dumps(p.chat()) for p in adv))[:8]
+            adv_resp = _responses(model, tok, adv, base.with_suffix(f".attack-{attack}-{tag}.jsonl"), gen,
+                                  f"[{name}] {attack}")
+            row["attacks"][attack] = {j.name: judge_responses(j, [p.judged_request for p in adv],
+                                                              [p.category for p in adv], adv_resp)[0] for j in judges}
     if over_refusal and sets.over_refusal:
         benign = _responses(model, tok, sets.over_refusal, base.with_suffix(".over_refusal.jsonl"), gen,
                             f"[{name}] over-refusal")
@@ -88,6 +111,8 @@ def evaluate_model(name: str, model: Any, tok: Any, sets: EvalSets, judges: Sequ
     if "over_refusal" in row:
         msg += f", over-refusal {row['over_refusal']['rate']:.3f}"
     msg += "".join(f", {t} {u['rate']:.3f}" for t, u in row["utility"].items())
+    for attack, by_judge in row.get("attacks", {}).items():
+        msg += f", {attack} " + "/".join(f"{h['overall']['rate']:.3f}" for h in by_judge.values())
     print(f"{msg} (n={len(prompts)}, {row['eval_seconds']:.0f} s)")
     return row
 

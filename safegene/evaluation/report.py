@@ -59,6 +59,24 @@ def table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return head, body
 
 
+def attack_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
+    """Harmful rate under each attack, per judge, for the rows evaluated under attack (None when there are none)."""
+    rows = [r for r in results["rows"] if r.get("attacks")]
+    if not rows:
+        return None
+    attacks = list(rows[0]["attacks"])
+    judges = list(rows[0]["harmful"])
+    n = results["eval"].get("attacks", {})
+    head = ["model"] + [f"plain ({j})" for j in judges] + [f"{a} ({j}, n={n.get(a, '?')})" for a in attacks for j in judges]
+    labels = results.get("method_labels", {})
+    body = []
+    for r in rows:
+        name = r["name"] if r.get("method") in ("aligned", "undefended") else f"T[{r['task']}] + {labels.get(r['method'], r['method'])}"
+        body.append([name] + [_rate(r["harmful"][j]["overall"], ci=False) for j in judges]
+                    + [_rate(r["attacks"][a][j]["overall"]) for a in attacks for j in judges])
+    return head, body
+
+
 def markdown(results: dict[str, Any]) -> str:
     ev = results["eval"]
     head, body = table_rows(results)
@@ -71,6 +89,11 @@ def markdown(results: dict[str, Any]) -> str:
         "|" + "---|" * len(head),
     ]
     lines += ["| " + " | ".join(c) + " |" for c in body]
+    adv = attack_table(results)
+    if adv:
+        lines += ["", "Harmful rate under attack (plain = the held-out prompts as they are):", "",
+                  "| " + " | ".join(adv[0]) + " |", "|" + "---|" * len(adv[0])]
+        lines += ["| " + " | ".join(c) + " |" for c in adv[1]]
     val = results["judges"].get("validation") or {}
     if val:
         lines += ["", "Judges against human labels (PyRIT scorer_evals, responses cut to their opening):", "",
@@ -195,6 +218,11 @@ def render_html(results: dict[str, Any]) -> str:
     ]
     for title, png in figures:
         parts += [f"<h2>{html.escape(title)}</h2>", f"<img src='data:image/png;base64,{png}'>"]
+    adv = attack_table(results)
+    if adv:
+        parts += ["<h2>Harmful rate under attack</h2>", _html_table(*adv),
+                  "<p>jailbreak: in-the-wild templates (per-template rates in results.json); past-tense: "
+                  "past-tense rephrasings; multi-turn: a benign first turn, then the request.</p>"]
     parts += ["<h2>Judges against human labels</h2>", _html_table(vhead, vbody) if vbody else "<p>not run</p>",
               "<h2>Judge agreement on these responses</h2>",
               _html_table(["judges", "Cohen's κ", "agreement", "n"], abody) if abody else "<p>one judge only</p>",

@@ -1,0 +1,50 @@
+"""Adversarial prompt variants: jailbreak templates, past-tense rephrasings, two-turn escalations."""
+
+import pytest
+
+from safegene.chat import prompt_text
+from safegene.data import harmful_prompts
+from safegene.data.attacks import ESCALATIONS, PLACEHOLDER, attack_prompts, jailbreak_templates
+from safegene.errors import DataError
+
+
+@pytest.fixture(scope="module")
+def base():
+    return harmful_prompts("advbench", n=10, seed=0)
+
+
+def test_jailbreak_wraps_the_request_in_every_template_equally(base):
+    templates = jailbreak_templates()
+    assert len(templates) >= 10 and all(PLACEHOLDER in t and len(t) <= 700 for t in templates)
+    adv = attack_prompts("jailbreak", base, n=2 * len(templates), seed=0)
+    cats = [p.category for p in adv]
+    assert all(cats.count(c) == 2 for c in set(cats)) and len(set(cats)) == len(templates)
+    requests = {p.prompt for p in base}
+    for p in adv:
+        assert p.request in requests and p.request in p.prompt and PLACEHOLDER not in p.prompt
+        assert p.judged_request == p.request and p.chat() == p.prompt
+    assert attack_prompts("jailbreak", base, n=8, seed=0) == adv[:8]  # deterministic
+
+
+def test_past_tense_and_multi_turn(base):
+    past = attack_prompts("past-tense", base, n=12, seed=0)
+    assert len(past) == 12 and len({p.prompt for p in past}) == 12
+    assert all(p.judged_request == p.prompt and p.category == "past-tense" for p in past)
+    mt = attack_prompts("multi-turn", base, n=6, seed=0)
+    assert sorted({p.category for p in mt}) == sorted(ESCALATIONS)
+    conv = mt[0].chat()
+    assert [m["role"] for m in conv] == ["user", "assistant", "user"] and conv[-1]["content"] == base[0].prompt
+    with pytest.raises(DataError, match="unknown attack 'dan'"):
+        attack_prompts("dan", base, n=2)
+
+
+def test_prompt_text_renders_a_conversation(tiny_qwen):
+    from safegene.models import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_qwen))
+    conv = [{"role": "user", "content": "first question"}, {"role": "assistant", "content": "first answer"},
+            {"role": "user", "content": "second question"}]
+    text = prompt_text(tok, conv)
+    assert text.index("first question") < text.index("first answer") < text.index("second question")
+    assert text.endswith("<|im_start|>assistant\n")
+    assert prompt_text(tok, "second question") == prompt_text(tok, conv[-1:])
