@@ -54,7 +54,8 @@ def table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         cells += ["-" if x is None else f"{x:.0%}" for x in rec]
         cells.append(_rate(r.get("over_refusal"), ci=False))
         cells += [_rate(r["utility"].get(t), ci=False) for t in tasks]
-        cells.append(f"{r['build_seconds']:.0f}" if r.get("build_seconds") is not None else "-")
+        b = r.get("build_seconds")
+        cells.append("-" if b is None else ("<1" if b < 1 else f"{b:.0f}"))
         body.append(cells)
     return head, body
 
