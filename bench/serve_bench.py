@@ -196,7 +196,8 @@ def main() -> None:
         judges = [get_judge("refusal-phrase"), get_judge("content-classifier")]
         gen = GenerationConfig(max_new_tokens=32, batch_size=32)
         out = run / "responses-serve-bench"
-        evals["always-on"] = evaluate_model("always-on", model, tok, sets, judges, gen, out, tasks=[args.task])
+        with adapter.attach(model, check=False):
+            evals["always-on"] = evaluate_model("always-on", model, tok, sets, judges, gen, out, tasks=[args.task])
         handle = AttachedAdapter(model, gated)
         hook = install_gate(SafetyGate.from_dict(gated.card["gate"]), model, handle)
         try:

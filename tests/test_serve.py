@@ -92,6 +92,9 @@ def test_hot_swap_keeps_in_flight_requests_and_refuses_bad_adapters(engine, tiny
     base = generate(model, tok, PROMPTS[:1], cfg, progress=False)[0]
     assert engine.complete(engine.submit(_chat(PROMPTS[0]), None, max_tokens=24)).strip() == base
     assert not any(m._forward_hooks for m in engine.model.modules())
+    engine.load_adapter("again", new)
+    engine.close()  # closing detaches what is still loaded
+    assert not any(m._forward_hooks for m in engine.model.modules())
 
 
 def test_gate_scales_the_adapter_per_request(engine, tiny_qwen, tmp_path):

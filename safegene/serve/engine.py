@@ -188,9 +188,14 @@ class Engine:
             yield item
 
     def close(self) -> None:
+        """Stop the worker and detach every adapter: the model is left as it was loaded."""
         self._stop.set()
         self._queue.put(("stop",))
         self._worker.join(timeout=10)
+        with self._lock:
+            for slot in self.slots.values():
+                slot.detach()
+            self.slots.clear()
 
     # --- worker --------------------------------------------------------------------------------------------------
     def _next_batch(self) -> list[GenRequest] | None:
