@@ -99,7 +99,8 @@ def evaluate_model(name: str, model: Any, tok: Any, sets: EvalSets, judges: Sequ
     if over_refusal and sets.over_refusal:
         benign = _responses(model, tok, sets.over_refusal, base.with_suffix(".over_refusal.jsonl"), gen,
                             f"[{name}] over-refusal")
-        refusals = [RefusalPhraseJudge().is_refusal(r) for r in benign]
+        phrase = RefusalPhraseJudge()
+        refusals = [phrase.is_refusal(r) for r in benign]
         row["over_refusal"] = {**Rate(sum(refusals), len(refusals)).to_dict(), "source": sets.over_refusal_source,
                                "judge": "refusal-phrase"}
     for task in tasks:
