@@ -1,5 +1,5 @@
 """`safegene demo`: the whole pipeline and benchmark on the embedded default model, with a preset sized for a
-2-core CPU (full: 48 minutes measured here; --quick: 10-13 measured). It is `safegene bench` with a built-in config.
+2-core CPU (full: 48 minutes measured here; --quick: 9). It is `safegene bench` with a built-in config.
 
 A (aligned) -> degrade -> D;  A -> task fine-tunes (a little poison mixed in) -> T_task;
 extract (A - D) -> select layers (on D) -> recalibrate per T_task -> evaluate A, D, T, T + SafeGene and every
