@@ -191,7 +191,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
 
     # --- the safety adapter: extracted once, layers selected once ------------------------------------------------
     ecfg = ExtractConfig(aligned=aligned, degraded=str(out / "degraded"), output=str(out / "adapter"))
-    adapter, timings["extract_s"], fresh_adapter = _adapter_stage(
+    adapter, timings["extract_s"], _ = _adapter_stage(
         "extract", out / "adapter", {"extract": to_dict(ecfg), "degraded_trained_s": timings["degrade_s"]},
         lambda: extract_adapter(ecfg, overwrite=True, save=False))
     scfg = SelectConfig(model=str(out / "degraded"), n_harmful=cfg.select_prompts, n_benign=cfg.select_prompts,
@@ -208,8 +208,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     for task, t_ref in task_refs.items():
         t_model, t_tok = load_model(t_ref), load_tokenizer(t_ref)
         if task in fresh_tasks:
-            for f in responses.glob(f"T_{task}*.jsonl"):
-                f.unlink()
+            _forget(responses, f"T[{task}]")  # method rows follow: their keys name T's training, so they rebuild
         rows.append({**evaluate(f"T[{task}]", t_model, t_tok, tasks=[task], attacks=attacked("undefended")),
                      "task": task, "method": "undefended"})
         rcfg = RecalibrateConfig(task_model=t_ref, task=task, n_harmful=cfg.shots, n_task=cfg.shots,
