@@ -164,6 +164,13 @@ def test_openai_client_lists_completes_and_streams(server):
     openai = pytest.importorskip("openai")
     srv, url = server
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+    try:
+        _drive_client(openai, client)
+    finally:
+        client.close()
+
+
+def _drive_client(openai, client):
     assert [m.id for m in client.models.list().data] == ["tiny", "tiny+safety"]
     for model in ("tiny", "tiny+safety"):
         full = client.chat.completions.create(model=model, messages=_chat(PROMPTS[0]), max_tokens=8)
