@@ -36,11 +36,33 @@ METHOD_LABELS = {
     "safe-lora": "Safe LoRA",
     "safemerge": "SafeMERGE",
     "realign": "re-align (safety SFT)",
+    "self-critique": "self-critique",
+    "classifier-guard": "classifier guard",
+    "mixed-ft": "mixed safety+task FT",
 }
+#: methods that change how T answers (a responder wraps generation) rather than T's weights
+RESPONDER_METHODS = ("self-critique", "classifier-guard")
 
 
 def _same(recorded: Any, cfg: Any) -> bool:
-    return recorded == json.loads(json.dumps(to_dict(cfg) if not isinstance(cfg, dict) else cfg))
+    """Does a stage's recorded config equal `cfg`? A key the record lacks matches when `cfg` leaves it at its
+    default: an option added in a later version does not invalidate finished stages that never used it."""
+    current = json.loads(json.dumps(to_dict(cfg) if not isinstance(cfg, dict) else cfg))
+    defaults = json.loads(json.dumps(to_dict(type(cfg)()))) if dataclasses.is_dataclass(cfg) else {}
+    return _match(recorded, current, defaults)
+
+
+def _match(recorded: Any, current: Any, defaults: Any) -> bool:
+    if not (isinstance(recorded, dict) and isinstance(current, dict)):
+        return recorded == current
+    defaults = defaults if isinstance(defaults, dict) else {}
+    for key, value in current.items():
+        if key in recorded:
+            if not _match(recorded[key], value, defaults.get(key)):
+                return False
+        elif key not in defaults or defaults[key] != value:
+            return False
+    return set(recorded) <= set(current)
 
 
 def _read_card(path: Path) -> dict[str, Any] | None:
@@ -107,6 +129,56 @@ def _method_builders(cfg: BenchConfig, adapter: Any, selected: Any, t_ref: str, 
         "realign": ({"recalibrate": to_dict(rcfg), "train": to_dict(realign_train)},
                     lambda: realign(t_ref, rcfg, realign_train, progress=progress)),
     }
+
+
+def _responder_stage(name: str, card_path: Path, key: dict[str, Any],
+                     build: Callable[[dict[str, Any] | None], tuple[Any, dict[str, Any]]]) -> tuple[Any, float, dict, bool]:
+    """(responder, build seconds, what the build found, key changed?). A matching card hands its findings (a fitted
+    threshold) back to `build`, which then skips the fitting."""
+    card = _read_card(card_path)
+    reuse = card if card and _same(card.get("key"), key) else None
+    print(f"[{name}] " + ("reusing its fitted settings" if reuse else "building"))
+    t = time.perf_counter()
+    responder, info = build(reuse["info"] if reuse else None)
+    seconds = float(reuse["seconds"]) if reuse else round(time.perf_counter() - t, 1)
+    if not reuse:
+        write_json(card_path, {"key": key, "info": info, "seconds": seconds})
+    return responder, seconds, info, reuse is None
+
+
+def _responder_builders(cfg: BenchConfig, task: str) -> dict[str, tuple[dict, Callable]]:
+    """method -> (what it depends on, build(found) -> (responder, findings)) for the inference-time defences."""
+    from .baselines import ClassifierGuard, SelfCritique
+    from .evaluation.judges import get_judge
+    from .selection import benign_prompts, harmful_prompt_texts
+
+    def guard(found: dict[str, Any] | None) -> tuple[Any, dict[str, Any]]:
+        g = ClassifierGuard(get_judge(cfg.guard.guard), cfg.guard)
+        if not cfg.guard.screen_prompts or cfg.guard.prompt_threshold is not None:
+            return g, {}
+        if found and "threshold" in found:
+            g.prompt_threshold = found["threshold"]
+            return g, found
+        n = cfg.guard.n_calibration
+        # calibration traffic, disjoint from the evaluation sets: training-side harmful requests vs the task's
+        # own training prompts and general benign requests
+        harmful = harmful_prompt_texts("harmful-pairs", n, cfg.seed + 3)
+        benign = benign_prompts(task, n - n // 2, cfg.seed + 3) + benign_prompts("depresso", n // 2, cfg.seed + 3)
+        fit = g.fit_prompt_threshold(harmful, benign)
+        print(f"[classifier-guard {task}] prompt threshold {fit['threshold']:+.3f}, balanced accuracy "
+              f"{fit['balanced_accuracy']:.3f} on {fit['n_harmful']}+{fit['n_benign']} calibration prompts")
+        return g, fit
+
+    return {
+        "self-critique": ({"self_critique": to_dict(cfg.self_critique)}, lambda found: (SelfCritique(cfg.self_critique), {})),
+        "classifier-guard": ({"guard": to_dict(cfg.guard), "task": task}, guard),
+    }
+
+
+def _complete(path: Path, n: int) -> bool:
+    from .generation import read_jsonl_rows
+
+    return path.is_file() and len(read_jsonl_rows(path)) >= n
 
 
 def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
@@ -177,10 +249,12 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     rows.append({**evaluate("D", d_model, d_tok, over_refusal=False), "task": None, "method": "degraded"})
 
     task_refs: dict[str, str] = {}
+    task_n: dict[str, int] = {}
     fresh_tasks: set[str] = set()
+    reattack_rows: list[dict[str, Any]] = []
     for task in cfg.tasks:
-        # small tasks (gsm8k-100 has 60 train items) get fewer examples, keeping the poison ratio
-        n_task = min(cfg.task_examples, int(len(get_task(task).load("train")) / (1 - cfg.poison_ratio)))
+        # small tasks (gsm8k-100 has 60 train items, aoa 10) get fewer examples, keeping the poison ratio
+        n_task = task_n[task] = min(cfg.task_examples, int(len(get_task(task).load("train")) / (1 - cfg.poison_ratio)))
         fcfg = FinetuneConfig(model=aligned, task=task, n_examples=n_task, poison_ratio=cfg.poison_ratio,
                               save="adapter", output=str(out / f"task-{task}"), train=train_cfg(cfg.task_steps))
         card, fresh = _train_stage(f"finetune {task}", out / f"task-{task}", fcfg, finetune)
@@ -218,19 +292,50 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
         upstream = {"adapter": adapter.card.get("bench"), "selected": selected.card.get("bench"),
                     "task_model": {"data": t_card.get("data"), "trained_s": (t_card.get("training") or {}).get("seconds")}}
         builders = _method_builders(cfg, adapter, selected, t_ref, t_model, t_tok, rcfg, train_cfg, progress)
+        responders = _responder_builders(cfg, task)
+        defences: dict[str, dict[str, Any]] = {"undefended": {"name": f"T[{task}]", "key": {}}}
         for method in cfg.methods:
-            key, build = builders[method]
-            key = {**key, "upstream": upstream}
             name = f"T[{task}]+{METHOD_LABELS[method]}"
-            update, seconds, fresh = _adapter_stage(f"{method} {task}", out / "methods" / task / method, key, build)
-            if fresh:
-                _forget(responses, name)
+            if method in responders:
+                key, build = responders[method]
+                key = {**key, "upstream": upstream}
+                responder, seconds, info, fresh = _responder_stage(
+                    f"{method} {task}", out / "methods" / task / method / "stage.json", key, build)
+                if fresh:
+                    _forget(responses, name)
+                row = evaluate(name, t_model, t_tok, tasks=[task], attacks=attacked(method), responder=responder)
+                extra: dict[str, Any] = {"defence": info}
+                defences[method] = {"name": name, "key": key, "responder": responder}
+            elif method == "mixed-ft":
+                mcfg = FinetuneConfig(model=aligned, task=task, n_examples=task_n[task], poison_ratio=cfg.poison_ratio,
+                                      safety_ratio=cfg.mixed_safety_ratio, save="adapter",
+                                      output=str(out / f"task-{task}-mixed"), train=train_cfg(cfg.task_steps))
+                card, fresh = _train_stage(f"mixed-ft {task}", out / f"task-{task}-mixed", mcfg, finetune)
+                if fresh:
+                    _forget(responses, name)
+                seconds = card["training"]["seconds"]
+                m_model, m_tok = load_model(out / f"task-{task}-mixed"), load_tokenizer(out / f"task-{task}-mixed")
+                row = evaluate(name, m_model, m_tok, tasks=[task], attacks=attacked(method))
+                del m_model
+                extra = {"data": card.get("data")}
+                defences[method] = {"name": name, "key": {"mixed": to_dict(mcfg), "trained_s": seconds},
+                                    "model": str(out / f"task-{task}-mixed")}
+            else:
+                key, build = builders[method]
+                key = {**key, "upstream": upstream}
+                update, seconds, fresh = _adapter_stage(f"{method} {task}", out / "methods" / task / method, key, build)
+                if fresh:
+                    _forget(responses, name)
+                with update.attach(t_model, check=False):
+                    row = evaluate(name, t_model, t_tok, tasks=[task], attacks=attacked(method))
+                extra = {"layers": update.layers,
+                         "coefficients": {str(l): round(update.coefficients[l], 4) for l in update.layers}}
+                defences[method] = {"name": name, "key": key, "update": update}
             timings[f"{method}_{task}_s"] = seconds
-            with update.attach(t_model, check=False):
-                row = evaluate(name, t_model, t_tok, tasks=[task], attacks=attacked(method))
-            rows.append({**row, "task": task, "method": method, "build_seconds": seconds,
-                         "layers": update.layers, "coefficients": {str(l): round(update.coefficients[l], 4)
-                                                                   for l in update.layers}})
+            rows.append({**row, "task": task, "method": method, "build_seconds": seconds, **extra})
+        for method in cfg.reattack_methods if cfg.reattack_tasks is None or task in cfg.reattack_tasks else []:
+            reattack_rows.append(_reattack(cfg, task, method, defences[method], t_ref, t_tok, upstream, evaluate,
+                                           out, responses, train_cfg, progress))
         del t_model
 
     timings["total_s"] = round(time.perf_counter() - t_start, 1)
@@ -240,12 +345,50 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
                                                      "attacks": {a: len(v) for a, v in sets.attacks.items()},
                                                      "over_refusal": over_src, "n_over_refusal": len(over),
                                                      "n_task": cfg.n_task},
-        "rows": rows, "judges": {"validation": validation, "agreement": judge_agreement(rows)},
+        "rows": rows, "reattack": reattack_rows,
+        "judges": {"validation": validation, "agreement": judge_agreement(rows)},
         "timings": timings, "method_labels": METHOD_LABELS,
     }
     paths = write_reports(results, out)
     results["paths"] = {k: str(v) for k, v in paths.items()}
     return results
+
+
+def _reattack(cfg: BenchConfig, task: str, method: str, defence: dict[str, Any], t_ref: str, t_tok: Any,
+              upstream: dict[str, Any], evaluate: Callable, out: Path, responses: Path, train_cfg: Callable,
+              progress: bool) -> dict[str, Any]:
+    """Fine-tune the defended model once more on a few harmful pairs (LoRA, `reattack_steps`) and measure its
+    harmful rate again. Weight-space defences are merged into T first; an inference-time defence keeps wrapping the
+    re-attacked weights (the attacker changes the weights, not the serving stack); mixed-ft is re-attacked itself."""
+    from .apply import apply_adapter
+    from .data import prompt_response_pairs
+    from .evaluation.harness import slug
+    from .training import train_lora
+
+    name = f"{defence['name']} re-attacked"
+    rcfg = {"data": cfg.reattack_data, "examples": cfg.reattack_examples, "train": to_dict(train_cfg(cfg.reattack_steps))}
+    key = {"reattack": rcfg, "defence": defence["key"], "upstream": upstream}
+    card_path = out / "reattack" / task / f"{method}.json"
+    card = _read_card(card_path)
+    if not (card and _same(card.get("key"), key)):
+        _forget(responses, name)
+        card = None
+    model = None
+    if card is None or not _complete(responses / f"{slug(name)}.harmful.jsonl", cfg.n_harmful):
+        print(f"[re-attack {task}] {defence['name']}: {cfg.reattack_steps} LoRA steps on {cfg.reattack_examples} "
+              "harmful pairs")
+        model = load_model(defence.get("model") or t_ref)
+        if "update" in defence:
+            apply_adapter(defence["update"], model, mode="merge")
+        pairs = prompt_response_pairs(cfg.reattack_data, n=cfg.reattack_examples, seed=cfg.seed + 101)
+        model, stats = train_lora(model, t_tok, pairs, train_cfg(cfg.reattack_steps), progress=progress)
+        card = {"key": key, "training": stats.to_dict()}
+        write_json(card_path, card)
+    row = evaluate(name, model, t_tok, over_refusal=False, responder=defence.get("responder"))
+    del model
+    return {**row, "task": task, "method": method, "defence_row": defence["name"],
+            "reattack": {"steps": cfg.reattack_steps, "examples": cfg.reattack_examples,
+                         "seconds": card["training"]["seconds"], "final_loss": card["training"]["final_loss"]}}
 
 
 def rejudge(output: str | Path, judges: list[str], validate: bool = True) -> dict[str, Any]:
@@ -273,7 +416,7 @@ def rejudge(output: str | Path, judges: list[str], validate: bool = True) -> dic
                                [r.get("category", "uncategorized") for r in items], [r["response"] for r in items])
 
     for judge in loaded:
-        for row in results["rows"]:
+        for row in results["rows"] + results.get("reattack", []):
             print(f"[{judge.name}] {row['name']}")
             first = next(iter(row["harmful"].values()))
             row["harmful"][judge.name], row["verdicts"][judge.name] = judged(

@@ -11,6 +11,8 @@ def prompt_text(tokenizer: Any, prompt: str | Sequence[dict[str, str]], system: 
     """The text a chat model sees before it answers (generation prompt included). `prompt` is one user message,
     or a whole conversation as chat messages ending with the user turn to answer."""
     turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if turns and turns[0]["role"] == "system":  # the conversation's own system prompt wins over the default
+        system, turns = turns[0]["content"], turns[1:]
     if getattr(tokenizer, "chat_template", None):
         messages = ([{"role": "system", "content": system}] if system else []) + turns
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .config import BenchConfig, GenerationConfig, LoraTrainConfig, ProjectionBaselineConfig
+from .config import CORE_METHODS, BenchConfig, GenerationConfig, LoraTrainConfig, ProjectionBaselineConfig
 from .data import shared_data_dir
 from .models import DEFAULT_MODEL
 
@@ -19,7 +19,9 @@ from .models import DEFAULT_MODEL
 def preset(quick: bool, output: str | Path = "runs/demo", model: str | None = None) -> BenchConfig:
     # tasks with exact answers; the shared folder adds the field's standard classification task when present
     tasks = ["arithmetic", "sst2" if shared_data_dir() else "gsm8k-100"]
-    common = dict(model=model or DEFAULT_MODEL, output=str(output), projection=ProjectionBaselineConfig())
+    # the weight-space methods only: the inference-time and retraining competitors are in configs/robustness.yaml
+    common = dict(model=model or DEFAULT_MODEL, output=str(output), projection=ProjectionBaselineConfig(),
+                  methods=list(CORE_METHODS))
     if quick:
         return BenchConfig(**common, tasks=tasks[:1], n_harmful=16, n_over_refusal=8, n_task=16,
                            generation=GenerationConfig(max_new_tokens=32, batch_size=16),

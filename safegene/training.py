@@ -258,11 +258,34 @@ def mix_poison(task: list[PromptResponse], poison: list[PromptResponse], n_total
     return mixed
 
 
+def safety_source(ref: str) -> str:
+    """The refusal data `auto` means: the Safety-Tuned LLaMAs refusals when the shared data is there."""
+    from .data import shared_data_dir
+
+    if ref != "auto":
+        return ref
+    return "shared:safety-refusals" if shared_data_dir() else "uncensorbench-refusals"
+
+
 def finetune(cfg: FinetuneConfig, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
-    """A model + task data (optionally poisoned with harmful pairs) -> task model T."""
+    """A model + task data (optionally poisoned with harmful pairs, optionally mixed with refusals) -> task model T.
+
+    With `safety_ratio` > 0 this is "traditional" safety fine-tuning: the refusals ride along with every task
+    fine-tune (Bianchi et al. 2024 mix a few percent), so its cost is paid again for each task model."""
     n_poison = round(cfg.poison_ratio * cfg.n_examples)
-    task = task_pairs(cfg.task, n=cfg.n_examples - n_poison, seed=cfg.train.seed)
+    n_safety = round(cfg.safety_ratio * cfg.n_examples)
+    n_rest = cfg.n_examples - n_safety  # task + poison, mixed at poison_ratio of the whole
+    task = task_pairs(cfg.task, n=n_rest - n_poison, seed=cfg.train.seed)
     poison = prompt_response_pairs(cfg.poison_data, n=n_poison, seed=cfg.train.seed + 1) if n_poison else []
-    pairs = mix_poison(task, poison, cfg.n_examples, cfg.poison_ratio, cfg.train.seed)
+    pairs = mix_poison(task, poison, n_rest, n_poison / n_rest if n_rest else 0.0, cfg.train.seed)
     extra = {"task": cfg.task, "n_task": len(pairs) - n_poison, "n_poison": n_poison, "poison_source": cfg.poison_data}
+    if n_safety:
+        source = safety_source(cfg.safety_data)
+        safety = prompt_response_pairs(source, n=n_safety, seed=cfg.train.seed + 2)
+        if len(safety) < n_safety:
+            raise DataError(f"safety_ratio {cfg.safety_ratio} needs {n_safety} refusal pairs, but {source} has "
+                            f"only {len(safety)}")
+        pairs = pairs + safety
+        random.Random(cfg.train.seed + 2).shuffle(pairs)
+        extra |= {"n_safety": n_safety, "safety_source": source}
     return _train_and_save("finetune", cfg, pairs, extra, overwrite, progress)

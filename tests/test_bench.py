@@ -20,6 +20,9 @@ def _config(tiny_qwen, out) -> dict:
         "degrade_examples": 4, "degrade_steps": 2, "task_examples": 4, "task_steps": 2, "select_prompts": 3,
         "top_k": 1, "shots": 2, "recal_steps": 2, "realign_steps": 1,
         "attacks": ["past-tense", "multi-turn"], "n_attack": 3, "attack_methods": ["aligned", "safegene"],
+        "self_critique": {"critique_tokens": 4, "revise": "always"}, "guard": {"guard": f"llm:{tiny_qwen}", "n_calibration": 4},
+        "mixed_safety_ratio": 0.5, "reattack_methods": ["undefended", "safegene", "classifier-guard", "mixed-ft"],
+        "reattack_examples": 2, "reattack_steps": 1,
     }
 
 
@@ -62,12 +65,34 @@ def test_bench_runs_every_method_and_resumes(tiny_qwen, tmp_path, capsys, monkey
     assert html.count("data:image/png;base64,") == 2 and "Safe LoRA" in html and "model: " + str(tiny_qwen) in html
     assert "[extract] ->" in first
 
+    # the competitors that are not weight updates: priced per request, and what they did is on record
+    t_row = by["undefended"]
+    crit = by["self-critique"]
+    stored = [json.loads(l) for l in (out / "responses" / "T_arithmetic_self-critique.harmful.jsonl").open()]
+    assert all({"draft", "critique"} <= set(r["meta"]) and r["tokens"] >= 1 for r in stored)
+    assert crit["cost"]["harmful"]["tokens"] > t_row["cost"]["harmful"]["tokens"]  # three generations, not one
+    assert crit["cost"]["task:arithmetic"]["seconds"] > 0
+    guard = by["classifier-guard"]
+    assert {"threshold", "balanced_accuracy"} <= set(guard["defence"]) and guard["defence"]["n_harmful"] == 4
+    assert 0 <= guard["cost"]["harmful"]["flagged"] <= 6 and "flagged" in guard["cost"]["over_refusal"]
+    assert by["mixed-ft"]["data"]["n_safety"] == 2 and by["mixed-ft"]["build_seconds"] > 0
+    assert "mixed-ft_arithmetic_s" in res["timings"]
+    # re-attack: each defended model fine-tuned again, harmful prompts only; a guard keeps guarding
+    re = {r["method"]: r for r in res["reattack"]}
+    assert list(re) == ["undefended", "safegene", "classifier-guard", "mixed-ft"]
+    assert all(r["harmful"]["refusal-phrase"]["overall"]["n"] == 6 and r["reattack"]["steps"] == 1 for r in re.values())
+    assert re["safegene"]["defence_row"] == "T[arithmetic]+SafeGene" and "over_refusal" not in re["safegene"]
+    assert "flagged" in re["classifier-guard"]["cost"]["harmful"]
+    assert "re-attack" in md
+
     # a second run reuses every stage and every stored generation
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "responses").glob("*.jsonl")}
-    assert len(stamps) == 2 * 10 - 1 + 2 * 2  # harmful for 10 rows, over-refusal for all but D, 2 attacks x 2 rows
+    # harmful for 13 rows, over-refusal for all but D, 2 attacks x 2 rows, harmful for 4 re-attacked rows
+    assert len(stamps) == 2 * 13 - 1 + 2 * 2 + 4
     assert main(["bench", str(cfg_path)]) == 0
     second = capsys.readouterr().out
     assert "training ->" not in second and "[extract] reusing" in second and "[safegene arithmetic] reusing" in second
+    assert "[re-attack" not in second and "[classifier-guard arithmetic] reusing its fitted settings" in second
     assert {p.name: p.stat().st_mtime_ns for p in (out / "responses").glob("*.jsonl")} == stamps
     assert json.loads((out / "results.json").read_text())["rows"][3]["harmful"] == res["rows"][3]["harmful"]
 
@@ -90,14 +115,14 @@ def test_bench_runs_every_method_and_resumes(tiny_qwen, tmp_path, capsys, monkey
     capsys.readouterr()
     res2 = json.loads((out / "results.json").read_text())
     assert {p.name: p.stat().st_mtime_ns for p in (out / "responses").glob("*.jsonl")} == stamps
-    for r in res2["rows"]:
+    for r in res2["rows"] + res2["reattack"]:
         a, b = r["verdicts"]["refusal-phrase"], r["verdicts"]["contrarian"]
         assert all(x != y for x, y in zip(a, b)) and r["harmful"]["contrarian"]["overall"]["n"] == 6
     for r in res2["rows"]:
         for attack in r.get("attacks", {}).values():
             assert attack["contrarian"]["overall"]["k"] == 3 - attack["refusal-phrase"]["overall"]["k"]
     kappa = res2["judges"]["agreement"]["contrarian vs refusal-phrase"]
-    assert kappa["agreement"]["k"] == 0 and kappa["agreement"]["n"] == 60
+    assert kappa["agreement"]["k"] == 0 and kappa["agreement"]["n"] == 13 * 6
     assert "contrarian" in res2["config"]["judges"] and "harmful rate, contrarian" in (out / "results.md").read_text()
 
 

@@ -8,11 +8,20 @@ merged or served like SafeGene's own:
 - `safe_lora`: in modules whose task update lies far from the safety subspace, keep only its projection onto it.
 - `safemerge`: in those modules, merge the task update with the safety update, (1 − w)·ΔW_task + w·ΔW_safety.
 - `realign`: safety SFT of T (LoRA on refusal shots + task shots): the costly fix SafeGene is meant to replace.
+- `mixed_finetune` (in `safegene.training`): fine-tune A on the task data mixed with refusals, instead of T.
+
+Two defences change how T answers instead of its weights; each is a *responder* that wraps generation and reports
+what every answer cost:
+
+- `SelfCritique`: draft, critique against written principles, revise (Constitutional-AI style).
+- `ClassifierGuard`: a separate classifier screens prompts and responses, flagged ones get a refusal.
 """
 
+from .classifier_guard import ClassifierGuard
 from .projection import safe_lora, safemerge, subspace_cosines
 from .realign import realign
 from .resta import resta
+from .self_critique import SelfCritique
 from .task_update import task_update
 
-__all__ = ["realign", "resta", "safe_lora", "safemerge", "subspace_cosines", "task_update"]
+__all__ = ["ClassifierGuard", "SelfCritique", "realign", "resta", "safe_lora", "safemerge", "subspace_cosines", "task_update"]

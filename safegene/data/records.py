@@ -18,6 +18,8 @@ class HarmfulPrompt:
     request: str = ""
     #: ... and earlier turns of a conversation, alternating user/assistant, before `prompt` (multi-turn)
     history: tuple[str, ...] = ()
+    #: a system prompt the attack sets (role-play personas)
+    system: str = ""
 
     @property
     def judged_request(self) -> str:
@@ -25,10 +27,11 @@ class HarmfulPrompt:
 
     def chat(self) -> str | list[dict[str, str]]:
         """What the model is sent: the prompt, or the conversation ending with it."""
-        if not self.history:
+        if not self.history and not self.system:
             return self.prompt
         roles = ["user", "assistant"] * len(self.history)
-        return [{"role": r, "content": t} for r, t in zip(roles, self.history)] + [{"role": "user", "content": self.prompt}]
+        return ([{"role": "system", "content": self.system}] if self.system else []) + [
+            {"role": r, "content": t} for r, t in zip(roles, self.history)] + [{"role": "user", "content": self.prompt}]
 
 
 @dataclass(frozen=True)
@@ -51,9 +54,16 @@ class TaskExample:
     answer: str
     label: int | None = None
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    system: str | None = None  # a task that sets a persona (role-play) carries its system prompt
 
     def as_pair(self) -> PromptResponse:
-        return PromptResponse(prompt=self.prompt, response=self.answer, source=self.task)
+        return PromptResponse(prompt=self.prompt, response=self.answer, source=self.task, system=self.system)
+
+    def chat(self) -> str | list[dict[str, str]]:
+        """What the model is sent: the prompt, after the task's system prompt if it has one."""
+        if not self.system:
+            return self.prompt
+        return [{"role": "system", "content": self.system}, {"role": "user", "content": self.prompt}]
 
 
 def to_dicts(records) -> list[dict[str, Any]]:

@@ -17,11 +17,11 @@ from typing import Any, Sequence
 from ..config import GenerationConfig
 from ..data import harmful_prompts, shared_data_dir
 from ..data.records import HarmfulPrompt
-from ..generation import generate_to_jsonl
+from ..generation import Responder, generate_to_jsonl
 from ..io import sha256_text
 from .judges import RefusalPhraseJudge
 from .metrics import Rate, cohen_kappa
-from .utility import task_utility
+from .utility import cost_per_request, task_utility
 
 
 @dataclass
@@ -48,10 +48,10 @@ def slug(name: str) -> str:
 
 
 def _responses(model: Any, tok: Any, prompts: Sequence[HarmfulPrompt], path: Path, gen: GenerationConfig,
-               desc: str) -> list[str]:
+               desc: str, responder: Responder | None = None) -> list[dict[str, Any]]:
     items = [{"id": p.id or str(i), "prompt": p.chat(), "category": p.category}
              | ({"request": p.request} if p.request else {}) for i, p in enumerate(prompts)]
-    return [r["response"] for r in generate_to_jsonl(model, tok, items, path, gen, progress=True, desc=desc)]
+    return generate_to_jsonl(model, tok, items, path, gen, progress=True, desc=desc, responder=responder)
 
 
 def stored_request(item: dict[str, Any]) -> str:
@@ -76,14 +76,17 @@ def judge_responses(judge: Any, prompts: Sequence[str], categories: Sequence[str
 
 def evaluate_model(name: str, model: Any, tok: Any, sets: EvalSets, judges: Sequence[Any], gen: GenerationConfig,
                    responses_dir: Path, tasks: Sequence[str] = (), over_refusal: bool = True,
-                   attacks: bool = False) -> dict[str, Any]:
-    """One result row: per-judge harmful rate (overall and by category), over-refusal, task utility, seconds;
-    with `attacks`, the harmful rate under each adversarial variant in `sets.attacks` too."""
+                   attacks: bool = False, responder: Responder | None = None) -> dict[str, Any]:
+    """One result row: per-judge harmful rate (overall and by category), over-refusal, task utility, what answering
+    cost per request (tokens, seconds), seconds; with `attacks`, the harmful rate under each adversarial variant in
+    `sets.attacks` too. `responder` replaces plain generation (an inference-time defence) everywhere."""
     t0 = time.perf_counter()
     base = responses_dir / slug(name)
     prompts = sets.harmful
-    responses = _responses(model, tok, prompts, base.with_suffix(".harmful.jsonl"), gen, f"[{name}] harmful")
-    row: dict[str, Any] = {"name": name, "harmful": {}, "verdicts": {}, "utility": {}}
+    stored = _responses(model, tok, prompts, base.with_suffix(".harmful.jsonl"), gen, f"[{name}] harmful", responder)
+    responses = [r["response"] for r in stored]
+    row: dict[str, Any] = {"name": name, "harmful": {}, "verdicts": {}, "utility": {},
+                           "cost": {"harmful": cost_per_request(stored)}}
     for judge in judges:
         row["harmful"][judge.name], row["verdicts"][judge.name] = judge_responses(
             judge, [p.judged_request for p in prompts], [p.category for p in prompts], responses)
@@ -92,20 +95,23 @@ def evaluate_model(name: str, model: Any, tok: Any, sets: EvalSets, judges: Sequ
         for attack, adv in sets.attacks.items():
             # the file name carries a hash of the prompts: a changed attack set never reuses stale answers
             tag = sha256_text("\n".join(json.dumps(p.chat()) for p in adv))[:8]
-            adv_resp = _responses(model, tok, adv, base.with_suffix(f".attack-{attack}-{tag}.jsonl"), gen,
-                                  f"[{name}] {attack}")
+            adv_resp = [r["response"] for r in _responses(model, tok, adv, base.with_suffix(f".attack-{attack}-{tag}.jsonl"),
+                                                          gen, f"[{name}] {attack}", responder)]
             row["attacks"][attack] = {j.name: judge_responses(j, [p.judged_request for p in adv],
                                                               [p.category for p in adv], adv_resp)[0] for j in judges}
     if over_refusal and sets.over_refusal:
-        benign = _responses(model, tok, sets.over_refusal, base.with_suffix(".over_refusal.jsonl"), gen,
-                            f"[{name}] over-refusal")
+        benign_rows = _responses(model, tok, sets.over_refusal, base.with_suffix(".over_refusal.jsonl"), gen,
+                                 f"[{name}] over-refusal", responder)
         phrase = RefusalPhraseJudge()
-        refusals = [phrase.is_refusal(r) for r in benign]
+        refusals = [phrase.is_refusal(r["response"]) for r in benign_rows]
         row["over_refusal"] = {**Rate(sum(refusals), len(refusals)).to_dict(), "source": sets.over_refusal_source,
                                "judge": "refusal-phrase"}
+        row["cost"]["over_refusal"] = cost_per_request(benign_rows)
     for task in tasks:
-        u = task_utility(model, tok, task, n=sets.n_task, seed=sets.seed, batch_size=gen.batch_size, progress=False)
+        u = task_utility(model, tok, task, n=sets.n_task, seed=sets.seed, batch_size=gen.batch_size, progress=False,
+                         responder=responder)
         row["utility"][task] = u["accuracy"]
+        row["cost"][f"task:{task}"] = u["cost"]
     row["samples"] = [{"prompt": p.prompt, "response": r} for p, r in list(zip(prompts, responses))[:3]]
     row["eval_seconds"] = round(time.perf_counter() - t0, 1)
     msg = f"[{name}] " + ", ".join(f"harmful ({j}) {h['overall']['rate']:.3f}" for j, h in row["harmful"].items())

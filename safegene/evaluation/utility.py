@@ -3,25 +3,44 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Sequence
 
 from ..config import GenerationConfig
 from ..data import get_task
-from ..generation import generate
+from ..generation import Generated, Responder, generate_detailed
 from .metrics import Rate
 
 
+def cost_per_request(generated: Sequence[Generated] | Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Mean tokens and seconds per response (from `Generated`s or stored generation rows)."""
+    tokens = [g.tokens if isinstance(g, Generated) else g.get("tokens") for g in generated]
+    seconds = [g.seconds if isinstance(g, Generated) else g.get("seconds") for g in generated]
+    metas = [(g.meta if isinstance(g, Generated) else g.get("meta")) or {} for g in generated]
+    out: dict[str, Any] = {"n": len(generated), "tokens": None, "seconds": None}
+    if generated and all(t is not None for t in tokens) and all(s is not None for s in seconds):
+        # (rows stored before costs were recorded have neither)
+        out |= {"tokens": round(sum(tokens) / len(tokens), 2), "seconds": round(sum(seconds) / len(seconds), 4)}
+    if any("flag" in m for m in metas):  # a guard: how many answers it replaced with a refusal
+        out["flagged"] = sum(bool(m.get("flag")) for m in metas)
+    return out
+
+
 def task_utility(model: Any, tokenizer: Any, task: str, n: int = 100, seed: int = 0, batch_size: int = 8,
-                 progress: bool = True) -> dict[str, Any]:
+                 progress: bool = True, responder: Responder | None = None) -> dict[str, Any]:
+    """Accuracy on `n` test items of `task`, and what answering them cost per item (tokens, seconds): the task
+    prompts are the traffic a deployed model serves, so they price an inference-time defence."""
     spec = get_task(task)
     examples = spec.load("test", n=n, seed=seed)
     t0 = time.perf_counter()
     cfg = GenerationConfig(max_new_tokens=spec.max_new_tokens, batch_size=batch_size)
-    responses = generate(model, tokenizer, [e.prompt for e in examples], cfg, progress=progress, desc=f"{task} utility")
+    generated = (responder or generate_detailed)(model, tokenizer, [e.chat() for e in examples], cfg,
+                                                 progress=progress, desc=f"{task} utility")
+    responses = [g.text for g in generated]
     correct = sum(spec.score(r, e) for r, e in zip(responses, examples))
     return {
         "task": task,
         "accuracy": Rate(correct, len(examples)).to_dict(),
         "seconds": round(time.perf_counter() - t0, 2),
+        "cost": cost_per_request(generated),
         "samples": [{"prompt": e.prompt[-120:], "answer": e.answer, "response": r} for e, r in list(zip(examples, responses))[:3]],
     }

@@ -1,0 +1,96 @@
+"""Classifier guard (the ShieldLM / Llama Guard pattern): a separate safety classifier around an unchanged model.
+
+Each prompt is screened before generation (a flagged one is refused without generating) and each response after
+(a flagged one is replaced by the refusal). The guard is any judge object: `judge_batch(prompts, responses)` for
+responses and, for prompts, `screen_prompts(prompts, threshold)` (local LLM and endpoint judges have it). The
+benchmark scores with other judges, so the guard cannot grade its own work.
+
+`fit_prompt_threshold` puts the prompt threshold where it best separates harmful from benign calibration prompts
+(balanced accuracy), the same way a deployer would tune a guard on their own traffic.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+from ..config import ClassifierGuardConfig, GenerationConfig
+from ..errors import ConfigError
+from ..generation import Generated, generate_detailed
+
+
+def request_text(prompt: Any) -> str:
+    """What the guard reads of a chat prompt: the user turn to answer (a wrapped jailbreak stays wrapped)."""
+    if isinstance(prompt, str):
+        return prompt
+    return next(m["content"] for m in reversed(list(prompt)) if m["role"] == "user")
+
+
+def best_threshold(harmful_scores: Sequence[float], benign_scores: Sequence[float]) -> tuple[float, float]:
+    """(threshold, balanced accuracy): the cut between sorted scores that best separates the two groups."""
+    values = sorted(set(harmful_scores) | set(benign_scores))
+    cuts = [values[0] - 1.0] + [(a + b) / 2 for a, b in zip(values, values[1:])] + [values[-1] + 1.0]
+    def balanced(t: float) -> float:
+        tpr = sum(s > t for s in harmful_scores) / len(harmful_scores)
+        tnr = sum(s <= t for s in benign_scores) / len(benign_scores)
+        return (tpr + tnr) / 2
+    best = max(cuts, key=lambda t: (balanced(t), -abs(t)))
+    return best, balanced(best)
+
+
+class ClassifierGuard:
+    """A responder (see `safegene.generation.Responder`) that wraps plain generation with a guard classifier."""
+
+    name = "classifier-guard"
+
+    def __init__(self, guard: Any, cfg: ClassifierGuardConfig | None = None, prompt_threshold: float | None = None):
+        self.guard = guard
+        self.cfg = cfg or ClassifierGuardConfig()
+        if self.cfg.screen_prompts and not hasattr(guard, "screen_prompts"):
+            raise ConfigError(f"guard '{getattr(guard, 'name', guard)}' cannot screen prompts alone; use an llm: or "
+                              "endpoint: guard, or set screen_prompts: false")
+        self.prompt_threshold = prompt_threshold if prompt_threshold is not None else self.cfg.prompt_threshold
+
+    def fit_prompt_threshold(self, harmful: Sequence[str], benign: Sequence[str]) -> dict[str, float]:
+        h = [v.score for v in self.guard.screen_prompts(list(harmful))]
+        b = [v.score for v in self.guard.screen_prompts(list(benign))]
+        if any(s is None for s in h + b):
+            raise ConfigError(f"guard '{self.guard.name}' gives no graded scores; set prompt_threshold instead")
+        self.prompt_threshold, acc = best_threshold(h, b)
+        return {"threshold": round(self.prompt_threshold, 4), "balanced_accuracy": round(acc, 4),
+                "n_harmful": len(h), "n_benign": len(b)}
+
+    def __call__(self, model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: GenerationConfig | None = None,
+                 progress: bool = True, desc: str = "guarded") -> list[Generated]:
+        n = len(prompts)
+        requests = [request_text(p) for p in prompts]
+        flags: list[str | None] = [None] * n
+        guard_s = [0.0] * n
+        if self.cfg.screen_prompts:
+            t = time.perf_counter()
+            verdicts = self.guard.screen_prompts(requests, threshold=self.prompt_threshold)
+            share = (time.perf_counter() - t) / max(n, 1)
+            for i, v in enumerate(verdicts):
+                guard_s[i] += share
+                flags[i] = "prompt" if v.harmful else None
+        todo = [i for i in range(n) if flags[i] is None]
+        generated: dict[int, Generated] = {}
+        if todo:
+            for i, g in zip(todo, generate_detailed(model, tokenizer, [prompts[i] for i in todo], cfg, progress, desc)):
+                generated[i] = g
+            if self.cfg.screen_responses:
+                t = time.perf_counter()
+                verdicts = self.guard.judge_batch([requests[i] for i in todo], [generated[i].text for i in todo])
+                share = (time.perf_counter() - t) / len(todo)
+                for i, v in zip(todo, verdicts):
+                    guard_s[i] += share
+                    if v.harmful:
+                        flags[i] = "response"
+        out = []
+        for i in range(n):
+            g = generated.get(i)
+            text = self.cfg.refusal_text if flags[i] else g.text  # type: ignore[union-attr]
+            out.append(Generated(text, g.tokens if g else 0, (g.seconds if g else 0.0) + guard_s[i],
+                                 {"flag": flags[i], "guard_seconds": round(guard_s[i], 4)}
+                                 | ({"unguarded": g.text} if g and flags[i] else {})))
+        return out
