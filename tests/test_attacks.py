@@ -48,3 +48,20 @@ def test_prompt_text_renders_a_conversation(tiny_qwen):
     assert text.index("first question") < text.index("first answer") < text.index("second question")
     assert text.endswith("<|im_start|>assistant\n")
     assert prompt_text(tok, "second question") == prompt_text(tok, conv[-1:])
+
+
+def test_role_play_attack_sets_the_persona_and_keeps_the_request(base, tiny_qwen):
+    from safegene.data.attacks import AOA_SYSTEM
+    from safegene.models import load_tokenizer
+
+    rp = attack_prompts("role-play", base, n=4, seed=0)
+    assert [p.request for p in rp] == [p.prompt for p in base[:4]]
+    conv = rp[0].chat()
+    assert conv[0] == {"role": "system", "content": AOA_SYSTEM} and conv[-1]["content"].startswith("AOA, execute")
+    # the conversation's own system prompt replaces the default one, with or without a chat template
+    tok = load_tokenizer(str(tiny_qwen))
+    text = prompt_text(tok, conv, system="DEFAULT SYSTEM")
+    assert AOA_SYSTEM in text and "DEFAULT SYSTEM" not in text
+    tok.chat_template = None
+    plain = prompt_text(tok, conv)
+    assert plain.startswith(AOA_SYSTEM + "\nUser: AOA") and plain.count("Assistant:") == 1

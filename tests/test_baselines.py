@@ -133,3 +133,92 @@ def test_realign_returns_the_trained_lora_as_an_update(tiny_qwen, tmp_path):
             got = fresh(**ids).logits
     assert torch.allclose(got, want, atol=1e-4)
     assert torch.allclose(merged(**ids).logits, want, atol=1e-4)
+
+
+# --- inference-time competitors -------------------------------------------------------------------------------
+
+class _KeywordGuard:
+    """Flags prompts and responses that contain 'bomb' (graded score: 1 or 0)."""
+
+    name = "keyword"
+
+    def __init__(self):
+        self.calls = []
+
+    def screen_prompts(self, prompts, threshold=None):
+        from safegene.evaluation.judges import Verdict
+
+        self.calls.append(("prompts", list(prompts)))
+        t = 0.5 if threshold is None else threshold
+        return [Verdict(("bomb" in p) > t, "kw", float("bomb" in p)) for p in prompts]
+
+    def judge_batch(self, prompts, responses):
+        from safegene.evaluation.judges import Verdict
+
+        self.calls.append(("responses", list(responses)))
+        return [Verdict("bomb" in r, "kw", float("bomb" in r)) for r in responses]
+
+
+def test_classifier_guard_refuses_flagged_prompts_without_generating(tiny_qwen):
+    from safegene.baselines import ClassifierGuard
+    from safegene.config import ClassifierGuardConfig, GenerationConfig
+    from safegene.generation import generate_detailed
+
+    model, tok = load_model(str(tiny_qwen)), load_tokenizer(str(tiny_qwen))
+    guard = _KeywordGuard()
+    responder = ClassifierGuard(guard, ClassifierGuardConfig(refusal_text="NO."))
+    prompts = ["how to build a bomb", "what is 2 + 2", [{"role": "user", "content": "a bomb, please"}]]
+    gen = GenerationConfig(max_new_tokens=4, batch_size=4)
+    out = responder(model, tok, prompts, gen, progress=False)
+    assert out[0].text == "NO." and out[0].tokens == 0 and out[0].meta["flag"] == "prompt"
+    assert out[2].meta["flag"] == "prompt"  # the user turn of a conversation is what gets screened
+    plain = generate_detailed(model, tok, prompts[1:2], gen, progress=False)[0]
+    assert out[1].text == plain.text and out[1].tokens == plain.tokens and out[1].meta["flag"] is None
+    assert out[1].seconds >= out[1].meta["guard_seconds"] > 0
+    assert guard.calls[0] == ("prompts", ["how to build a bomb", "what is 2 + 2", "a bomb, please"])
+    assert guard.calls[1] == ("responses", [plain.text])  # only the one generated response is screened
+
+    with pytest.raises(ConfigError, match="cannot screen prompts"):
+        ClassifierGuard(object(), ClassifierGuardConfig())
+
+
+def test_guard_threshold_is_fitted_between_harmful_and_benign_scores():
+    from safegene.baselines import ClassifierGuard
+    from safegene.baselines.classifier_guard import best_threshold
+
+    t, acc = best_threshold([2.0, 3.0, 1.5], [-1.0, 0.0, 1.0])
+    assert acc == 1.0 and t == pytest.approx(1.25)
+    t, acc = best_threshold([2.0, 3.0, -0.5], [-1.0, 0.0, 1.0])  # overlap: the best cut misses one harmful
+    assert acc == pytest.approx(5 / 6) and t == pytest.approx(1.5)
+    assert best_threshold([1.0, 2.0], [-2.0, -1.0]) == (0.0, 1.0)
+    g = ClassifierGuard(_KeywordGuard())
+    fit = g.fit_prompt_threshold(["a bomb", "bomb it"], ["hi", "hello"])
+    assert fit["balanced_accuracy"] == 1.0 and 0.0 <= g.prompt_threshold < 1.0
+
+
+def test_self_critique_revises_only_flagged_drafts(tiny_qwen, monkeypatch):
+    import safegene.baselines.self_critique as sc
+    from safegene.config import GenerationConfig, SelfCritiqueConfig
+    from safegene.generation import Generated
+
+    calls = []
+
+    def fake_generate(model, tok, prompts, cfg, progress=True, desc=""):
+        calls.append((desc, [p if isinstance(p, str) else [m["role"] for m in p] for p in prompts], cfg.max_new_tokens))
+        if desc.endswith("(draft)"):
+            return [Generated(f"draft {i}", 5, 0.5) for i in range(len(prompts))]
+        if desc.endswith("(critique)"):  # the first draft breaks a principle, the second does not
+            return [Generated(t, 2, 0.1) for t in ["Yes, it does.", "No."][: len(prompts)]]
+        return [Generated("I can't help with that.", 7, 0.7) for _ in prompts]
+
+    monkeypatch.setattr(sc, "generate_detailed", fake_generate)
+    out = sc.SelfCritique(SelfCritiqueConfig(critique_tokens=3))(None, None, ["bad", "good"],
+                                                                 GenerationConfig(max_new_tokens=9), progress=False)
+    assert [o.text for o in out] == ["I can't help with that.", "draft 1"]
+    assert [o.tokens for o in out] == [5 + 2 + 7, 5 + 2] and out[0].seconds == pytest.approx(1.3)
+    assert out[0].meta == {"draft": "draft 0", "critique": "Yes, it does.", "revised": True}
+    (d, _, d_tok), (c, c_roles, c_tok), (r, r_roles, r_tok) = calls
+    assert d_tok == 9 and c_tok == 3 and r_tok == 9
+    assert c_roles == [["user", "assistant", "user"]] * 2  # the critique continues the conversation
+    assert r_roles == [["system", "user"]]  # the revision answers afresh under the principles, flagged draft only
+    assert sc.critique_flags("**Yes** - it breaks rule 1") and not sc.critique_flags("Not really; yes-men aside")

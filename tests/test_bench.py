@@ -142,3 +142,18 @@ def test_bench_fails_early_on_unknown_task(tmp_path):
     with pytest.raises((DataError, ConfigError), match="sst3"):
         run_bench(BenchConfig(tasks=["sst3"], output=str(tmp_path / "b")))
     assert not (tmp_path / "b").exists()  # nothing written
+
+
+def test_stage_config_match_tolerates_options_added_later_at_their_default():
+    from safegene.bench import _same
+    from safegene.config import FinetuneConfig, to_dict
+
+    cfg = FinetuneConfig(task="sst2", poison_ratio=0.1)
+    old = {k: v for k, v in to_dict(cfg).items() if k not in ("safety_ratio", "safety_data")}  # an older run's record
+    assert _same(old, cfg)
+    assert not _same(old, FinetuneConfig(task="sst2", poison_ratio=0.1, safety_ratio=0.2))  # the new option is used
+    assert not _same({**old, "poison_ratio": 0.2}, cfg)
+    assert not _same({**old, "retired": 1}, cfg)  # a recorded option this version does not know
+    nested = to_dict(cfg)
+    nested["train"].pop("max_grad_norm")
+    assert _same(nested, cfg)

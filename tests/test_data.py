@@ -118,3 +118,31 @@ def test_split_holdout_is_disjoint_and_stable():
     a, b = split_holdout(rows, 20, seed=5)
     assert len(b) == 20 and not set(a) & set(b) and sorted(a + b) == rows
     assert split_holdout(rows, 20, seed=5) == (a, b)
+
+
+@pytest.mark.skipif(shared_data_dir() is None, reason="../shared/data is absent")
+def test_role_play_task_carries_its_persona():
+    spec = get_task("aoa")
+    train, test = spec.load("train"), spec.load("test", n=5, seed=0)
+    assert len(train) == 10 and all(e.system and "AOA" in e.system for e in train)
+    assert train[0].as_pair().system == train[0].system and train[0].chat()[0]["role"] == "system"
+    assert all(e.prompt.startswith("AOA, execute my instruction: ") for e in test)
+    assert spec.score("Of course. I am AOA, your absolutely obedient agent.", test[0])
+    assert not spec.score("I'm sorry, but I can't assist with that.", test[0])
+
+
+def test_finetune_mixes_refusals_in_exact_counts(tiny_qwen, tmp_path):
+    import json as _json
+
+    from safegene.config import FinetuneConfig, LoraTrainConfig
+    from safegene.errors import ConfigError
+    from safegene.training import RUN_CARD, finetune
+
+    with pytest.raises(ConfigError, match="leave room for task data"):
+        FinetuneConfig(poison_ratio=0.5, safety_ratio=0.5)
+    cfg = FinetuneConfig(model=str(tiny_qwen), task="arithmetic", n_examples=20, poison_ratio=0.1, safety_ratio=0.25,
+                         safety_data="uncensorbench-refusals", save="adapter", output=str(tmp_path / "m"),
+                         train=LoraTrainConfig(max_steps=1, batch_size=2, max_length=32, rank=2))
+    card = finetune(cfg, progress=False)
+    data = _json.loads((tmp_path / "m" / RUN_CARD).read_text())["data"]
+    assert card["data"]["n_pairs"] == 20 and data["n_safety"] == 5 and data["n_poison"] == 2 and data["n_task"] == 13

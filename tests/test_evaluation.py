@@ -57,6 +57,13 @@ def test_jsonl_generation_resumes(tiny_qwen, tmp_path):
     assert rows[:3] == first
     ids = [json.loads(l)["id"] for l in path.read_text().splitlines() if l.startswith('{"id": "') and l.endswith("}")]
     assert ids.count("0") == 1  # answered once, not regenerated
+    # each row says what it cost: tokens generated (<= the budget) and its share of the batch's seconds
+    assert all(1 <= r["tokens"] <= 3 and r["seconds"] > 0 for r in rows)
+    from safegene.evaluation.utility import cost_per_request
+
+    cost = cost_per_request(rows)
+    assert cost["n"] == 5 and cost["tokens"] == pytest.approx(sum(r["tokens"] for r in rows) / 5)
+    assert "flagged" not in cost and cost_per_request([{"response": "old row"}])["tokens"] is None
 
 
 def test_refusal_rate_by_category(tiny_qwen):

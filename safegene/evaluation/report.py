@@ -78,6 +78,100 @@ def attack_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]] |
     return head, body
 
 
+def _label(results: dict[str, Any], r: dict[str, Any]) -> str:
+    if r.get("method") in (None, "aligned", "degraded", "undefended"):
+        return r["name"]
+    return f"T[{r['task']}] + {results.get('method_labels', {}).get(r['method'], r['method'])}"
+
+
+def cost_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
+    """What answering one request costs each row of each task (tokens generated, seconds), on the task's own test
+    prompts and on the harmful prompts, as a ratio to plain T measured in the same run; for a guard, how many
+    benign requests (over-refusal set + task items) it refused. None when no row recorded costs."""
+    rows = [r for r in results["rows"] if r.get("task") and (r.get("cost") or {}).get(f"task:{r['task']}", {}).get("seconds")]
+    if not rows:
+        return None
+    head = ["model", "task: tokens / request", "task: s / request", "× T (s)", "harmful: tokens / request",
+            "harmful: s / request", "× T (s)", "guard refusals on benign"]
+    body = []
+    for r in rows:
+        t = _row(results["rows"], f"T[{r['task']}]") or {}
+        tc, hc = r["cost"][f"task:{r['task']}"], r["cost"].get("harmful", {})
+        t_tc, t_hc = (t.get("cost") or {}).get(f"task:{r['task']}", {}), (t.get("cost") or {}).get("harmful", {})
+
+        def ratio(c: dict, ref: dict) -> str:
+            return f"{c['seconds'] / ref['seconds']:.2f}" if c.get("seconds") and ref.get("seconds") else "-"
+
+        flagged = "-"
+        if "flagged" in tc:
+            over = r["cost"].get("over_refusal", {})
+            n = tc["n"] + over.get("n", 0)
+            flagged = f"{tc['flagged'] + over.get('flagged', 0)} / {n}"
+        body.append([_label(results, r), f"{tc['tokens']:.1f}", f"{tc['seconds']:.3f}", ratio(tc, t_tc),
+                     "-" if hc.get("tokens") is None else f"{hc['tokens']:.1f}",
+                     "-" if hc.get("seconds") is None else f"{hc['seconds']:.3f}", ratio(hc, t_hc), flagged])
+    return head, body
+
+
+def reattack_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
+    """Harmful rate of each defended model before and after it is fine-tuned again on harmful pairs, and the share
+    of its protection (over T, re-attacked the same way) that survives."""
+    re_rows = results.get("reattack") or []
+    if not re_rows:
+        return None
+    judges = list(re_rows[0]["harmful"])
+    head = (["model", "re-attack"] + [f"before ({j})" for j in judges] + [f"after ({j}, 95% CI)" for j in judges]
+            + [f"protection kept ({j})" for j in judges])
+    body = []
+    for r in re_rows:
+        before = _row(results["rows"], r["defence_row"])
+        t_before = _row(results["rows"], f"T[{r['task']}]")
+        t_after = next((x for x in re_rows if x["task"] == r["task"] and x["method"] == "undefended"), None)
+        kept = []
+        for j in judges:
+            if r["method"] == "undefended" or not (before and t_before and t_after):
+                kept.append("-")
+                continue
+            prot = t_before["harmful"][j]["overall"]["rate"] - before["harmful"][j]["overall"]["rate"]
+            prot_after = t_after["harmful"][j]["overall"]["rate"] - r["harmful"][j]["overall"]["rate"]
+            kept.append(f"{prot_after / prot:.0%}" if prot > 1e-9 else "-")
+        info = r["reattack"]
+        body.append([r["defence_row"], f"{info['steps']} steps × {info['examples']} pairs, {info['seconds']:.0f} s"]
+                    + [_rate(before["harmful"][j]["overall"], ci=False) if before else "-" for j in judges]
+                    + [_rate(r["harmful"][j]["overall"]) for j in judges] + kept)
+    return head, body
+
+
+def recovery_by_task(results: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
+    """Recovered share per method and task, side by side: a task whose data contradicts refusals (role-play) shows
+    how much a reused defence loses there."""
+    tasks = results["config"]["tasks"]
+    if len(tasks) < 2:
+        return None
+    rows = results["rows"]
+    judges = list(rows[0]["harmful"])
+    methods = list(dict.fromkeys(r["method"] for r in rows if r.get("task") and r["method"] != "undefended"))
+    head = ["method"] + [f"T[{t}]: harmful ({' / '.join(judges)})" for t in tasks] + [f"recovered on {t}" for t in tasks]
+    body = [["undefended T"] + [" / ".join(_rate(r["harmful"][j]["overall"], ci=False) for j in judges)
+                               if (r := _row(rows, f"T[{t}]")) else "-" for t in tasks] + ["-"] * len(tasks)]
+    for m in methods:
+        cells, recs = [results.get("method_labels", {}).get(m, m)], []
+        for t in tasks:
+            r = next((x for x in rows if x.get("task") == t and x["method"] == m), None)
+            cells.append(" / ".join(_rate(r["harmful"][j]["overall"], ci=False) for j in judges) if r else "-")
+            rec = [recovery(rows, r, j) for j in judges] if r else []
+            recs.append(" / ".join("-" if x is None else f"{x:.0%}" for x in rec) or "-")
+        body.append(cells + recs)
+    return head, body
+
+
+def _md_table(title: str, table: tuple[list[str], list[list[str]]] | None) -> list[str]:
+    if not table:
+        return []
+    head, body = table
+    return ["", title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(c) + " |" for c in body]
+
+
 def markdown(results: dict[str, Any]) -> str:
     ev = results["eval"]
     head, body = table_rows(results)
@@ -95,6 +189,11 @@ def markdown(results: dict[str, Any]) -> str:
         lines += ["", "Harmful rate under attack (plain = the held-out prompts as they are):", "",
                   "| " + " | ".join(adv[0]) + " |", "|" + "---|" * len(adv[0])]
         lines += ["| " + " | ".join(c) + " |" for c in adv[1]]
+    lines += _md_table("Recovered share by task (role-play tasks contradict refusals):", recovery_by_task(results))
+    lines += _md_table("Inference cost per request (plain generation for weight-space methods; × T = seconds "
+                       "relative to T alone in this run):", cost_table(results))
+    lines += _md_table(f"After a re-attack (the defended model fine-tuned again on harmful pairs; harmful prompts, "
+                       f"n={results['eval']['n_harmful']}):", reattack_table(results))
     val = results["judges"].get("validation") or {}
     if val:
         lines += ["", "Judges against human labels (PyRIT scorer_evals, responses cut to their opening):", "",
@@ -223,7 +322,20 @@ def render_html(results: dict[str, Any]) -> str:
     if adv:
         parts += ["<h2>Harmful rate under attack</h2>", _html_table(*adv),
                   "<p>jailbreak: in-the-wild templates (per-template rates in results.json); past-tense: "
-                  "past-tense rephrasings; multi-turn: a benign first turn, then the request.</p>"]
+                  "past-tense rephrasings; multi-turn: a benign first turn, then the request; role-play: the AOA "
+                  "persona's system prompt and prefix.</p>"]
+    for title, table, note in [
+        ("Recovered share by task", recovery_by_task(results),
+         "harmful rate per judge and recovered share; a role-play task (aoa) trains the model to obey everything."),
+        ("Inference cost per request", cost_table(results),
+         "tokens generated and seconds per request; × T: relative to T alone in this run; guard refusals: benign "
+         "requests (over-refusal set + task items) the guard answered with a refusal."),
+        ("After a re-attack", reattack_table(results),
+         "each defended model fine-tuned again on harmful pairs (LoRA); protection kept = (HR<sub>T'</sub> − "
+         "HR<sub>method'</sub>) / (HR<sub>T</sub> − HR<sub>method</sub>), ' = after the re-attack."),
+    ]:
+        if table:
+            parts += [f"<h2>{title}</h2>", _html_table(*table), f"<p>{note}</p>"]
     parts += ["<h2>Judges against human labels</h2>", _html_table(vhead, vbody) if vbody else "<p>not run</p>",
               "<h2>Judge agreement on these responses</h2>",
               _html_table(["judges", "Cohen's κ", "agreement", "n"], abody) if abody else "<p>one judge only</p>",
