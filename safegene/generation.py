@@ -36,14 +36,8 @@ class Responder(Protocol):
                  progress: bool = True, desc: str = "generating") -> list[Generated]: ...
 
 
-def generate(
-    model: Any,
-    tokenizer: Any,
-    prompts: Sequence[Any],
-    cfg: GenerationConfig | None = None,
-    progress: bool = True,
-    desc: str = "generating",
-) -> list[str]:
+def generate(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: GenerationConfig | None = None,
+             progress: bool = True, desc: str = "generating") -> list[str]:
     """Generate one response per prompt (in order). Responses are decoded without special tokens, stripped."""
     return [g.text for g in generate_detailed(model, tokenizer, prompts, cfg, progress, desc)]
 

@@ -178,6 +178,10 @@ def test_classifier_guard_refuses_flagged_prompts_without_generating(tiny_qwen):
     assert guard.calls[0] == ("prompts", ["how to build a bomb", "what is 2 + 2", "a bomb, please"])
     assert guard.calls[1] == ("responses", [plain.text])  # only the one generated response is screened
 
+    # a response threshold above every score lets all responses through; responses only: no prompt screening
+    lenient = ClassifierGuard(guard, ClassifierGuardConfig(screen_prompts=False, response_threshold=2.0))
+    assert [o.meta["flag"] for o in lenient(model, tok, prompts, gen, progress=False)] == [None, None, None]
+
     with pytest.raises(ConfigError, match="cannot screen prompts"):
         ClassifierGuard(object(), ClassifierGuardConfig())
 

@@ -82,9 +82,10 @@ class ClassifierGuard:
                 t = time.perf_counter()
                 verdicts = self.guard.judge_batch([requests[i] for i in todo], [generated[i].text for i in todo])
                 share = (time.perf_counter() - t) / len(todo)
+                cut = self.cfg.response_threshold
                 for i, v in zip(todo, verdicts):
                     guard_s[i] += share
-                    if v.harmful:
+                    if (v.harmful if cut is None or v.score is None else v.score > cut):
                         flags[i] = "response"
         out = []
         for i in range(n):
