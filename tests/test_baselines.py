@@ -174,7 +174,7 @@ def test_classifier_guard_refuses_flagged_prompts_without_generating(tiny_qwen):
     assert out[2].meta["flag"] == "prompt"  # the user turn of a conversation is what gets screened
     plain = generate_detailed(model, tok, prompts[1:2], gen, progress=False)[0]
     assert out[1].text == plain.text and out[1].tokens == plain.tokens and out[1].meta["flag"] is None
-    assert out[1].seconds >= out[1].meta["guard_seconds"] > 0
+    assert out[1].seconds > out[1].meta["guard_seconds"] >= 0 and out[0].seconds == pytest.approx(out[0].meta["guard_seconds"], abs=1e-5)
     assert guard.calls[0] == ("prompts", ["how to build a bomb", "what is 2 + 2", "a bomb, please"])
     assert guard.calls[1] == ("responses", [plain.text])  # only the one generated response is screened
 

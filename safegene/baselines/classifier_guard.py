@@ -92,6 +92,6 @@ class ClassifierGuard:
             g = generated.get(i)
             text = self.cfg.refusal_text if flags[i] else g.text  # type: ignore[union-attr]
             out.append(Generated(text, g.tokens if g else 0, (g.seconds if g else 0.0) + guard_s[i],
-                                 {"flag": flags[i], "guard_seconds": round(guard_s[i], 4)}
+                                 {"flag": flags[i], "guard_seconds": round(guard_s[i], 6)}
                                  | ({"unguarded": g.text} if g and flags[i] else {})))
         return out
