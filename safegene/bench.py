@@ -334,8 +334,9 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
             timings[f"{method}_{task}_s"] = seconds
             rows.append({**row, "task": task, "method": method, "build_seconds": seconds, **extra})
         for method in cfg.reattack_methods if cfg.reattack_tasks is None or task in cfg.reattack_tasks else []:
-            reattack_rows.append(_reattack(cfg, task, method, defences[method], t_ref, t_tok, upstream, evaluate,
-                                           out, responses, train_cfg, progress))
+            for steps in cfg.reattack_steps:
+                reattack_rows.append(_reattack(cfg, task, method, steps, defences[method], t_ref, t_tok, upstream,
+                                               evaluate, out, responses, train_cfg, progress))
         del t_model
 
     timings["total_s"] = round(time.perf_counter() - t_start, 1)
@@ -354,10 +355,10 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     return results
 
 
-def _reattack(cfg: BenchConfig, task: str, method: str, defence: dict[str, Any], t_ref: str, t_tok: Any,
+def _reattack(cfg: BenchConfig, task: str, method: str, steps: int, defence: dict[str, Any], t_ref: str, t_tok: Any,
               upstream: dict[str, Any], evaluate: Callable, out: Path, responses: Path, train_cfg: Callable,
               progress: bool) -> dict[str, Any]:
-    """Fine-tune the defended model once more on a few harmful pairs (LoRA, `reattack_steps`) and measure its
+    """Fine-tune the defended model once more on a few harmful pairs (LoRA, `steps`) and measure its
     harmful rate again. Weight-space defences are merged into T first; an inference-time defence keeps wrapping the
     re-attacked weights (the attacker changes the weights, not the serving stack); mixed-ft is re-attacked itself."""
     from .apply import apply_adapter
@@ -365,29 +366,29 @@ def _reattack(cfg: BenchConfig, task: str, method: str, defence: dict[str, Any],
     from .evaluation.harness import slug
     from .training import train_lora
 
-    name = f"{defence['name']} re-attacked"
-    rcfg = {"data": cfg.reattack_data, "examples": cfg.reattack_examples, "train": to_dict(train_cfg(cfg.reattack_steps))}
+    name = f"{defence['name']} re-attacked {steps} steps"
+    rcfg = {"data": cfg.reattack_data, "examples": cfg.reattack_examples, "train": to_dict(train_cfg(steps))}
     key = {"reattack": rcfg, "defence": defence["key"], "upstream": upstream}
-    card_path = out / "reattack" / task / f"{method}.json"
+    card_path = out / "reattack" / task / f"{method}-{steps}.json"
     card = _read_card(card_path)
     if not (card and _same(card.get("key"), key)):
         _forget(responses, name)
         card = None
     model = None
     if card is None or not _complete(responses / f"{slug(name)}.harmful.jsonl", cfg.n_harmful):
-        print(f"[re-attack {task}] {defence['name']}: {cfg.reattack_steps} LoRA steps on {cfg.reattack_examples} "
+        print(f"[re-attack {task}] {defence['name']}: {steps} LoRA steps on {cfg.reattack_examples} "
               "harmful pairs")
         model = load_model(defence.get("model") or t_ref)
         if "update" in defence:
             apply_adapter(defence["update"], model, mode="merge")
         pairs = prompt_response_pairs(cfg.reattack_data, n=cfg.reattack_examples, seed=cfg.seed + 101)
-        model, stats = train_lora(model, t_tok, pairs, train_cfg(cfg.reattack_steps), progress=progress)
+        model, stats = train_lora(model, t_tok, pairs, train_cfg(steps), progress=progress)
         card = {"key": key, "training": stats.to_dict()}
         write_json(card_path, card)
     row = evaluate(name, model, t_tok, over_refusal=False, responder=defence.get("responder"))
     del model
     return {**row, "task": task, "method": method, "defence_row": defence["name"],
-            "reattack": {"steps": cfg.reattack_steps, "examples": cfg.reattack_examples,
+            "reattack": {"steps": steps, "examples": cfg.reattack_examples,
                          "seconds": card["training"]["seconds"], "final_loss": card["training"]["final_loss"]}}
 
 

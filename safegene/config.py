@@ -472,7 +472,7 @@ class BenchConfig:
     reattack_tasks: list[str] | None = opt(None, "tasks whose models are re-attacked; None: every task")
     reattack_data: str = opt("harmful-pairs", "harmful pairs of the re-attack (sampled apart from the poison)")
     reattack_examples: int = opt(32, "harmful pairs of the re-attack")
-    reattack_steps: int = opt(10, "LoRA steps of the re-attack")
+    reattack_steps: list[int] = opt([10], "LoRA steps of the re-attack; several: one re-attack each (a curve)")
 
     def __post_init__(self) -> None:
         _check(bool(self.tasks), "tasks must name at least one task")
@@ -484,7 +484,8 @@ class BenchConfig:
         _check(not bad, f"reattack_methods {bad} are neither 'undefended' nor in methods")
         _check(self.reattack_tasks is None or set(self.reattack_tasks) <= set(self.tasks),
                f"reattack_tasks {self.reattack_tasks} must be among tasks {self.tasks}")
-        _check(self.reattack_examples >= 1 and self.reattack_steps >= 1, "reattack_examples and reattack_steps must be >= 1")
+        _check(self.reattack_examples >= 1 and bool(self.reattack_steps) and min(self.reattack_steps) >= 1,
+               "reattack_examples and every reattack_steps entry must be >= 1")
         _check(0 < self.mixed_safety_ratio < 1 - self.poison_ratio,
                f"mixed_safety_ratio must be in (0, {1 - self.poison_ratio:g}) (room for the task data)")
         _check("classifier-guard" not in self.methods or self.guard.guard not in self.judges,

@@ -22,7 +22,7 @@ def _config(tiny_qwen, out) -> dict:
         "attacks": ["past-tense", "multi-turn"], "n_attack": 3, "attack_methods": ["aligned", "safegene"],
         "self_critique": {"critique_tokens": 4, "revise": "always"}, "guard": {"guard": f"llm:{tiny_qwen}", "n_calibration": 4},
         "mixed_safety_ratio": 0.5, "reattack_methods": ["undefended", "safegene", "classifier-guard", "mixed-ft"],
-        "reattack_examples": 2, "reattack_steps": 1,
+        "reattack_examples": 2, "reattack_steps": [1, 2],
     }
 
 
@@ -78,17 +78,19 @@ def test_bench_runs_every_method_and_resumes(tiny_qwen, tmp_path, capsys, monkey
     assert by["mixed-ft"]["data"]["n_safety"] == 2 and by["mixed-ft"]["build_seconds"] > 0
     assert "mixed-ft_arithmetic_s" in res["timings"]
     # re-attack: each defended model fine-tuned again, harmful prompts only; a guard keeps guarding
-    re = {r["method"]: r for r in res["reattack"]}
-    assert list(re) == ["undefended", "safegene", "classifier-guard", "mixed-ft"]
-    assert all(r["harmful"]["refusal-phrase"]["overall"]["n"] == 6 and r["reattack"]["steps"] == 1 for r in re.values())
+    assert [(r["method"], r["reattack"]["steps"]) for r in res["reattack"]] == [
+        (m, s) for m in ["undefended", "safegene", "classifier-guard", "mixed-ft"] for s in (1, 2)]
+    re = {r["method"]: r for r in res["reattack"] if r["reattack"]["steps"] == 1}
+    assert all(r["harmful"]["refusal-phrase"]["overall"]["n"] == 6 for r in res["reattack"])
+    assert re["safegene"]["name"] == "T[arithmetic]+SafeGene re-attacked 1 steps"
     assert re["safegene"]["defence_row"] == "T[arithmetic]+SafeGene" and "over_refusal" not in re["safegene"]
     assert "flagged" in re["classifier-guard"]["cost"]["harmful"]
     assert "re-attack" in md
 
     # a second run reuses every stage and every stored generation
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "responses").glob("*.jsonl")}
-    # harmful for 13 rows, over-refusal for all but D, 2 attacks x 2 rows, harmful for 4 re-attacked rows
-    assert len(stamps) == 2 * 13 - 1 + 2 * 2 + 4
+    # harmful for 13 rows, over-refusal for all but D, 2 attacks x 2 rows, harmful for 4 x 2 re-attacked rows
+    assert len(stamps) == 2 * 13 - 1 + 2 * 2 + 8
     assert main(["bench", str(cfg_path)]) == 0
     second = capsys.readouterr().out
     assert "training ->" not in second and "[extract] reusing" in second and "[safegene arithmetic] reusing" in second

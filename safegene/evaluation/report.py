@@ -126,7 +126,8 @@ def reattack_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]
     for r in re_rows:
         before = _row(results["rows"], r["defence_row"])
         t_before = _row(results["rows"], f"T[{r['task']}]")
-        t_after = next((x for x in re_rows if x["task"] == r["task"] and x["method"] == "undefended"), None)
+        t_after = next((x for x in re_rows if x["task"] == r["task"] and x["method"] == "undefended"
+                        and x["reattack"]["steps"] == r["reattack"]["steps"]), None)
         kept = []
         for j in judges:
             if r["method"] == "undefended" or not (before and t_before and t_after):
