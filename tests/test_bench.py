@@ -89,8 +89,9 @@ def test_bench_runs_every_method_and_resumes(tiny_qwen, tmp_path, capsys, monkey
 
     # a second run reuses every stage and every stored generation
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "responses").glob("*.jsonl")}
-    # harmful for 13 rows, over-refusal for all but D, 2 attacks x 2 rows, harmful for 4 x 2 re-attacked rows
-    assert len(stamps) == 2 * 13 - 1 + 2 * 2 + 8
+    # harmful for 13 rows, over-refusal and task answers for all but D, 2 attacks x 2 rows, harmful for 4 x 2
+    # re-attacked rows
+    assert len(stamps) == 3 * 13 - 2 + 2 * 2 + 8
     assert main(["bench", str(cfg_path)]) == 0
     second = capsys.readouterr().out
     assert "training ->" not in second and "[extract] reusing" in second and "[safegene arithmetic] reusing" in second

@@ -21,7 +21,7 @@ from ..generation import Responder, generate_to_jsonl
 from ..io import sha256_text
 from .judges import RefusalPhraseJudge
 from .metrics import Rate, cohen_kappa
-from .utility import cost_per_request, task_utility
+from .utility import cost_per_request, task_items_tag, task_utility
 
 
 @dataclass
@@ -108,8 +108,9 @@ def evaluate_model(name: str, model: Any, tok: Any, sets: EvalSets, judges: Sequ
                                "judge": "refusal-phrase"}
         row["cost"]["over_refusal"] = cost_per_request(benign_rows)
     for task in tasks:
-        u = task_utility(model, tok, task, n=sets.n_task, seed=sets.seed, batch_size=gen.batch_size, progress=False,
-                         responder=responder)
+        tag = task_items_tag(task, sets.n_task, sets.seed)
+        u = task_utility(model, tok, task, n=sets.n_task, seed=sets.seed, batch_size=gen.batch_size, progress=True,
+                         responder=responder, responses_path=base.with_suffix(f".task-{task}-{tag}.jsonl"))
         row["utility"][task] = u["accuracy"]
         row["cost"][f"task:{task}"] = u["cost"]
     row["samples"] = [{"prompt": p.prompt, "response": r} for p, r in list(zip(prompts, responses))[:3]]
