@@ -85,7 +85,7 @@ def test_bench_runs_every_method_and_resumes(tiny_qwen, tmp_path, capsys, monkey
     assert re["safegene"]["name"] == "T[arithmetic]+SafeGene re-attacked 1 steps"
     assert re["safegene"]["defence_row"] == "T[arithmetic]+SafeGene" and "over_refusal" not in re["safegene"]
     assert "flagged" in re["classifier-guard"]["cost"]["harmful"]
-    assert "re-attack" in md
+    assert "re-attack" in md and "Inference cost per request" in md and "guard refusals on benign" in md
 
     # a second run reuses every stage and every stored generation
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "responses").glob("*.jsonl")}

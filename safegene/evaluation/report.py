@@ -91,25 +91,23 @@ def cost_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]] | N
     rows = [r for r in results["rows"] if r.get("task") and (r.get("cost") or {}).get(f"task:{r['task']}", {}).get("seconds")]
     if not rows:
         return None
-    head = ["model", "task: tokens / request", "task: s / request", "× T (s)", "harmful: tokens / request",
-            "harmful: s / request", "× T (s)", "guard refusals on benign"]
+    head = ["model", "task: tokens / request", "× T", "task: s / request", "× T", "harmful: tokens / request", "× T",
+            "harmful: s / request", "× T", "guard refusals on benign"]
     body = []
     for r in rows:
-        t = _row(results["rows"], f"T[{r['task']}]") or {}
-        tc, hc = r["cost"][f"task:{r['task']}"], r["cost"].get("harmful", {})
-        t_tc, t_hc = (t.get("cost") or {}).get(f"task:{r['task']}", {}), (t.get("cost") or {}).get("harmful", {})
-
-        def ratio(c: dict, ref: dict) -> str:
-            return f"{c['seconds'] / ref['seconds']:.2f}" if c.get("seconds") and ref.get("seconds") else "-"
-
+        t_cost = (_row(results["rows"], f"T[{r['task']}]") or {}).get("cost") or {}
+        cells = [_label(results, r)]
+        for key in (f"task:{r['task']}", "harmful"):
+            c, ref = r["cost"].get(key) or {}, t_cost.get(key) or {}
+            for field, fmt in (("tokens", "{:.1f}"), ("seconds", "{:.3f}")):
+                cells.append("-" if c.get(field) is None else fmt.format(c[field]))
+                cells.append(f"{c[field] / ref[field]:.2f}" if c.get(field) is not None and ref.get(field) else "-")
+        tc = r["cost"][f"task:{r['task']}"]
         flagged = "-"
         if "flagged" in tc:
             over = r["cost"].get("over_refusal", {})
-            n = tc["n"] + over.get("n", 0)
-            flagged = f"{tc['flagged'] + over.get('flagged', 0)} / {n}"
-        body.append([_label(results, r), f"{tc['tokens']:.1f}", f"{tc['seconds']:.3f}", ratio(tc, t_tc),
-                     "-" if hc.get("tokens") is None else f"{hc['tokens']:.1f}",
-                     "-" if hc.get("seconds") is None else f"{hc['seconds']:.3f}", ratio(hc, t_hc), flagged])
+            flagged = f"{tc['flagged'] + over.get('flagged', 0)} / {tc['n'] + over.get('n', 0)}"
+        body.append(cells + [flagged])
     return head, body
 
 
@@ -191,8 +189,8 @@ def markdown(results: dict[str, Any]) -> str:
                   "| " + " | ".join(adv[0]) + " |", "|" + "---|" * len(adv[0])]
         lines += ["| " + " | ".join(c) + " |" for c in adv[1]]
     lines += _md_table("Recovered share by task (role-play tasks contradict refusals):", recovery_by_task(results))
-    lines += _md_table("Inference cost per request (plain generation for weight-space methods; × T = seconds "
-                       "relative to T alone in this run):", cost_table(results))
+    lines += _md_table("Inference cost per request (plain generation for weight-space methods; × T = relative "
+                       "to T alone, answering the same prompts):", cost_table(results))
     lines += _md_table(f"After a re-attack (the defended model fine-tuned again on harmful pairs; harmful prompts, "
                        f"n={results['eval']['n_harmful']}):", reattack_table(results))
     val = results["judges"].get("validation") or {}
