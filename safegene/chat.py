@@ -22,6 +22,13 @@ def prompt_text(tokenizer: Any, prompt: str | Sequence[dict[str, str]], system: 
     return head + earlier + FALLBACK_TEMPLATE_USER.format(prompt=turns[-1]["content"]) + " "
 
 
+def last_user_turn(prompt: str | Sequence[dict[str, str]]) -> str:
+    """The user message a model answers: the prompt itself, or a conversation's last user turn."""
+    if isinstance(prompt, str):
+        return prompt
+    return next(m["content"] for m in reversed(list(prompt)) if m["role"] == "user")
+
+
 def end_of_turn(tokenizer: Any) -> str:
     """The text that ends an assistant turn (Qwen: <|im_end|>), so a trained model learns to stop."""
     return tokenizer.eos_token or ""

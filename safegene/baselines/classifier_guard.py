@@ -14,16 +14,10 @@ from __future__ import annotations
 import time
 from typing import Any, Sequence
 
+from ..chat import last_user_turn
 from ..config import ClassifierGuardConfig, GenerationConfig
 from ..errors import ConfigError
 from ..generation import Generated, generate_detailed
-
-
-def request_text(prompt: Any) -> str:
-    """What the guard reads of a chat prompt: the user turn to answer (a wrapped jailbreak stays wrapped)."""
-    if isinstance(prompt, str):
-        return prompt
-    return next(m["content"] for m in reversed(list(prompt)) if m["role"] == "user")
 
 
 def best_threshold(harmful_scores: Sequence[float], benign_scores: Sequence[float]) -> tuple[float, float]:
@@ -63,7 +57,7 @@ class ClassifierGuard:
     def __call__(self, model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: GenerationConfig | None = None,
                  progress: bool = True, desc: str = "guarded") -> list[Generated]:
         n = len(prompts)
-        requests = [request_text(p) for p in prompts]
+        requests = [last_user_turn(p) for p in prompts]  # a wrapped jailbreak stays wrapped: the guard sees it all
         flags: list[str | None] = [None] * n
         guard_s = [0.0] * n
         if self.cfg.screen_prompts:

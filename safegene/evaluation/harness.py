@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..chat import last_user_turn
 from ..config import GenerationConfig
 from ..data import harmful_prompts, shared_data_dir
 from ..data.records import HarmfulPrompt
@@ -56,10 +57,7 @@ def _responses(model: Any, tok: Any, prompts: Sequence[HarmfulPrompt], path: Pat
 
 def stored_request(item: dict[str, Any]) -> str:
     """The request judges read, from a stored generation row (plain prompt, wrapped prompt, or conversation)."""
-    if item.get("request"):
-        return item["request"]
-    prompt = item["prompt"]
-    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
+    return item.get("request") or last_user_turn(item["prompt"])
 
 
 def judge_responses(judge: Any, prompts: Sequence[str], categories: Sequence[str],

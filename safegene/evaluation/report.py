@@ -37,18 +37,22 @@ def recovery(rows: list[dict[str, Any]], row: dict[str, Any], judge: str) -> flo
     return (hr_t - hr_m) / (hr_t - hr_a) if abs(hr_t - hr_a) > 1e-9 else None
 
 
+def _label(results: dict[str, Any], r: dict[str, Any]) -> str:
+    """How a row is named in tables: A, D and T by name, a method as T[task] + its label."""
+    if r.get("method") in (None, "aligned", "degraded", "undefended"):
+        return r["name"]
+    return f"T[{r['task']}] + {results.get('method_labels', {}).get(r['method'], r['method'])}"
+
+
 def table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     rows = results["rows"]
     judges = list(rows[0]["harmful"])
     tasks = results["config"]["tasks"]
-    labels = results.get("method_labels", {})
     head = (["model"] + [f"harmful rate, {j} (95% CI)" for j in judges] + [f"recovered ({j})" for j in judges]
             + ["over-refusal"] + [f"{t} accuracy" for t in tasks] + ["cost (s)"])
     body = []
     for r in rows:
-        name = r["name"]
-        if r.get("task") and r.get("method") not in ("undefended",):
-            name = f"T[{r['task']}] + {labels.get(r['method'], r['method'])}"
+        name = _label(results, r)
         rec = [recovery(rows, r, j) for j in judges]
         cells = [name] + [_rate(r["harmful"][j]["overall"]) for j in judges]
         cells += ["-" if x is None else f"{x:.0%}" for x in rec]
@@ -69,19 +73,11 @@ def attack_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]] |
     judges = list(rows[0]["harmful"])
     n = results["eval"].get("attacks", {})
     head = ["model"] + [f"plain ({j})" for j in judges] + [f"{a} ({j}, n={n.get(a, '?')})" for a in attacks for j in judges]
-    labels = results.get("method_labels", {})
     body = []
     for r in rows:
-        name = r["name"] if r.get("method") in ("aligned", "undefended") else f"T[{r['task']}] + {labels.get(r['method'], r['method'])}"
-        body.append([name] + [_rate(r["harmful"][j]["overall"], ci=False) for j in judges]
+        body.append([_label(results, r)] + [_rate(r["harmful"][j]["overall"], ci=False) for j in judges]
                     + [_rate(r["attacks"][a][j]["overall"]) for a in attacks for j in judges])
     return head, body
-
-
-def _label(results: dict[str, Any], r: dict[str, Any]) -> str:
-    if r.get("method") in (None, "aligned", "degraded", "undefended"):
-        return r["name"]
-    return f"T[{r['task']}] + {results.get('method_labels', {}).get(r['method'], r['method'])}"
 
 
 def cost_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
