@@ -40,8 +40,6 @@ METHOD_LABELS = {
     "classifier-guard": "classifier guard",
     "mixed-ft": "mixed safety+task FT",
 }
-#: methods that change how T answers (a responder wraps generation) rather than T's weights
-RESPONDER_METHODS = ("self-critique", "classifier-guard")
 
 
 def _same(recorded: Any, cfg: Any) -> bool:
