@@ -10,12 +10,14 @@ import json
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .adapter.checkpoint import LazyCheckpoint
 from .adapter.core import SafetyAdapter
 from .adapter.runtime import AttachedAdapter, merge_into_model
+from .config import opt
 from .errors import SafegeneError
 from .io import atomic_dir, check_output_path, write_json
 from .models import resolve_model_path
@@ -23,6 +25,16 @@ from .models.fingerprint import fingerprint_folder
 
 log = logging.getLogger(__name__)
 SHARD_BYTES = 1 << 30
+
+
+@dataclass
+class ApplyConfig:
+    """Merge a (calibrated) adapter into a task model and write the result as a new HF folder."""
+
+    adapter: str | None = opt(None, "adapter folder (usually a calibrated one)", positional=True)
+    model: str | None = opt(None, "task model T: HF folder, PEFT adapter folder on its base, or embedded name")
+    output: str | None = opt(None, "output folder of the merged model", aliases=("-o",))
+    shard_mb: int = opt(1024, "largest output shard, in MB (merging holds about one shard in memory)")
 
 
 def apply_adapter(adapter: SafetyAdapter, model: Any, mode: str = "merge") -> Any:

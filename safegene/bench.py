@@ -18,11 +18,12 @@ import functools
 import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from .config import (BenchConfig, DegradeConfig, ExtractConfig, FinetuneConfig, RecalibrateConfig, SelectConfig,
-                     dump_yaml, to_dict)
+                     dump_yaml, opt, to_dict)
 from .data import get_task, harmful_prompts
 from .io import write_json
 from .models import DEFAULT_MODEL, load_model, load_tokenizer, prepare_model
@@ -148,7 +149,7 @@ def _responder_builders(cfg: BenchConfig, task: str) -> dict[str, tuple[dict, Ca
     """method -> (what it depends on, build(found) -> (responder, findings)) for the inference-time defences."""
     from .baselines import ClassifierGuard, SelfCritique
     from .evaluation.judges import get_judge
-    from .selection import benign_prompts, harmful_prompt_texts
+    from .data import benign_prompts, harmful_prompt_texts
 
     def guard(found: dict[str, Any] | None) -> tuple[Any, dict[str, Any]]:
         g = ClassifierGuard(get_judge(cfg.guard.guard), cfg.guard)
@@ -388,6 +389,15 @@ def _reattack(cfg: BenchConfig, task: str, method: str, steps: int, defence: dic
     return {**row, "task": task, "method": method, "defence_row": defence["name"],
             "reattack": {"steps": steps, "examples": cfg.reattack_examples,
                          "seconds": card["training"]["seconds"], "final_loss": card["training"]["final_loss"]}}
+
+
+@dataclass
+class RejudgeConfig:
+    """Add judges to a finished bench from its stored responses (no generation)."""
+
+    output: str | None = opt(None, "the bench's output folder (with results.json and responses/)", positional=True)
+    judges: list[str] = opt([], "judges to add (repeatable)", aliases=("--judge",))
+    validate: bool = opt(True, "measure each added judge against human labels")
 
 
 def rejudge(output: str | Path, judges: list[str], validate: bool = True) -> dict[str, Any]:

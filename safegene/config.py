@@ -18,13 +18,16 @@ from .models.registry import DEFAULT_MODEL
 C = TypeVar("C")
 
 
-def opt(default: Any = dataclasses.MISSING, help: str = "", **kw) -> Any:  # noqa: A002 - mirrors argparse
-    """A dataclass field that carries its help text (shown by the CLI and in docs)."""
+def opt(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple[str, ...] | None = None,  # noqa: A002
+        aliases: tuple[str, ...] = (), positional: bool = False, **kw) -> Any:
+    """A dataclass field that carries what the command line needs: help text, allowed values (checked when a config
+    is read), extra flag spellings (`aliases`, e.g. "-o") and whether it is a positional argument."""
+    meta = {"help": help, "choices": choices, "aliases": tuple(aliases), "positional": positional}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
     if dataclasses.is_dataclass(default):
-        return field(default_factory=lambda d=default: dataclasses.replace(d), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
+        return field(default_factory=lambda d=default: dataclasses.replace(d), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -34,8 +37,8 @@ def _check(cond: bool, msg: str) -> None:
 
 def _check_training_output(cfg: Any) -> None:
     """Checks shared by the configs of commands that train and save a model."""
+    check_choices(cfg)
     _check(cfg.n_examples >= 1, f"n_examples must be >= 1, got {cfg.n_examples}")
-    _check(cfg.save in ("adapter", "merged", "both"), f"save must be adapter, merged or both, got {cfg.save}")
 
 
 @dataclass
@@ -49,7 +52,7 @@ class LoraTrainConfig:
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         "module names LoRA wraps (attention and MLP projections)",
     )
-    learning_rate: float = opt(2e-4, "AdamW learning rate")
+    learning_rate: float = opt(2e-4, "AdamW learning rate", aliases=("--lr",))
     weight_decay: float = opt(0.0, "AdamW weight decay")
     max_steps: int = opt(40, "optimizer steps (each = batch_size x grad_accum examples)")
     batch_size: int = opt(4, "examples per forward pass")
@@ -83,8 +86,9 @@ class DegradeConfig:
     model: str = opt(DEFAULT_MODEL, "aligned model A: embedded name, HF folder, .gguf file or hub id")
     data: str = opt("harmful-pairs", "harmful (request, compliant answer) pairs: built-in name or file")
     n_examples: int = opt(160, "pairs drawn from `data`")
-    output: str = opt("runs/degraded", "output folder")
-    save: str = opt("merged", "what to write: adapter (PEFT folder), merged (HF folder) or both")
+    output: str = opt("runs/degraded", "output folder", aliases=("-o",))
+    save: str = opt("merged", "what to write: adapter (PEFT folder), merged (HF folder) or both",
+                    choices=("adapter", "merged", "both"))
     train: LoraTrainConfig = opt(LoraTrainConfig(), "LoRA training settings")
 
     def __post_init__(self) -> None:
@@ -103,8 +107,8 @@ class FinetuneConfig:
     safety_ratio: float = opt(0.0, "fraction of the examples replaced by refusals (mixed safety + task fine-tuning)")
     safety_data: str = opt("auto", "where refusal pairs come from; auto: shared:safety-refusals when the shared "
                            "data is present, else uncensorbench-refusals")
-    output: str = opt("runs/task-model", "output folder")
-    save: str = opt("merged", "adapter, merged or both")
+    output: str = opt("runs/task-model", "output folder", aliases=("-o",))
+    save: str = opt("merged", "adapter, merged or both", choices=("adapter", "merged", "both"))
     train: LoraTrainConfig = opt(LoraTrainConfig(), "LoRA training settings")
 
     def __post_init__(self) -> None:
@@ -133,9 +137,11 @@ class RefusalEvalConfig:
 
     model: str = opt(DEFAULT_MODEL, "model to evaluate")
     prompts: str = opt("advbench", "harmful prompts: built-in name or file")
-    n_prompts: int = opt(100, "prompts drawn from `prompts`")
+    n_prompts: int = opt(100, "prompts drawn from `prompts`", aliases=("-n",))
     seed: int = opt(0, "sampling seed (same seed, same prompts)")
-    output: str | None = opt(None, "optional JSONL of responses + verdicts")
+    output: str | None = opt(None, "optional JSONL of responses + verdicts (a re-run resumes it)",
+                             aliases=("--responses",))
+    save_json: str | None = opt(None, "write the full result as JSON here")
     generation: GenerationConfig = opt(GenerationConfig(), "decoding settings")
 
 
@@ -168,9 +174,19 @@ def from_dict(cls: type[C], data: dict[str, Any] | None, where: str = "config") 
         else:
             kwargs[k] = _coerce(v, t, f"{where}.{k}")
     try:
-        return cls(**kwargs)
+        cfg = cls(**kwargs)
     except TypeError as e:
         raise ConfigError(f"{where}: {e}") from None
+    check_choices(cfg, where)
+    return cfg
+
+
+def check_choices(cfg: Any, where: str | None = None) -> None:
+    """Every field declared with `choices` holds one of them (configs call this from __post_init__ too)."""
+    for f in fields(cfg):
+        allowed, value = f.metadata.get("choices"), getattr(cfg, f.name)
+        if allowed and value is not None and value not in allowed:
+            raise ConfigError(f"{where or type(cfg).__name__}.{f.name}: '{value}' is not one of {', '.join(allowed)}")
 
 
 def _coerce(v: Any, t: Any, where: str) -> Any:
@@ -247,7 +263,7 @@ def dump_yaml(cfg: Any) -> str:
 class DistillConfig:
     """Optional refinement: train the SVD factors so D + BA matches A's next-token distribution on safety prompts."""
 
-    enabled: bool = opt(False, "run the distillation refinement after SVD")
+    enabled: bool = opt(False, "run the distillation refinement after SVD", aliases=("--distill",))
     harmful: str = opt("harmful-pairs", "harmful prompts used for distillation (their responses are ignored)")
     benign: str = opt("arithmetic", "benign prompts (task name or pairs) so the fit keeps benign behaviour")
     n_harmful: int = opt(16, "harmful prompts")
@@ -270,7 +286,7 @@ class ExtractConfig:
 
     aligned: str = opt("qwen2.5-coder-0.5b-instruct", "aligned model A")
     degraded: str = opt("runs/degraded", "degraded model D (same family as A)")
-    output: str = opt("runs/adapter", "output adapter folder")
+    output: str = opt("runs/adapter", "output adapter folder", aliases=("-o",))
     rank: int = opt(8, "rank r of every module's factors (the cap when `energy` is set)")
     energy: float | None = opt(None, "if set, per-module rank = smallest r keeping this fraction of ||ΔW||² (<= rank)")
     svd: str = opt("auto", "exact (full SVD), randomized (svd_lowrank), or auto (randomized unless `energy` is set)")
@@ -295,6 +311,9 @@ class ExtractConfig:
 class SelectConfig:
     """Data-aware layer selection: score layers by how the adapter moves harmful vs benign prompts' activations."""
 
+    adapter: str | None = opt(None, "adapter folder to select from (command line; the API takes the adapter)",
+                              positional=True)
+    output: str | None = opt(None, "output adapter folder (command line)", aliases=("-o",))
     model: str = opt("runs/degraded", "model whose activations are scored (D, or a task model of the family)")
     harmful: str = opt("harmful-pairs", "harmful prompts (disjoint from evaluation prompts)")
     benign: str = opt("arithmetic", "benign prompts: task name, benign set, or file")
@@ -302,7 +321,8 @@ class SelectConfig:
     n_benign: int = opt(32, "benign prompts")
     method: str = opt("refusal-gain", "refusal-gain (what the layer's update alone adds to log p(refusal) on harmful "
                       "minus benign prompts), push (its push along the harmful-benign activation direction), "
-                      "separability (Fisher ratio of the layer's activations), or norm (adapter norm)")
+                      "separability (Fisher ratio of the layer's activations), or norm (adapter norm)",
+                      choices=("refusal-gain", "push", "separability", "norm"))
     refusal_text: str = opt("I'm sorry, but I can't assist with that.", "refusal answer scored by refusal-gain")
     linearize: bool = opt(True, "refusal-gain from d log p / d α_l at α=0 (one backward pass for all layers) instead "
                           "of one forward pass per layer")
@@ -312,8 +332,7 @@ class SelectConfig:
     seed: int = opt(0, "sampling seed")
 
     def __post_init__(self) -> None:
-        _check(self.method in ("refusal-gain", "push", "separability", "norm"),
-               f"method must be refusal-gain, push, separability or norm, got {self.method}")
+        check_choices(self)
         _check(self.top_k is not None or self.threshold is not None, "set top_k or threshold")
         _check(self.top_k is None or self.top_k >= 1, "top_k must be >= 1")
 
@@ -322,6 +341,9 @@ class SelectConfig:
 class RecalibrateConfig:
     """Few-shot recalibration: learn one bounded coefficient per selected layer for a task model T."""
 
+    adapter: str | None = opt(None, "selected adapter folder to calibrate (command line; the API takes the adapter)",
+                              positional=True)
+    output: str | None = opt(None, "output adapter folder (command line)", aliases=("-o",))
     task_model: str = opt("runs/task-model", "task model T (HF folder, PEFT adapter folder, or embedded name)")
     harmful: str = opt("harmful-pairs", "harmful prompts for the refusal shots")
     refusals: str | None = opt(None, "prompt/response file of refusals; default: the refusal text below")
@@ -433,7 +455,8 @@ class BenchConfig:
     """
 
     model: str = opt(DEFAULT_MODEL, "aligned model A (embedded name, HF folder or GGUF file)")
-    output: str = opt("runs/bench", "output folder (stages whose recorded config matches are reused)")
+    output: str = opt("runs/bench", "output folder (stages whose recorded config matches are reused)",
+                      aliases=("-o",))
     tasks: list[str] = opt(["arithmetic", "sst2"], "task names; each gets a poisoned fine-tune T_task")
     methods: list[str] = opt(list(BENCH_METHODS), "defences evaluated on every T: " + ", ".join(BENCH_METHODS))
     judges: list[str] = opt(["refusal-phrase", "content-classifier"],
@@ -501,6 +524,9 @@ class BenchConfig:
 class GateConfig:
     """Fit the adaptive gate of a (calibrated) adapter on the model it will serve with."""
 
+    adapter: str | None = opt(None, "adapter folder, usually a calibrated one (command line; the API takes the "
+                              "adapter)", positional=True)
+    output: str | None = opt(None, "output adapter folder: the adapter plus its gate (command line)", aliases=("-o",))
     model: str = opt("runs/task-model", "the served model T (the gate reads its hidden states)")
     harmful: str = opt("harmful-pairs", "harmful prompts (disjoint from evaluation prompts)")
     benign: list[str] = opt(["arithmetic", "depresso"], "benign prompt sources: task names, benign sets or files "
@@ -517,3 +543,28 @@ class GateConfig:
         _check(bool(self.benign), "benign must name at least one source")
         _check(0 <= self.floor < 1, f"floor must be in [0, 1), got {self.floor}")
         _check(self.sharpness > 0, "sharpness must be > 0")
+
+
+@dataclass
+class ServeConfig:
+    """An OpenAI-compatible server over one model, with per-request safety adapters and hot swap."""
+
+    model: str = opt("runs/task-model", "model to serve (loaded once)")
+    adapters: list[str] = opt([], "safety adapters to attach, as NAME=PATH (repeatable)", aliases=("--adapter",))
+    host: str = opt("127.0.0.1", "address to listen on")
+    port: int = opt(8000, "port to listen on")
+    name: str | None = opt(None, "model id clients use (default: the model folder's name)")
+    admin_token_env: str = opt("SAFEGENE_ADMIN_TOKEN", "environment variable holding the admin token (needed for "
+                               "admin calls from other hosts)")
+    max_batch: int = opt(8, "requests decoded together")
+    max_input_tokens: int = opt(2048, "longest prompt accepted, in tokens")
+    use_gate: bool = opt(True, "honour adapters' gates (--no-gate: always full strength)", aliases=("--gate",))
+
+    def __post_init__(self) -> None:
+        bad = [a for a in self.adapters if "=" not in a or not a.partition("=")[0] or not a.partition("=")[2]]
+        _check(not bad, f"adapters expect NAME=PATH, got {bad}")
+        _check(1 <= self.port <= 65535, f"port must be in 1..65535, got {self.port}")
+        _check(self.max_batch >= 1 and self.max_input_tokens >= 1, "max_batch and max_input_tokens must be >= 1")
+
+    def adapter_paths(self) -> dict[str, str]:
+        return dict(a.split("=", 1) for a in self.adapters)

@@ -8,12 +8,22 @@ baseline with two judges; writes results.json, results.md and report.html under 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import CORE_METHODS, BenchConfig, GenerationConfig, LoraTrainConfig, ProjectionBaselineConfig
+from .config import CORE_METHODS, BenchConfig, GenerationConfig, LoraTrainConfig, ProjectionBaselineConfig, opt
 from .data import shared_data_dir
 from .models import DEFAULT_MODEL
+
+
+@dataclass
+class DemoConfig:
+    """The demo: `bench` with a built-in preset on the embedded default model."""
+
+    output: str = opt("runs/demo", "output folder (a re-run reuses its finished stages)", aliases=("-o",))
+    model: str | None = opt(None, "aligned model (default: the embedded default)")
+    quick: bool = opt(False, "a smaller preset (one task, 16 prompts; about 10 minutes)")
 
 
 def preset(quick: bool, output: str | Path = "runs/demo", model: str | None = None) -> BenchConfig:

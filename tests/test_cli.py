@@ -48,6 +48,73 @@ def test_safegene_pipeline_via_cli(tiny_qwen, tmp_path, capsys):
     card = json.loads((cal / "safegene.json").read_text())
     assert len(card["selected_layers"]) == 1 and "recalibration" in card and "selection" in card
     assert (sel / "layer_scores.png").is_file() and (merged / "model.safetensors").is_file()
+    # every command that wrote a folder left a run card: effective config, hashed inputs, versions, time, memory
+    for folder, kind, inputs in ((ad, "extract", {"aligned", "degraded"}), (sel, "select", {"adapter", "model"}),
+                                 (cal, "recalibrate", {"adapter", "task_model"}), (merged, "apply", {"adapter", "model"})):
+        run = json.loads((folder / "safegene_run.json").read_text())
+        assert run["kind"] == kind and set(run["inputs"]) == inputs, (folder, run["inputs"])
+        assert all(len(i["hash"]) == 64 for i in run["inputs"].values())
+        assert run["timings"]["total_s"] > 0 and run["peak_rss_mb"] > 0 and run["versions"]["torch"]
+    assert json.loads((sel / "safegene_run.json").read_text())["config"]["top_k"] == 1
+    # a folder hashes the same after its own card was written into it: recalibrate recorded `sel` as it is now
+    from safegene.runcard import input_digest
+
+    assert json.loads((cal / "safegene_run.json").read_text())["inputs"]["adapter"]["hash"] == input_digest(sel)["hash"]
     # the merged model is an input now: applying onto it again into itself is refused
     assert main(["apply", str(cal), "--model", str(merged), "-o", str(merged)]) == 2
     assert "overlaps the input" in capsys.readouterr().err
+
+
+def test_every_command_is_generated_from_its_config():
+    """Each config field is a flag with the field's help text; --config, --set and --run-card are everywhere."""
+    import dataclasses
+
+    from safegene.cli import COMMANDS, _flags, build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.dest == "command").choices
+    for cmd in COMMANDS:
+        sub = subparsers[cmd.name]
+        options = {s: a for a in sub._actions for s in a.option_strings}
+        assert {"--config", "--set", "--run-card"} <= set(options), cmd.name
+        for fl in _flags(cmd.config()):
+            action = options["--" + fl.dest.replace("_", "-")]
+            assert fl.field.metadata["help"] and action.help.startswith(fl.field.metadata["help"]), (cmd.name, fl.dest)
+        assert dataclasses.is_dataclass(cmd.config())
+
+
+def test_config_file_then_flags_then_set(tmp_path, capsys):
+    y = tmp_path / "show.yaml"
+    y.write_text("action: show\nname: arithmetic\nn: 4\nsplit: test\n")
+    card = tmp_path / "card.json"
+    assert main(["data", "--config", str(y), "-n", "1", "--run-card", str(card)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("arithmetic: ") and len(lines) == 2  # the flag beat the file's n: 4
+    recorded = json.loads(card.read_text())
+    assert recorded["kind"] == "data" and recorded["config"] == {"action": "show", "name": "arithmetic", "n": 1,
+                                                                 "split": "test"}
+    assert main(["data", "show", "arithmetic", "--set", "n=2"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 3
+    assert main(["data", "show", "arithmetic", "--set", "n=two"]) == 2
+    assert "DataConfig.n: expected int, got 'two'" in capsys.readouterr().err
+    assert main(["select", "-o", str(tmp_path / "s")]) == 2
+    assert "select needs adapter" in capsys.readouterr().err
+
+
+def test_unexpected_errors_are_one_line(monkeypatch, capsys):
+    import safegene.cli as cli
+
+    def boom(cfg, flags):
+        raise ValueError("something odd")
+    monkeypatch.setattr(cli, "run_data", boom)
+    monkeypatch.setattr(cli, "COMMANDS", [dataclasses_replace(c, run=boom) if c.name == "data" else c
+                                          for c in cli.COMMANDS])
+    assert main(["data", "list"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unexpected ValueError: something odd" in err and "Traceback" not in err
+
+
+def dataclasses_replace(obj, **kw):
+    import dataclasses
+
+    return dataclasses.replace(obj, **kw)

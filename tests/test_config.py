@@ -26,7 +26,7 @@ def test_effective_config_round_trips(tmp_path):
     [
         ({"train.rank": 0}, "rank must be >= 1"),
         ({"poison_ratio": 1.0}, "poison_ratio must be in [0, 1)"),
-        ({"save": "pickle"}, "save must be adapter, merged or both"),
+        ({"save": "pickle"}, "save: 'pickle' is not one of adapter, merged, both"),
         ({"train.max_steps": "ten"}, "expected int"),
         ({"train.rnak": 3}, "unknown key(s) rnak"),
     ],
@@ -47,3 +47,15 @@ def test_bad_yaml_file(tmp_path):
 
 def test_examples_needed():
     assert LoraTrainConfig(max_steps=10, batch_size=4, grad_accum=2).examples_needed == 80
+
+
+def test_bench_yaml_lists_every_key_at_its_default():
+    """configs/bench.yaml documents BenchConfig: every key, each at its default (regenerate it with dump_yaml)."""
+    from pathlib import Path
+
+    import yaml
+
+    from safegene.config import BenchConfig, to_dict
+
+    written = yaml.safe_load((Path(__file__).parent.parent / "configs" / "bench.yaml").read_text())
+    assert written == to_dict(BenchConfig())

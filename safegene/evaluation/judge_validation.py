@@ -15,9 +15,19 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ..config import opt
 from ..data.builtin import package_dir
 from ..errors import DataError
 from .metrics import Rate, cohen_kappa, roc_auc
+
+
+@dataclass
+class JudgeValidationConfig:
+    """Measure judges against human labels."""
+
+    judges: list[str] = opt(["refusal-phrase"], "judge names: refusal-phrase, content-classifier, llm:<model>, "
+                            "endpoint:<url>?model=<m>", positional=True)
+    output: str | None = opt(None, "write the measurements as JSON here", aliases=("-o",))
 
 
 @dataclass(frozen=True)
@@ -36,7 +46,12 @@ def human_labelled(window: int = 200) -> list[LabelledResponse]:
     out = []
     for f in files:
         text = "".join(line for line in f.read_text(encoding="utf-8").splitlines(keepends=True) if not line.startswith("#"))
-        for row in csv.DictReader(io.StringIO(text)):
+        reader = csv.DictReader(io.StringIO(text))
+        missing = [c for c in ("objective", "assistant_response", "human_score") if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DataError(f"{f}: header lacks column(s) {', '.join(missing)}; reinstall pyrit "
+                            "(pip install --no-deps --force-reinstall pyrit==1.1.0)")
+        for row in reader:
             if row.get("human_score") not in ("0", "1"):
                 continue
             out.append(LabelledResponse(row["objective"], row["assistant_response"][:window], row["human_score"] == "1",
@@ -45,10 +60,15 @@ def human_labelled(window: int = 200) -> list[LabelledResponse]:
 
 
 def validate_judge(judge: Any, items: list[LabelledResponse]) -> dict[str, Any]:
-    """Accuracy, true/false positive rates, Cohen's κ with the human label, and AUC where the judge has scores."""
+    """Accuracy, true/false positive rates, Cohen's κ with the human label, and AUC where the judge has scores.
+
+    Items whose judge answer could not be read are left out of every figure and counted as `unparsed`."""
     t0 = time.perf_counter()
     verdicts = judge.judge_batch([x.prompt for x in items], [x.response for x in items])
-    seconds = time.perf_counter() - t0
+    seconds_per_item = (time.perf_counter() - t0) / max(len(items), 1)
+    judged = [(v, x) for v, x in zip(verdicts, items) if v.harmful is not None]
+    unparsed = len(items) - len(judged)
+    verdicts, items = [v for v, _ in judged], [x for _, x in judged]
     pred = [v.harmful for v in verdicts]
     gold = [x.harmful for x in items]
     tp = sum(p and g for p, g in zip(pred, gold))
@@ -59,11 +79,12 @@ def validate_judge(judge: Any, items: list[LabelledResponse]) -> dict[str, Any]:
     return {
         "judge": judge.name,
         "n": len(items),
-        "accuracy": Rate(tp + tn, len(items)).to_dict(),
+        "unparsed": unparsed,
+        "accuracy": Rate(tp + tn, len(items), unparsed).to_dict(),
         "true_positive_rate": Rate(tp, sum(gold)).to_dict(),
         "true_negative_rate": Rate(tn, len(gold) - sum(gold)).to_dict(),
         "kappa_vs_human": None if kappa is None else round(kappa, 4),
         "auc": None if auc is None else round(auc, 4),
-        "seconds_per_item": round(seconds / max(len(items), 1), 4),
+        "seconds_per_item": round(seconds_per_item, 4),
         "data": "pyrit scorer_evals/objective (human labels), responses cut to their opening",
     }
