@@ -10,6 +10,7 @@ then the raw data.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -23,41 +24,97 @@ _DTYPES = {
 }
 
 
+def read_json_object(path: Path, fix: str) -> dict[str, Any]:
+    """The JSON object in `path`; a ModelError naming the file and `fix` if it is not valid JSON or not an object."""
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelError(f"{path}: cannot read it ({type(e).__name__}: {e}); {fix}") from e
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{path}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno}); {fix}") from e
+    if not isinstance(obj, dict):
+        raise ModelError(f"{path}: expected a JSON object, found a {type(obj).__name__}; {fix}")
+    return obj
+
+
+def _entry_problem(e: Any) -> str | None:
+    """What is wrong with one header entry, or None."""
+    if not isinstance(e, dict):
+        return f"a {type(e).__name__} instead of an object"
+    if not isinstance(e.get("dtype"), str):
+        return "no dtype"
+    shape, offsets = e.get("shape"), e.get("data_offsets")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        return f"shape {shape!r} is not a list of sizes"
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        return f"data_offsets {offsets!r} is not a [start, end] byte range"
+    return None
+
+
 class _File:
     def __init__(self, path: Path):
         self.path = path
-        size = path.stat().st_size
+        corrupt = "the file is corrupt: re-download or re-save it"
         try:
+            size = path.stat().st_size
             self.fh = open(path, "rb")
-            (n,) = struct.unpack("<Q", self.fh.read(8))
-            if n <= 0 or 8 + n > size:
-                raise ValueError(f"header length {n} does not fit a file of {size} bytes")
-            header = json.loads(self.fh.read(n))
-        except (OSError, ValueError, struct.error) as e:
-            raise ModelError(f"{path}: cannot read safetensors ({type(e).__name__}: {e}); the file is corrupt or "
-                             "truncated") from e
-        self.metadata = header.pop("__metadata__", {}) or {}
-        self.entries: dict[str, dict[str, Any]] = header
-        self.data_start = 8 + n
-        end = max((e["data_offsets"][1] for e in header.values()), default=0)
-        if self.data_start + end > size:
+        except OSError as e:
+            raise ModelError(f"{path}: cannot open it ({type(e).__name__}: {e}); check that it exists and is readable") from e
+        try:
+            try:
+                (n,) = struct.unpack("<Q", self.fh.read(8))
+                if n <= 0 or 8 + n > size:
+                    raise ValueError(f"header length {n} does not fit a file of {size} bytes")
+                header = json.loads(self.fh.read(n))
+                if not isinstance(header, dict):
+                    raise ValueError(f"the header is a JSON {type(header).__name__}, not an object")
+            except (OSError, ValueError, struct.error) as e:
+                raise ModelError(f"{path}: cannot read safetensors ({type(e).__name__}: {e}); the file is corrupt or "
+                                 "truncated") from e
+            self.metadata = header.pop("__metadata__", {}) or {}
+            for name, e in header.items():
+                problem = _entry_problem(e)
+                if problem:
+                    raise ModelError(f"{path}: the header entry of tensor '{name}' is malformed ({problem}); {corrupt}")
+            self.entries: dict[str, dict[str, Any]] = header
+            self.data_start = 8 + n
+            end = max((e["data_offsets"][1] for e in header.values()), default=0)
+            if self.data_start + end > size:
+                raise ModelError(f"{path}: tensor data run past the end of the file ({self.data_start + end} > {size} "
+                                 "bytes); the file is truncated")
+        except BaseException:
             self.fh.close()
-            raise ModelError(f"{path}: tensor data run past the end of the file ({self.data_start + end} > {size} "
-                             "bytes); the file is truncated")
+            raise
 
     def read(self, name: str):
         import torch
 
         e = self.entries[name]
-        start, end = e["data_offsets"]
+        shape, (start, end) = e["shape"], e["data_offsets"]
+        if e["dtype"] not in _DTYPES:
+            raise ModelError(f"{self.path}: tensor '{name}' has dtype {e['dtype']}, which safegene cannot read; "
+                             "convert the checkpoint to float32, float16 or bfloat16")
         dtype = getattr(torch, _DTYPES[e["dtype"]])
+        if math.prod(shape) * dtype.itemsize != end - start:
+            raise ModelError(f"{self.path}: tensor '{name}' spans {end - start} bytes but shape {shape} of {e['dtype']} "
+                             f"needs {math.prod(shape) * dtype.itemsize}; the file is corrupt: re-download or re-save it")
         buf = bytearray(end - start)
-        n = os.preadv(self.fh.fileno(), [buf], self.data_start + start) if buf else 0
-        if n != len(buf):
-            raise ModelError(f"{self.path}: short read for {name}; the file is truncated")
+        self._read_into(buf, self.data_start + start, name)
         if not buf:
-            return torch.empty(e["shape"], dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype).reshape(e["shape"])
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+    def _read_into(self, buf: bytearray, offset: int, name: str) -> None:
+        # one positioned read returns at most 0x7ffff000 bytes on Linux (a 7B model's float32 embedding is larger),
+        # and may return less on other systems: only a read of 0 bytes means the file really ends here
+        view, done = memoryview(buf), 0
+        while done < len(buf):
+            n = os.preadv(self.fh.fileno(), [view[done:]], offset + done)
+            if n == 0:
+                raise ModelError(f"{self.path}: tensor '{name}' ends after {done} of its {len(buf)} bytes; the file is "
+                                 "truncated: re-download or re-save it")
+            done += n
 
     def close(self) -> None:
         self.fh.close()
@@ -71,6 +128,8 @@ class LazyCheckpoint:
         paths = [f for f in sorted(self.folder.glob("*.safetensors")) if not f.name.startswith(("adapter_", "safegene_", "."))]
         if not paths:
             raise ModelError(f"{self.folder}: no *.safetensors weights found")
+        cfg = self.folder / "config.json"  # read before any file is open, so a bad one leaks no handle
+        self.config = read_json_object(cfg, "re-download the model or fix the file") if cfg.is_file() else {}
         self._files: list[_File] = []
         self._where: dict[str, _File] = {}
         try:
@@ -84,8 +143,6 @@ class LazyCheckpoint:
         except Exception:
             self.close()
             raise
-        cfg = self.folder / "config.json"
-        self.config = json.loads(cfg.read_text()) if cfg.is_file() else {}
 
     def close(self) -> None:
         for f in self._files:
@@ -103,19 +160,24 @@ class LazyCheckpoint:
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
+    def _file(self, name: str) -> _File:
+        f = self._where.get(name)
+        if f is None:
+            files = [p.name for p in self.files()]
+            shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+            raise ModelError(f"{self.folder}: no tensor named '{name}' in {shown}; the checkpoint is incomplete or of "
+                             "another architecture: re-download it or use a model of the same architecture")
+        return f
+
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._where[name].entries[name]["shape"])
+        return tuple(self._file(name).entries[name]["shape"])
 
     def nbytes(self, name: str) -> int:
-        a, b = self._where[name].entries[name]["data_offsets"]
+        a, b = self._file(name).entries[name]["data_offsets"]
         return b - a
 
     def get(self, name: str):
-        try:
-            f = self._where[name]
-        except KeyError:
-            raise ModelError(f"{self.folder}: no tensor named {name}") from None
-        return f.read(name)
+        return self._file(name).read(name)
 
     def items(self) -> Iterator[tuple[str, object]]:
         for k in self._where:

@@ -19,6 +19,7 @@ import contextlib
 import copy
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -26,11 +27,26 @@ from typing import Any, Iterator
 from ..errors import FamilyMismatchError, ModelError, SafegeneError
 from ..io import atomic_dir, write_json
 from ..models.fingerprint import FamilyFingerprint, fingerprint_model
-from .modules import layer_of, module_regex, peft_key
+from .checkpoint import read_json_object
+from .modules import PEFT_PREFIX, layer_of, module_regex, parse_peft_key, pattern_value, peft_key
 
 CARD = "safegene.json"
 FACTORS = "safegene_factors.safetensors"
 FORMAT_VERSION = 1
+
+# LoraConfig fields whose effect is more than B·A·alpha/r added to each target module's output
+_UNSUPPORTED_PEFT = {
+    "use_dora": "DoRA also rescales the weight's column norms",
+    "modules_to_save": "it stores whole trained copies of modules",
+    "trainable_token_indices": "it trains embedding rows",
+    "bias": "it trains the base layers' biases",
+    "lora_bias": "it trains a bias on lora_B",
+    "fan_in_fan_out": "it marks GPT-2-style Conv1D layers, whose weights are stored transposed",
+    "layer_replication": "it duplicates decoder layers",
+    "target_parameters": "it adapts parameters, not modules",
+    "alora_invocation_tokens": "activated LoRA applies only after the invocation tokens",
+    "use_qalora": "QA-LoRA pools the inputs of lora_A",
+}
 
 
 @dataclass
@@ -82,6 +98,9 @@ class SafetyAdapter:
 
     def delta(self, module: str):
         """Dense ΔW of one module, coefficient applied (out x in)."""
+        if module not in self.factors:
+            raise ModelError(f"the adapter has no factors for module {module} (it covers layers {self.all_layers}); "
+                             "pick one of adapter.modules()")
         a, b = self.factors[module]
         return self.coefficient(module) * (b @ a)
 
@@ -165,7 +184,7 @@ class SafetyAdapter:
         for m, (a, b) in self.factors.items():
             w = params.get(f"{m}.weight")
             if w is None:
-                w = params.get(f"base_model.model.{m}.weight")
+                w = params.get(f"{PEFT_PREFIX}{m}.weight")
             if w is None:
                 bad.append(f"{m} missing")
             elif tuple(w.shape) != (b.shape[0], a.shape[1]):
@@ -258,20 +277,25 @@ class SafetyAdapter:
         if not path.is_dir():
             raise SafegeneError(f"{path}: adapter folder not found")
         if (path / FACTORS).is_file() and (path / CARD).is_file():
+            recreate = "re-create the adapter with safegene extract"
+            card = read_json_object(path / CARD, recreate)
             try:
-                card = json.loads((path / CARD).read_text())
                 raw = load_file(str(path / FACTORS))
             except Exception as e:
-                raise SafegeneError(f"{path}: corrupt adapter ({type(e).__name__}: {e}); re-create it with safegene extract") from e
+                raise ModelError(f"{path / FACTORS}: corrupt adapter ({type(e).__name__}: {e}); {recreate}") from e
+            try:
+                coeffs = {int(k): float(v) for k, v in (card.get("coefficients") or {}).items()}
+                selected = card.get("selected_layers")
+                selected = None if selected is None else [int(l) for l in selected]
+            except (AttributeError, TypeError, ValueError) as e:
+                raise ModelError(f"{path / CARD}: coefficients or selected_layers are malformed ({e}); {recreate}") from e
             factors = {}
-            for k in raw:
-                if k.endswith(".A"):
-                    m = k[:-2]
-                    if f"{m}.B" not in raw:
-                        raise SafegeneError(f"{path}: factor {m}.B is missing from {FACTORS}")
-                    factors[m] = (raw[k].float(), raw[f"{m}.B"].float())
-            coeffs = {int(k): float(v) for k, v in (card.get("coefficients") or {}).items()}
-            return cls(factors=factors, coefficients=coeffs, selected=card.get("selected_layers"), card=card)
+            for m in sorted({k.rpartition(".")[0] for k in raw}):
+                missing = [f"{m}.{w}" for w in "AB" if f"{m}.{w}" not in raw]
+                if missing:
+                    raise ModelError(f"{path / FACTORS}: factor {missing[0]} is missing; {recreate}")
+                factors[m] = (raw[f"{m}.A"].float(), raw[f"{m}.B"].float())
+            return cls(factors=factors, coefficients=coeffs, selected=selected, card=card)
         if (path / "adapter_config.json").is_file() and (path / "adapter_model.safetensors").is_file():
             return cls._from_peft(path)
         raise SafegeneError(f"{path} is not an adapter folder (no {CARD}/{FACTORS}, nor adapter_config.json + "
@@ -279,30 +303,67 @@ class SafetyAdapter:
 
     @classmethod
     def _from_peft(cls, path: Path) -> "SafetyAdapter":
+        """Read a plain PEFT LoRA folder exactly as PEFT would apply it, refusing what a per-module low-rank update
+        cannot carry rather than dropping it."""
         from safetensors.torch import load_file
 
-        cfg = json.loads((path / "adapter_config.json").read_text())
+        cfg_path, weights = path / "adapter_config.json", path / "adapter_model.safetensors"
+        use_peft = "use PEFT itself for this adapter (PeftModel.from_pretrained, merge_and_unload)"
+        cfg = read_json_object(cfg_path, "re-save the adapter with PEFT (save_pretrained)")
         if cfg.get("peft_type", "LORA") != "LORA":
-            raise SafegeneError(f"{path}: only LoRA adapters can be read (peft_type {cfg.get('peft_type')})")
-        if cfg.get("use_dora"):
-            raise SafegeneError(f"{path}: DoRA adapters are not supported")
-        sd = load_file(str(path / "adapter_model.safetensors"))
-        r, alpha = cfg["r"], cfg.get("lora_alpha", cfg["r"])
-        factors = {}
-        prefix = "base_model.model."
+            raise ModelError(f"{cfg_path}: only LoRA adapters can be read (peft_type {cfg.get('peft_type')}); {use_peft}")
+        for key, why in _UNSUPPORTED_PEFT.items():
+            if cfg.get(key) and cfg.get(key) != "none":
+                raise ModelError(f"{cfg_path}: {key}={cfg[key]!r} is not supported ({why}); {use_peft}")
+        r, alpha = cfg.get("r", 8), cfg.get("lora_alpha", 8)  # LoraConfig's defaults, which PEFT fills in too
+        patterns = {k: cfg.get(k) or {} for k in ("rank_pattern", "alpha_pattern")}
+        numbers = [r, alpha] + [v for p in patterns.values() if isinstance(p, dict) for v in p.values()]
+        if not all(isinstance(p, dict) for p in patterns.values()) or not all(
+                isinstance(v, (int, float)) and v > 0 for v in numbers):
+            raise ModelError(f"{cfg_path}: r, lora_alpha, rank_pattern or alpha_pattern is not a positive number / "
+                             "a {module: number} object; fix the file or re-save the adapter with PEFT")
+        try:
+            sd = load_file(str(weights))
+        except Exception as e:
+            raise ModelError(f"{weights}: cannot read it ({type(e).__name__}: {e}); re-save the adapter with PEFT") from e
+        pairs: dict[str, dict[str, Any]] = {}
+        other = []
         for k, v in sd.items():
-            if ".lora_A." not in k:
-                continue
-            mod = k.split(".lora_A.")[0]
-            b = sd.get(k.replace(".lora_A.", ".lora_B."))
-            if b is None:
-                raise SafegeneError(f"{path}: lora_B for {mod} is missing")
-            mod_name = mod[len(prefix):] if mod.startswith(prefix) else mod
-            short = mod_name.rsplit(".", 1)[-1]
-            rr = cfg.get("rank_pattern", {}).get(short, r)
-            aa = cfg.get("alpha_pattern", {}).get(short, alpha)
+            parsed = parse_peft_key(k)
+            if parsed:
+                pairs.setdefault(parsed[0], {})[parsed[1]] = v
+            else:
+                other.append(k)
+        embedding = sorted({k.split(".lora_embedding_")[0].removeprefix(PEFT_PREFIX) for k in other
+                            if ".lora_embedding_" in k})
+        if embedding:
+            raise ModelError(f"{weights}: LoRA on an embedding (lora_embedding_A/B of {', '.join(embedding)}) is not "
+                             f"supported: safety adapters update linear projections only; {use_peft}")
+        outside = sorted(m for m in pairs if layer_of(m) is None)
+        if outside:
+            raise ModelError(f"{weights}: the LoRA on {', '.join(outside)} lies outside the numbered decoder layers "
+                             f"(model.layers.N) that safety adapters scale; {use_peft}")
+        if other:
+            raise ModelError(f"{weights}: tensors other than LoRA factors ({', '.join(sorted(other)[:3])}"
+                             f"{' ...' if len(other) > 3 else ''}) are not supported; {use_peft}")
+        factors = {}
+        for mod, ab in sorted(pairs.items()):
+            if set(ab) != {"A", "B"}:
+                raise ModelError(f"{weights}: lora_{'B' if 'A' in ab else 'A'} of {mod} is missing; re-save the adapter "
+                                 "with PEFT")
+            try:
+                rr = pattern_value(patterns["rank_pattern"], mod, r)
+                aa = pattern_value(patterns["alpha_pattern"], mod, alpha)
+            except re.error as e:
+                raise ModelError(f"{cfg_path}: a rank_pattern/alpha_pattern key is not a valid regular expression "
+                                 f"({e} in {e.pattern!r}); fix that key") from e
+            a, b = ab["A"], ab["B"]
+            if a.ndim != 2 or b.ndim != 2 or a.shape[0] != rr or b.shape[1] != rr:
+                raise ModelError(f"{cfg_path}: r / rank_pattern give {mod} rank {rr}, but its lora_A, lora_B in "
+                                 f"{weights.name} have shapes {tuple(a.shape)}, {tuple(b.shape)}; the folder is "
+                                 "inconsistent: re-save it with PEFT")
             scale = aa / (math.sqrt(rr) if cfg.get("use_rslora") else rr)
-            factors[mod_name] = (v.float(), b.float() * scale)
+            factors[mod] = (a.float(), b.float() * scale)
         if not factors:
-            raise SafegeneError(f"{path}: no LoRA factors found")
+            raise ModelError(f"{weights}: no LoRA factors found; re-save the adapter with PEFT")
         return cls(factors=factors, card={"name": path.name, "source": "peft", "base_model": cfg.get("base_model_name_or_path")})

@@ -7,6 +7,8 @@ from typing import Iterable
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+PEFT_PREFIX = "base_model.model."  # PEFT's name for the wrapped model, in module paths and saved tensor names
+_PEFT_FACTOR = re.compile(rf"^{re.escape(PEFT_PREFIX)}(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
 
 
 def layer_of(module: str) -> int | None:
@@ -62,9 +64,25 @@ def parse_layers(spec: str | Iterable[int] | None, n_layers: int | None = None) 
 
 def peft_key(module: str, which: str) -> str:
     """PEFT's tensor name for a LoRA factor of `module` ('A' or 'B')."""
-    return f"base_model.model.{module}.lora_{which}.weight"
+    return f"{PEFT_PREFIX}{module}.lora_{which}.weight"
+
+
+def parse_peft_key(key: str) -> tuple[str, str] | None:
+    """(module, 'A' or 'B') for a PEFT LoRA factor's tensor name (the inverse of `peft_key`), else None."""
+    m = _PEFT_FACTOR.match(key)
+    return (m["module"], m["which"]) if m else None
 
 
 def module_regex(modules: Iterable[str]) -> str:
     """A PEFT `target_modules` regex matching exactly these module paths (PEFT full-matches a string pattern)."""
     return "^(" + "|".join(re.escape(m) for m in sorted(modules)) + ")$"
+
+
+def pattern_value(patterns: dict[str, object], module: str, default: object) -> object:
+    """Value of a PEFT `rank_pattern` / `alpha_pattern` for `module` (its full dotted path), with PEFT's own
+    semantics (peft.utils.other.get_pattern_key): the first key, in the dict's order, that is the whole path, a
+    dotted suffix of it, or a regular expression full-matching such a suffix. Raises re.error for a bad regex."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return patterns[key]
+    return patterns.get(module, default)

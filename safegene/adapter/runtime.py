@@ -10,15 +10,15 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from ..errors import FamilyMismatchError
-from .modules import layer_of
+from .modules import PEFT_PREFIX, layer_of
 
 
 def _named_modules(model: Any) -> dict[str, Any]:
     mods = dict(model.named_modules())
     # a PEFT-wrapped model names modules 'base_model.model.<name>'
     for k in list(mods):
-        if k.startswith("base_model.model."):
-            mods.setdefault(k[len("base_model.model."):], mods[k])
+        if k.startswith(PEFT_PREFIX):
+            mods.setdefault(k[len(PEFT_PREFIX):], mods[k])
     return mods
 
 
