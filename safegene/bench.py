@@ -2,9 +2,9 @@
 
     A (aligned) -> degrade -> D;  A -> task fine-tunes (a little poison mixed in) -> T_task
     extract A - D once, select layers once (on D)
-    for each T_task: every method builds an update to add to T (SafeGene, its ablations, RESTA, Safe LoRA,
-    SafeMERGE, re-align), attached at runtime and evaluated like T itself:
-    harmful rate per judge and category, over-refusal, task utility, and what each method cost.
+    for each T_task and each method of the registry (`safegene.baselines.METHODS`) named in `methods`: build the
+    method's defence and evaluate T with it like T itself: harmful rate per judge and category, over-refusal, task
+    utility, and what the method cost.
 
 Every stage writes its artifact under `output` and is reused on a re-run when its recorded config matches, so an
 interrupted bench resumes; generations are appended to JSONL as they finish. Writes results.json, results.md and
@@ -22,25 +22,107 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import (BenchConfig, DegradeConfig, ExtractConfig, FinetuneConfig, RecalibrateConfig, SelectConfig,
-                     dump_yaml, opt, to_dict)
+from .baselines import METHODS, Defence, Method, MethodContext, get_method
+from .baselines.classifier_guard import ClassifierGuardConfig
+from .baselines.projection import ProjectionBaselineConfig
+from .baselines.self_critique import SelfCritiqueConfig
+from .config import (DegradeConfig, ExtractConfig, FinetuneConfig, GenerationConfig, LoraTrainConfig, RecalibrateConfig,
+                     SelectConfig, check, dump_yaml, opt, to_dict)
 from .data import get_task, harmful_prompts
+from .data.attacks import ATTACKS
+from .evaluation.results import BenchResults, ResultRow
 from .io import write_json
 from .models import DEFAULT_MODEL, load_model, load_tokenizer, prepare_model
-from .training import RUN_CARD, _versions, degrade, finetune
+from .runcard import RUN_CARD, library_versions
+from .training import degrade, finetune
 
-METHOD_LABELS = {
-    "safegene": "SafeGene",
-    "safegene-all-layers": "SafeGene, no layer selection",
-    "safegene-alpha1": "SafeGene, α=1 (no recalibration)",
-    "resta": "RESTA",
-    "safe-lora": "Safe LoRA",
-    "safemerge": "SafeMERGE",
-    "realign": "re-align (safety SFT)",
-    "self-critique": "self-critique",
-    "classifier-guard": "classifier guard",
-    "mixed-ft": "mixed safety+task FT",
-}
+#: rows that are not a method: A, T and D
+PLAIN_ROWS = ("aligned", "undefended", "degraded")
+
+
+@dataclass
+class BenchConfig:
+    """One file describes a whole benchmark: models x defences x judges, on one aligned model family.
+
+    Pipeline: A -> degrade -> D; A -> task fine-tunes (poison mixed in) -> T_task; extract A - D; select layers on D;
+    then per task model every method in `methods` and every judge in `judges`, on the same prompts.
+    """
+
+    model: str = opt(DEFAULT_MODEL, "aligned model A (embedded name, HF folder or GGUF file)")
+    output: str = opt("runs/bench", "output folder (stages whose recorded config matches are reused)",
+                      aliases=("-o",))
+    tasks: list[str] = opt(["arithmetic", "sst2"], "task names; each gets a poisoned fine-tune T_task")
+    methods: list[str] = opt(list(METHODS), "defences evaluated on every T: " + ", ".join(METHODS))
+    judges: list[str] = opt(["refusal-phrase", "content-classifier"],
+                            "judges of harmful responses: refusal-phrase, content-classifier, llm:<model>, "
+                            "endpoint:<url>?model=<name>")
+    validate_judges: bool = opt(True, "measure every judge's accuracy on PyRIT's human-labelled responses")
+    harmful: str = opt("advbench", "held-out harmful prompts (never used in training)")
+    n_harmful: int = opt(64, "harmful prompts per model")
+    over_refusal: str = opt("auto", "benign-but-sensitive prompts; auto: shared:xstest-safe when present, else "
+                            "benign-sensitive")
+    n_over_refusal: int = opt(32, "benign-sensitive prompts per model")
+    n_task: int = opt(64, "test items per task")
+    seed: int = opt(0, "seed of every sample")
+    generation: GenerationConfig = opt(GenerationConfig(max_new_tokens=32, batch_size=32), "decoding settings")
+    train: LoraTrainConfig = opt(LoraTrainConfig(), "LoRA settings of degrade and fine-tunes (max_steps: see below)")
+    degrade_examples: int = opt(160, "harmful pairs for D")
+    degrade_steps: int = opt(40, "LoRA steps for D")
+    task_examples: int = opt(160, "examples per task fine-tune (poison included)")
+    task_steps: int = opt(40, "LoRA steps per task fine-tune")
+    poison_ratio: float = opt(0.1, "share of harmful pairs mixed into the task data")
+    select_prompts: int = opt(32, "harmful and benign prompts for layer selection")
+    top_k: int = opt(8, "layers kept by selection")
+    shots: int = opt(32, "few-shot harmful and task shots for recalibration, RESTA and re-align")
+    recal_steps: int = opt(20, "optimizer steps of recalibration and RESTA")
+    realign_steps: int = opt(24, "LoRA steps of the re-align baseline (on the same shots)")
+    projection: ProjectionBaselineConfig = opt(ProjectionBaselineConfig(), "Safe LoRA / SafeMERGE settings")
+    self_critique: SelfCritiqueConfig = opt(SelfCritiqueConfig(), "the self-critique baseline")
+    guard: ClassifierGuardConfig = opt(ClassifierGuardConfig(), "the classifier-guard baseline")
+    mixed_safety_ratio: float = opt(0.1, "mixed-ft baseline: share of refusals mixed into the task fine-tune")
+    attacks: list[str] = opt([], "adversarial variants of the harmful prompts: " + ", ".join(ATTACKS))
+    n_attack: int = opt(48, "prompts per attack")
+    attack_methods: list[str] = opt(["aligned", "undefended", "safegene", "resta", "realign"],
+                                    "rows evaluated under attack: aligned (A), undefended (T), or method names")
+    reattack_methods: list[str] = opt([], "rows fine-tuned again on harmful pairs after the defence (the user who "
+                                      "fine-tunes the shipped model once more): undefended (T) or method names")
+    reattack_tasks: list[str] | None = opt(None, "tasks whose models are re-attacked; None: every task")
+    reattack_data: str = opt("harmful-pairs", "harmful pairs of the re-attack (sampled apart from the poison)")
+    reattack_examples: int = opt(32, "harmful pairs of the re-attack")
+    reattack_steps: list[int] = opt([10], "LoRA steps of the re-attack; several: one re-attack each (a curve)")
+
+    def __post_init__(self) -> None:
+        check(bool(self.tasks), "tasks must name at least one task")
+        unknown = [a for a in self.attacks if a not in ATTACKS]
+        check(not unknown, f"unknown attack(s) {unknown}; known: {', '.join(ATTACKS)}")
+        bad = [m for m in self.methods if m not in METHODS]
+        check(not bad, f"unknown method(s) {bad}; known: {', '.join(METHODS)}")
+        bad = [m for m in self.reattack_methods if m != "undefended" and m not in self.methods]
+        check(not bad, f"reattack_methods {bad} are neither 'undefended' nor in methods")
+        check(self.reattack_tasks is None or set(self.reattack_tasks) <= set(self.tasks),
+              f"reattack_tasks {self.reattack_tasks} must be among tasks {self.tasks}")
+        check(self.reattack_examples >= 1 and bool(self.reattack_steps) and min(self.reattack_steps) >= 1,
+              "reattack_examples and every reattack_steps entry must be >= 1")
+        check(0 < self.mixed_safety_ratio < 1 - self.poison_ratio,
+              f"mixed_safety_ratio must be in (0, {1 - self.poison_ratio:g}) (room for the task data)")
+        check("classifier-guard" not in self.methods or self.guard.guard not in self.judges,
+              f"the guard '{self.guard.guard}' is also a scoring judge: a guard cannot grade its own work; pick "
+              "another guard or judge")
+        check(bool(self.judges), "judges must name at least one judge")
+        check(min(self.n_harmful, self.n_task, self.shots) >= 1, "n_harmful, n_task and shots must be >= 1")
+        check(self.n_over_refusal >= 0, "n_over_refusal must be >= 0")
+        check(0 <= self.poison_ratio < 1, f"poison_ratio must be in [0, 1), got {self.poison_ratio}")
+
+    def steps(self, n: int) -> LoraTrainConfig:
+        """The benchmark's LoRA settings with `n` optimizer steps."""
+        return dataclasses.replace(self.train, max_steps=n)
+
+
+def method_labels() -> dict[str, str]:
+    return {name: m.label for name, m in METHODS.items()}
+
+
+# --- stages: each reused on a re-run when what it recorded matches ----------------------------------------------------
 
 
 def _same(recorded: Any, cfg: Any) -> bool:
@@ -98,80 +180,31 @@ def _adapter_stage(name: str, output: Path, key: dict[str, Any], build: Callable
     return adapter, seconds, True
 
 
+def _defence_stage(method: Method, ctx: MethodContext, store: Path, key: dict[str, Any]) -> tuple[Defence, float, bool]:
+    """(defence, build seconds, rebuilt?). An update is stored as an adapter folder; a responder's or retraining's
+    findings (a fitted threshold, a trained model's folder) in `stage.json`, handed back to its build as `ctx.found`
+    so that a re-run skips the work."""
+    label = f"{method.name} {ctx.task}"
+    if method.kind == "update":
+        update, seconds, fresh = _adapter_stage(label, store, key, lambda: method.build(ctx).update)
+        return Defence(update=update, row={"layers": update.layers, "coefficients": {
+            str(layer): round(update.coefficients[layer], 4) for layer in update.layers}}), seconds, fresh
+    card = _read_card(store / "stage.json")
+    reuse = card if card and _same(card.get("key"), key) else None
+    print(f"[{label}] " + ("reusing what it stored" if reuse else "building"))
+    t = time.perf_counter()
+    defence = method.build(dataclasses.replace(ctx, found=reuse["info"] if reuse else None))
+    seconds = float(reuse["seconds"]) if reuse else defence.seconds or round(time.perf_counter() - t, 1)
+    if not reuse:
+        write_json(store / "stage.json", {"key": key, "info": defence.info, "seconds": seconds})
+    return defence, seconds, reuse is None
+
+
 def _forget(responses: Path, row: str) -> None:
     from .evaluation.harness import slug
 
     for f in responses.glob(f"{slug(row)}.*.jsonl"):
         f.unlink()
-
-
-def _method_builders(cfg: BenchConfig, adapter: Any, selected: Any, t_ref: str, t_model: Any, t_tok: Any,
-                     rcfg: RecalibrateConfig, train_cfg: Callable, progress: bool) -> dict[str, tuple[dict, Callable]]:
-    """method -> (what its result depends on, how to build it): each build returns the update to add to T."""
-    from .baselines import realign, resta, safe_lora, safemerge, task_update
-    from .recalibration import recalibrate
-
-    realign_train = train_cfg(cfg.realign_steps)
-    return {
-        "safegene": ({"recalibrate": to_dict(rcfg)},
-                     lambda: recalibrate(selected, rcfg, model=t_model, tokenizer=t_tok, progress=progress)),
-        "safegene-all-layers": ({"recalibrate": to_dict(rcfg), "layers": "all"},
-                                lambda: recalibrate(adapter.select(adapter.all_layers), rcfg, model=t_model,
-                                                    tokenizer=t_tok, progress=progress)),
-        "safegene-alpha1": ({"alpha": 1.0}, lambda: selected.with_coefficients(1.0)),
-        "resta": ({"recalibrate": to_dict(rcfg), "tied": True},
-                  lambda: resta(adapter, rcfg, model=t_model, tokenizer=t_tok, progress=progress)),
-        "safe-lora": ({"projection": to_dict(cfg.projection)},
-                      lambda: safe_lora(task_update(t_ref, cfg.model), adapter, cfg.projection)),
-        "safemerge": ({"projection": to_dict(cfg.projection)},
-                      lambda: safemerge(task_update(t_ref, cfg.model), adapter, cfg.projection)),
-        "realign": ({"recalibrate": to_dict(rcfg), "train": to_dict(realign_train)},
-                    lambda: realign(t_ref, rcfg, realign_train, progress=progress)),
-    }
-
-
-def _responder_stage(name: str, card_path: Path, key: dict[str, Any],
-                     build: Callable[[dict[str, Any] | None], tuple[Any, dict[str, Any]]]) -> tuple[Any, float, dict, bool]:
-    """(responder, build seconds, what the build found, key changed?). A matching card hands its findings (a fitted
-    threshold) back to `build`, which then skips the fitting."""
-    card = _read_card(card_path)
-    reuse = card if card and _same(card.get("key"), key) else None
-    print(f"[{name}] " + ("reusing its fitted settings" if reuse else "building"))
-    t = time.perf_counter()
-    responder, info = build(reuse["info"] if reuse else None)
-    seconds = float(reuse["seconds"]) if reuse else round(time.perf_counter() - t, 1)
-    if not reuse:
-        write_json(card_path, {"key": key, "info": info, "seconds": seconds})
-    return responder, seconds, info, reuse is None
-
-
-def _responder_builders(cfg: BenchConfig, task: str) -> dict[str, tuple[dict, Callable]]:
-    """method -> (what it depends on, build(found) -> (responder, findings)) for the inference-time defences."""
-    from .baselines import ClassifierGuard, SelfCritique
-    from .evaluation.judges import get_judge
-    from .data import benign_prompts, harmful_prompt_texts
-
-    def guard(found: dict[str, Any] | None) -> tuple[Any, dict[str, Any]]:
-        g = ClassifierGuard(get_judge(cfg.guard.guard), cfg.guard)
-        if not cfg.guard.screen_prompts or cfg.guard.prompt_threshold is not None:
-            return g, {}
-        if found and "threshold" in found:
-            g.prompt_threshold = found["threshold"]
-            return g, found
-        n = cfg.guard.n_calibration
-        # calibration traffic, disjoint from the evaluation sets: training-side harmful requests vs the task's
-        # own training prompts and general benign requests
-        harmful = harmful_prompt_texts("harmful-pairs", n, cfg.seed + 3)
-        benign = benign_prompts(task, n - n // 2, cfg.seed + 3) + benign_prompts("depresso", n // 2, cfg.seed + 3)
-        fit = g.fit_prompt_threshold(harmful, benign)
-        print(f"[classifier-guard {task}] prompt threshold {fit['threshold']:+.3f}, balanced accuracy "
-              f"{fit['balanced_accuracy']:.3f} on {fit['n_harmful']}+{fit['n_benign']} calibration prompts")
-        return g, fit
-
-    return {
-        "self-critique": ({"self_critique": to_dict(cfg.self_critique)}, lambda found: (SelfCritique(cfg.self_critique), {})),
-        "classifier-guard": ({"guard": to_dict(cfg.guard), "task": task}, guard),
-    }
 
 
 def _complete(path: Path, n: int) -> bool:
@@ -180,29 +213,41 @@ def _complete(path: Path, n: int) -> bool:
     return path.is_file() and len(read_jsonl_rows(path)) >= n
 
 
-def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
-    from .adapter import extract_adapter
+def _evaluate_defended(evaluate: Callable, name: str, defence: Defence, t_model: Any, t_tok: Any,
+                       **kw: Any) -> ResultRow:
+    """Evaluate T with a defence in place: its update attached, its responder answering, or its model instead."""
+    if defence.model:
+        model, tok = load_model(defence.model), load_tokenizer(defence.model)
+        return evaluate(name, model, tok, **kw)
+    if defence.update is not None:
+        with defence.update.attach(t_model, check=False):
+            return evaluate(name, t_model, t_tok, **kw)
+    return evaluate(name, t_model, t_tok, responder=defence.responder, **kw)
+
+
+# --- the run ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    """What every part of one benchmark run shares."""
+
+    cfg: BenchConfig
+    out: Path
+    responses: Path
+    evaluate: Callable[..., ResultRow]
+    timings: dict[str, float]
+    progress: bool
+
+    def attacked(self, method: str) -> bool:
+        return bool(self.cfg.attacks) and method in self.cfg.attack_methods
+
+
+def _eval_sets(cfg: BenchConfig, responses: Path) -> Any:
+    """The prompts every row is measured on; a change in prompts or decoding invalidates every stored generation."""
     from .data.attacks import attack_prompts
-    from .evaluation.harness import EvalSets, evaluate_model, judge_agreement, over_refusal_prompts
-    from .evaluation.judge_validation import human_labelled, validate_judge
-    from .evaluation.judges import get_judge
-    from .evaluation.report import write_reports
-    from .selection import plot_layer_scores, select_layers
+    from .evaluation.harness import EvalSets, over_refusal_prompts
 
-    for task in cfg.tasks:  # fail on a misspelt task before an hour of work, not after
-        get_task(task).load("test", n=1)
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
-    responses = out / "responses"
-    t_start = time.perf_counter()
-    timings: dict[str, float] = {}
-    aligned = cfg.model
-    if aligned == DEFAULT_MODEL:
-        t = time.perf_counter()
-        prepare_model(aligned)
-        timings["prepare_model_s"] = round(time.perf_counter() - t, 1)
-
-    # the evaluation's identity: a change in prompts or decoding invalidates every stored generation
     over, over_src = over_refusal_prompts(cfg.over_refusal, cfg.n_over_refusal, cfg.seed)
     sets = EvalSets(harmful=harmful_prompts(cfg.harmful, n=cfg.n_harmful, seed=cfg.seed), over_refusal=over,
                     over_refusal_source=over_src, n_task=cfg.n_task, seed=cfg.seed, tasks=list(cfg.tasks))
@@ -213,57 +258,44 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
         shutil.rmtree(responses, ignore_errors=True)
     responses.mkdir(parents=True, exist_ok=True)
     write_json(responses / "manifest.json", manifest)
+    return sets
+
+
+def _validated_judges(cfg: BenchConfig) -> tuple[list[Any], dict[str, Any]]:
+    from .evaluation.judge_validation import human_labelled, validate_judge
+    from .evaluation.judges import get_judge
 
     judges = [get_judge(j) for j in cfg.judges]
     validation = {}
     if cfg.validate_judges:
         items = human_labelled()
         for j in judges:
-            validation[j.name] = validate_judge(j, items)
-            v = validation[j.name]
+            v = validation[j.name] = validate_judge(j, items)
             print(f"[judge {j.name}] accuracy vs human labels {v['accuracy']['rate']:.3f} (n={v['n']}), "
                   f"κ {v['kappa_vs_human']}")
+    return judges, validation
 
-    rows: list[dict[str, Any]] = []
-    evaluate = functools.partial(evaluate_model, sets=sets, judges=judges, gen=cfg.generation, responses_dir=responses)
 
-    a_model, a_tok = load_model(aligned), load_tokenizer(aligned)
-    def attacked(method: str) -> bool:
-        return bool(cfg.attacks) and method in cfg.attack_methods
+def _family(run: _Run, rows: list[ResultRow]) -> tuple[Any, Any]:
+    """A and D evaluated, A − D extracted and its layers selected: (adapter, selected adapter)."""
+    from .adapter import extract_adapter
+    from .selection import plot_layer_scores, select_layers
 
-    rows.append({**evaluate("A", a_model, a_tok, tasks=cfg.tasks, attacks=attacked("aligned")), "task": None,
-                 "method": "aligned"})
+    cfg, out, timings = run.cfg, run.out, run.timings
+    a_model, a_tok = load_model(cfg.model), load_tokenizer(cfg.model)
+    rows.append(_tagged(run.evaluate("A", a_model, a_tok, tasks=cfg.tasks, attacks=run.attacked("aligned")),
+                        None, "aligned"))
     del a_model
-
-    def train_cfg(steps: int) -> Any:
-        return dataclasses.replace(cfg.train, max_steps=steps)
-
-    dcfg = DegradeConfig(model=aligned, n_examples=cfg.degrade_examples, output=str(out / "degraded"),
-                         train=train_cfg(cfg.degrade_steps))
+    dcfg = DegradeConfig(model=cfg.model, n_examples=cfg.degrade_examples, output=str(out / "degraded"),
+                         train=cfg.steps(cfg.degrade_steps))
     card, fresh = _train_stage("degrade", out / "degraded", dcfg, degrade)
     timings["degrade_s"] = card["training"]["seconds"]
     if fresh:
-        _forget(responses, "D")
+        _forget(run.responses, "D")
     d_model, d_tok = load_model(out / "degraded"), load_tokenizer(out / "degraded")
-    rows.append({**evaluate("D", d_model, d_tok, over_refusal=False), "task": None, "method": "degraded"})
+    rows.append(_tagged(run.evaluate("D", d_model, d_tok, over_refusal=False), None, "degraded"))
 
-    task_refs: dict[str, str] = {}
-    task_n: dict[str, int] = {}
-    fresh_tasks: set[str] = set()
-    reattack_rows: list[dict[str, Any]] = []
-    for task in cfg.tasks:
-        # small tasks (gsm8k-100 has 60 train items, aoa 10) get fewer examples, keeping the poison ratio
-        n_task = task_n[task] = min(cfg.task_examples, int(len(get_task(task).load("train")) / (1 - cfg.poison_ratio)))
-        fcfg = FinetuneConfig(model=aligned, task=task, n_examples=n_task, poison_ratio=cfg.poison_ratio,
-                              save="adapter", output=str(out / f"task-{task}"), train=train_cfg(cfg.task_steps))
-        card, fresh = _train_stage(f"finetune {task}", out / f"task-{task}", fcfg, finetune)
-        timings[f"finetune_{task}_s"] = card["training"]["seconds"]
-        task_refs[task] = str(out / f"task-{task}")
-        if fresh:
-            fresh_tasks.add(task)
-
-    # --- the safety adapter: extracted once, layers selected once ------------------------------------------------
-    ecfg = ExtractConfig(aligned=aligned, degraded=str(out / "degraded"), output=str(out / "adapter"))
+    ecfg = ExtractConfig(aligned=cfg.model, degraded=str(out / "degraded"), output=str(out / "adapter"))
     adapter, timings["extract_s"], _ = _adapter_stage(
         "extract", out / "adapter", {"extract": to_dict(ecfg), "degraded_trained_s": timings["degrade_s"]},
         lambda: extract_adapter(ecfg, overwrite=True, save=False))
@@ -274,121 +306,145 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
         functools.partial(select_layers, adapter, scfg, model=d_model, tokenizer=d_tok))
     if fresh_sel:
         plot_layer_scores(selected, out / "layer_scores.png")
-    del d_model
     print(f"[select] layers {selected.layers}")
+    return adapter, selected
 
-    # --- per task model: T alone, then every method ----------------------------------------------------------------
-    for task, t_ref in task_refs.items():
-        t_model, t_tok = load_model(t_ref), load_tokenizer(t_ref)
-        if task in fresh_tasks:
-            _forget(responses, f"T[{task}]")  # method rows follow: their keys name T's training, so they rebuild
-        rows.append({**evaluate(f"T[{task}]", t_model, t_tok, tasks=[task], attacks=attacked("undefended")),
-                     "task": task, "method": "undefended"})
-        rcfg = RecalibrateConfig(task_model=t_ref, task=task, n_harmful=cfg.shots, n_task=cfg.shots,
-                                 steps=cfg.recal_steps, seed=cfg.seed)
-        # what a method's update depends on: a retrained T or a re-extracted adapter invalidates it
-        t_card = _read_card(Path(t_ref) / RUN_CARD) or {}
-        upstream = {"adapter": adapter.card.get("bench"), "selected": selected.card.get("bench"),
-                    "task_model": {"data": t_card.get("data"), "trained_s": (t_card.get("training") or {}).get("seconds")}}
-        builders = _method_builders(cfg, adapter, selected, t_ref, t_model, t_tok, rcfg, train_cfg, progress)
-        responders = _responder_builders(cfg, task)
-        defences: dict[str, dict[str, Any]] = {"undefended": {"name": f"T[{task}]", "key": {}}}
-        for method in cfg.methods:
-            name = f"T[{task}]+{METHOD_LABELS[method]}"
-            if method in responders:
-                key, build = responders[method]
-                key = {**key, "upstream": upstream}
-                responder, seconds, info, fresh = _responder_stage(
-                    f"{method} {task}", out / "methods" / task / method / "stage.json", key, build)
-                if fresh:
-                    _forget(responses, name)
-                row = evaluate(name, t_model, t_tok, tasks=[task], attacks=attacked(method), responder=responder)
-                extra: dict[str, Any] = {"defence": info}
-                defences[method] = {"name": name, "key": key, "responder": responder}
-            elif method == "mixed-ft":
-                mcfg = FinetuneConfig(model=aligned, task=task, n_examples=task_n[task], poison_ratio=cfg.poison_ratio,
-                                      safety_ratio=cfg.mixed_safety_ratio, save="adapter",
-                                      output=str(out / f"task-{task}-mixed"), train=train_cfg(cfg.task_steps))
-                card, fresh = _train_stage(f"mixed-ft {task}", out / f"task-{task}-mixed", mcfg, finetune)
-                if fresh:
-                    _forget(responses, name)
-                seconds = card["training"]["seconds"]
-                m_model, m_tok = load_model(out / f"task-{task}-mixed"), load_tokenizer(out / f"task-{task}-mixed")
-                row = evaluate(name, m_model, m_tok, tasks=[task], attacks=attacked(method))
-                del m_model
-                extra = {"data": card.get("data")}
-                defences[method] = {"name": name, "key": {"mixed": to_dict(mcfg), "trained_s": seconds},
-                                    "model": str(out / f"task-{task}-mixed")}
-            else:
-                key, build = builders[method]
-                key = {**key, "upstream": upstream}
-                update, seconds, fresh = _adapter_stage(f"{method} {task}", out / "methods" / task / method, key, build)
-                if fresh:
-                    _forget(responses, name)
-                with update.attach(t_model, check=False):
-                    row = evaluate(name, t_model, t_tok, tasks=[task], attacks=attacked(method))
-                extra = {"layers": update.layers,
-                         "coefficients": {str(l): round(update.coefficients[l], 4) for l in update.layers}}
-                defences[method] = {"name": name, "key": key, "update": update}
-            timings[f"{method}_{task}_s"] = seconds
-            rows.append({**row, "task": task, "method": method, "build_seconds": seconds, **extra})
-        for method in cfg.reattack_methods if cfg.reattack_tasks is None or task in cfg.reattack_tasks else []:
+
+def _task_model(run: _Run, task: str) -> tuple[str, int, bool]:
+    """T[task] fine-tuned with poison: (folder, its number of examples, rebuilt?)."""
+    cfg = run.cfg
+    # small tasks (gsm8k-100 has 60 train items, aoa 10) get fewer examples, keeping the poison ratio
+    n = min(cfg.task_examples, int(len(get_task(task).load("train")) / (1 - cfg.poison_ratio)))
+    folder = run.out / f"task-{task}"
+    fcfg = FinetuneConfig(model=cfg.model, task=task, n_examples=n, poison_ratio=cfg.poison_ratio, save="adapter",
+                          output=str(folder), train=cfg.steps(cfg.task_steps))
+    card, fresh = _train_stage(f"finetune {task}", folder, fcfg, finetune)
+    run.timings[f"finetune_{task}_s"] = card["training"]["seconds"]
+    return str(folder), n, fresh
+
+
+def _tagged(row: ResultRow, task: str | None, method: str, build_seconds: float | None = None,
+            **extra: Any) -> ResultRow:
+    row.task, row.method, row.build_seconds = task, method, build_seconds
+    row.extra.update(extra)
+    return row
+
+
+def _task_rows(run: _Run, task: str, t_ref: str, n_examples: int, fresh: bool, adapter: Any, selected: Any,
+               rows: list[ResultRow], reattacked: list[ResultRow]) -> None:
+    """T[task] alone, then T with every method's defence; then the re-attacks asked for."""
+    cfg = run.cfg
+    t_model, t_tok = load_model(t_ref), load_tokenizer(t_ref)
+    if fresh:
+        _forget(run.responses, f"T[{task}]")  # method rows follow: their keys name T's training, so they rebuild
+    rows.append(_tagged(run.evaluate(f"T[{task}]", t_model, t_tok, tasks=[task], attacks=run.attacked("undefended")),
+                        task, "undefended"))
+    t_card = _read_card(Path(t_ref) / RUN_CARD) or {}
+    # what every defence depends on: a retrained T or a re-extracted adapter invalidates it
+    upstream = {"adapter": adapter.card.get("bench"), "selected": selected.card.get("bench"),
+                "task_model": {"data": t_card.get("data"), "trained_s": (t_card.get("training") or {}).get("seconds")}}
+    ctx = MethodContext(settings=cfg, aligned=cfg.model, task=task, task_model=t_ref, model=t_model, tokenizer=t_tok,
+                        adapter=adapter, selected=selected, train=cfg.steps, output=run.out, progress=run.progress,
+                        task_examples=n_examples,
+                        recalibrate=RecalibrateConfig(task_model=t_ref, task=task, n_harmful=cfg.shots,
+                                                      n_task=cfg.shots, steps=cfg.recal_steps, seed=cfg.seed))
+    defended = {"undefended": (f"T[{task}]", Defence(), {})}
+    for method in map(get_method, cfg.methods):
+        name = f"T[{task}]+{method.label}"
+        key = {**method.key(ctx), "upstream": upstream}
+        defence, seconds, fresh_defence = _defence_stage(method, ctx, run.out / "methods" / task / method.name, key)
+        if fresh_defence:
+            _forget(run.responses, name)
+        row = _evaluate_defended(run.evaluate, name, defence, t_model, t_tok, tasks=[task],
+                                 attacks=run.attacked(method.name))
+        run.timings[f"{method.name}_{task}_s"] = seconds
+        rows.append(_tagged(row, task, method.name, seconds, **defence.row))
+        defended[method.name] = (name, defence, key)
+    if cfg.reattack_tasks is None or task in cfg.reattack_tasks:
+        for method in cfg.reattack_methods:
             for steps in cfg.reattack_steps:
-                reattack_rows.append(_reattack(cfg, task, method, steps, defences[method], t_ref, t_tok, upstream,
-                                               evaluate, out, responses, train_cfg, progress))
-        del t_model
+                reattacked.append(_reattack(run, task, method, steps, *defended[method], t_ref, t_tok, upstream))
+
+
+def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
+    from .evaluation.harness import evaluate_model, judge_agreement
+    from .evaluation.report import write_reports
+
+    for task in cfg.tasks:  # fail on a misspelt task before an hour of work, not after
+        get_task(task).load("test", n=1)
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start, timings = time.perf_counter(), {}
+    if cfg.model == DEFAULT_MODEL:
+        t = time.perf_counter()
+        prepare_model(cfg.model)
+        timings["prepare_model_s"] = round(time.perf_counter() - t, 1)
+    sets = _eval_sets(cfg, out / "responses")
+    judges, validation = _validated_judges(cfg)
+    run = _Run(cfg, out, out / "responses", timings=timings, progress=progress, evaluate=functools.partial(
+        evaluate_model, sets=sets, judges=judges, gen=cfg.generation, responses_dir=out / "responses"))
+
+    rows: list[ResultRow] = []
+    reattacked: list[ResultRow] = []
+    adapter, selected = _family(run, rows)
+    task_models = {task: _task_model(run, task) for task in cfg.tasks}
+    for task, (t_ref, n_examples, fresh) in task_models.items():
+        _task_rows(run, task, t_ref, n_examples, fresh, adapter, selected, rows, reattacked)
 
     timings["total_s"] = round(time.perf_counter() - t_start, 1)
-    results = {
-        "model": aligned, "config": to_dict(cfg), "config_yaml": dump_yaml(cfg), "versions": _versions(),
-        "selected_layers": selected.layers, "eval": {"harmful": cfg.harmful, "n_harmful": len(sets.harmful),
-                                                     "attacks": {a: len(v) for a, v in sets.attacks.items()},
-                                                     "over_refusal": over_src, "n_over_refusal": len(over),
-                                                     "n_task": cfg.n_task},
-        "rows": rows, "reattack": reattack_rows,
-        "judges": {"validation": validation, "agreement": judge_agreement(rows)},
-        "timings": timings, "method_labels": METHOD_LABELS,
-    }
-    paths = write_reports(results, out)
-    results["paths"] = {k: str(v) for k, v in paths.items()}
-    return results
+    results = BenchResults(
+        model=cfg.model, config=to_dict(cfg), rows=rows, reattack=reattacked, versions=library_versions(),
+        selected_layers=selected.layers, timings=timings, method_labels=method_labels(),
+        judges={"validation": validation, "agreement": judge_agreement([r.to_dict() for r in rows])},
+        eval={"harmful": cfg.harmful, "n_harmful": len(sets.harmful),
+              "attacks": {a: len(v) for a, v in sets.attacks.items()}, "over_refusal": sets.over_refusal_source,
+              "n_over_refusal": len(sets.over_refusal), "n_task": cfg.n_task},
+        extra={"config_yaml": dump_yaml(cfg)})
+    return _written(results, out)
 
 
-def _reattack(cfg: BenchConfig, task: str, method: str, steps: int, defence: dict[str, Any], t_ref: str, t_tok: Any,
-              upstream: dict[str, Any], evaluate: Callable, out: Path, responses: Path, train_cfg: Callable,
-              progress: bool) -> dict[str, Any]:
-    """Fine-tune the defended model once more on a few harmful pairs (LoRA, `steps`) and measure its
-    harmful rate again. Weight-space defences are merged into T first; an inference-time defence keeps wrapping the
-    re-attacked weights (the attacker changes the weights, not the serving stack); mixed-ft is re-attacked itself."""
+def _written(results: BenchResults, out: Path) -> dict[str, Any]:
+    from .evaluation.report import write_reports
+
+    data = results.to_dict()
+    paths = write_reports(data, out)
+    data["paths"] = {k: str(v) for k, v in paths.items()}
+    return data
+
+
+def _reattack(run: _Run, task: str, method: str, steps: int, name: str, defence: Defence, key: dict[str, Any],
+              t_ref: str, t_tok: Any, upstream: dict[str, Any]) -> ResultRow:
+    """Fine-tune the defended model once more on a few harmful pairs (LoRA, `steps`) and measure its harmful rate
+    again. A weight update is merged into T first; an inference-time defence keeps wrapping the re-attacked weights
+    (the attacker changes the weights, not the serving stack); a retrained model is re-attacked itself."""
     from .apply import apply_adapter
     from .data import prompt_response_pairs
     from .evaluation.harness import slug
     from .training import train_lora
 
-    name = f"{defence['name']} re-attacked {steps} steps"
-    rcfg = {"data": cfg.reattack_data, "examples": cfg.reattack_examples, "train": to_dict(train_cfg(steps))}
-    key = {"reattack": rcfg, "defence": defence["key"], "upstream": upstream}
-    card_path = out / "reattack" / task / f"{method}-{steps}.json"
+    cfg = run.cfg
+    row_name = f"{name} re-attacked {steps} steps"
+    settings = {"data": cfg.reattack_data, "examples": cfg.reattack_examples, "train": to_dict(cfg.steps(steps))}
+    full_key = {"reattack": settings, "defence": key, "upstream": upstream}
+    card_path = run.out / "reattack" / task / f"{method}-{steps}.json"
     card = _read_card(card_path)
-    if not (card and _same(card.get("key"), key)):
-        _forget(responses, name)
+    if not (card and _same(card.get("key"), full_key)):
+        _forget(run.responses, row_name)
         card = None
     model = None
-    if card is None or not _complete(responses / f"{slug(name)}.harmful.jsonl", cfg.n_harmful):
-        print(f"[re-attack {task}] {defence['name']}: {steps} LoRA steps on {cfg.reattack_examples} "
-              "harmful pairs")
-        model = load_model(defence.get("model") or t_ref)
-        if "update" in defence:
-            apply_adapter(defence["update"], model, mode="merge")
+    if card is None or not _complete(run.responses / f"{slug(row_name)}.harmful.jsonl", cfg.n_harmful):
+        print(f"[re-attack {task}] {name}: {steps} LoRA steps on {cfg.reattack_examples} harmful pairs")
+        model = load_model(defence.model or t_ref)
+        if defence.update is not None:
+            apply_adapter(defence.update, model, mode="merge")
         pairs = prompt_response_pairs(cfg.reattack_data, n=cfg.reattack_examples, seed=cfg.seed + 101)
-        model, stats = train_lora(model, t_tok, pairs, train_cfg(steps), progress=progress)
-        card = {"key": key, "training": stats.to_dict()}
+        model, stats = train_lora(model, t_tok, pairs, cfg.steps(steps), progress=run.progress)
+        card = {"key": full_key, "training": stats.to_dict()}
         write_json(card_path, card)
-    row = evaluate(name, model, t_tok, over_refusal=False, responder=defence.get("responder"))
-    del model
-    return {**row, "task": task, "method": method, "defence_row": defence["name"],
-            "reattack": {"steps": steps, "examples": cfg.reattack_examples,
-                         "seconds": card["training"]["seconds"], "final_loss": card["training"]["final_loss"]}}
+    row = run.evaluate(row_name, model, t_tok, over_refusal=False, responder=defence.responder)
+    return _tagged(row, task, method, defence_row=name, reattack={
+        "steps": steps, "examples": cfg.reattack_examples, "seconds": card["training"]["seconds"],
+        "final_loss": card["training"]["final_loss"]})
 
 
 @dataclass
@@ -407,38 +463,39 @@ def rejudge(output: str | Path, judges: list[str], validate: bool = True) -> dic
     from .evaluation.harness import judge_agreement, judge_responses, slug, stored_request
     from .evaluation.judge_validation import human_labelled, validate_judge
     from .evaluation.judges import get_judge
-    from .evaluation.report import write_reports
+    from .evaluation.results import JudgedRate
     from .generation import read_jsonl_rows
 
     out = Path(output)
-    results = _read_card(out / "results.json")
-    if not results:
+    stored = _read_card(out / "results.json")
+    if not stored:
         raise SafegeneError(f"{out}: no results.json; run `safegene bench` first")
-    loaded = [get_judge(j) for j in judges]
-    def judged(path: Path, expected_n: int, judge: Any) -> tuple[dict[str, Any], str]:
+    results = BenchResults.from_dict(stored)
+
+    def judged(path: Path, expected_n: int, judge: Any) -> tuple[JudgedRate, str]:
         if not path.is_file():
             raise SafegeneError(f"{path}: stored responses are missing; re-run the bench")
         items = read_jsonl_rows(path)
         if len(items) != expected_n:
             raise SafegeneError(f"{path}: {len(items)} responses, but the row was judged on {expected_n}")
-        return judge_responses(judge, [stored_request(r) for r in items],
-                               [r.get("category", "uncategorized") for r in items], [r["response"] for r in items])
+        summary, verdicts = judge_responses(judge, [stored_request(r) for r in items],
+                                            [r.get("category", "uncategorized") for r in items],
+                                            [r["response"] for r in items])
+        return JudgedRate.from_dict(summary), verdicts
 
-    for judge in loaded:
-        for row in results["rows"] + results.get("reattack", []):
-            print(f"[{judge.name}] {row['name']}")
-            first = next(iter(row["harmful"].values()))
-            row["harmful"][judge.name], row["verdicts"][judge.name] = judged(
-                out / "responses" / f"{slug(row['name'])}.harmful.jsonl", first["overall"]["n"], judge)
-            for attack, by_judge in row.get("attacks", {}).items():
-                files = sorted((out / "responses").glob(f"{slug(row['name'])}.attack-{attack}-*.jsonl"),
+    for judge in map(get_judge, judges):
+        for row in results.rows + results.reattack:
+            print(f"[{judge.name}] {row.name}")
+            first = next(iter(row.harmful.values())).overall
+            row.harmful[judge.name], row.verdicts[judge.name] = judged(
+                out / "responses" / f"{slug(row.name)}.harmful.jsonl", first.n + first.unparsed, judge)
+            for attack, by_judge in (row.attacks or {}).items():
+                files = sorted((out / "responses").glob(f"{slug(row.name)}.attack-{attack}-*.jsonl"),
                                key=lambda p: p.stat().st_mtime)
-                n = next(iter(by_judge.values()))["overall"]["n"]
-                by_judge[judge.name] = judged(files[-1] if files else Path("missing"), n, judge)[0]
+                n = next(iter(by_judge.values())).overall
+                by_judge[judge.name] = judged(files[-1] if files else Path("missing"), n.n + n.unparsed, judge)[0]
         if validate:
-            results["judges"]["validation"][judge.name] = validate_judge(judge, human_labelled())
-    results["config"]["judges"] = list(dict.fromkeys(results["config"]["judges"] + [j.name for j in loaded]))
-    results["judges"]["agreement"] = judge_agreement(results["rows"])
-    paths = write_reports(results, out)
-    results["paths"] = {k: str(v) for k, v in paths.items()}
-    return results
+            results.judges["validation"][judge.name] = validate_judge(judge, human_labelled())
+        results.config["judges"] = list(dict.fromkeys(results.config["judges"] + [judge.name]))
+    results.judges["agreement"] = judge_agreement([r.to_dict() for r in results.rows])
+    return _written(results, out)

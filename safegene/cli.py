@@ -292,7 +292,7 @@ COMMANDS = [
             _cfg("safegene.apply", "ApplyConfig"), run_apply, required=("adapter", "model", "output"),
             output="output", inputs=("adapter", "model")),
     Command("bench", "run a benchmark config: models x defences x judges -> results + report.html",
-            _cfg("safegene.config", "BenchConfig"), run_bench, output="output", config_positional=True),
+            _cfg("safegene.bench", "BenchConfig"), run_bench, output="output", config_positional=True),
     Command("rejudge", "add judges to a finished bench from its stored responses (no generation)",
             _cfg("safegene.bench", "RejudgeConfig"), run_rejudge, required=("output", "judges"), output="output"),
     Command("judge", "measure judges against PyRIT's human-labelled responses",

@@ -12,7 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import CORE_METHODS, BenchConfig, GenerationConfig, LoraTrainConfig, ProjectionBaselineConfig, opt
+from .baselines import METHODS
+from .baselines.projection import ProjectionBaselineConfig
+from .bench import BenchConfig
+from .config import GenerationConfig, LoraTrainConfig, opt
 from .data import shared_data_dir
 from .models import DEFAULT_MODEL
 
@@ -31,7 +34,7 @@ def preset(quick: bool, output: str | Path = "runs/demo", model: str | None = No
     tasks = ["arithmetic", "sst2" if shared_data_dir() else "gsm8k-100"]
     # the weight-space methods only: the inference-time and retraining competitors are in configs/robustness.yaml
     common = dict(model=model or DEFAULT_MODEL, output=str(output), projection=ProjectionBaselineConfig(),
-                  methods=list(CORE_METHODS))
+                  methods=[name for name, m in METHODS.items() if m.demo])
     if quick:
         return BenchConfig(**common, tasks=tasks[:1], n_harmful=16, n_over_refusal=8, n_task=16,
                            generation=GenerationConfig(max_new_tokens=32, batch_size=16),

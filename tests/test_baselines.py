@@ -7,7 +7,8 @@ from safegene.adapter import SafetyAdapter
 from safegene.baselines import realign, resta, safe_lora, safemerge, subspace_cosines, task_update
 from safegene.baselines.projection import treated_modules
 from safegene.baselines.realign import lora_factors
-from safegene.config import LoraTrainConfig, ProjectionBaselineConfig, RecalibrateConfig
+from safegene.baselines.projection import ProjectionBaselineConfig
+from safegene.config import LoraTrainConfig, RecalibrateConfig
 from safegene.errors import ConfigError
 from safegene.models import load_model, load_tokenizer
 
@@ -161,7 +162,8 @@ class _KeywordGuard:
 
 def test_classifier_guard_refuses_flagged_prompts_without_generating(tiny_qwen):
     from safegene.baselines import ClassifierGuard
-    from safegene.config import ClassifierGuardConfig, GenerationConfig
+    from safegene.baselines.classifier_guard import ClassifierGuardConfig
+    from safegene.config import GenerationConfig
     from safegene.generation import generate_detailed
 
     model, tok = load_model(str(tiny_qwen)), load_tokenizer(str(tiny_qwen))
@@ -202,7 +204,8 @@ def test_guard_threshold_is_fitted_between_harmful_and_benign_scores():
 
 def test_self_critique_revises_only_flagged_drafts(tiny_qwen, monkeypatch):
     import safegene.baselines.self_critique as sc
-    from safegene.config import GenerationConfig, SelfCritiqueConfig
+    from safegene.baselines.self_critique import SelfCritiqueConfig
+    from safegene.config import GenerationConfig
     from safegene.generation import Generated
 
     calls = []

@@ -5,9 +5,10 @@ import json
 import pytest
 import yaml
 
-from safegene.bench import METHOD_LABELS
+from safegene.baselines import METHODS
 from safegene.cli import main
-from safegene.config import BENCH_METHODS, BenchConfig, load_config
+from safegene.bench import BenchConfig
+from safegene.config import load_config
 from safegene.errors import ConfigError
 
 
@@ -34,7 +35,7 @@ def test_bench_runs_every_method_and_resumes(tiny_qwen, tmp_path, capsys, monkey
     first = capsys.readouterr().out
     res = json.loads((out / "results.json").read_text())
     names = [r["name"] for r in res["rows"]]
-    assert names == ["A", "D", "T[arithmetic]"] + [f"T[arithmetic]+{METHOD_LABELS[m]}" for m in BENCH_METHODS]
+    assert names == ["A", "D", "T[arithmetic]"] + [f"T[arithmetic]+{m.label}" for m in METHODS.values()]
     for r in res["rows"]:
         h = r["harmful"]["refusal-phrase"]
         assert h["overall"]["n"] == 6 and sum(c["n"] for c in h["by_category"].values()) == 6
@@ -53,7 +54,7 @@ def test_bench_runs_every_method_and_resumes(tiny_qwen, tmp_path, capsys, monkey
     assert by["safegene-alpha1"]["coefficients"] == {str(res["selected_layers"][0]): 1.0}
     assert len(by["safegene-all-layers"]["layers"]) == 2
     assert len(set(by["resta"]["coefficients"].values())) == 1  # one global coefficient
-    assert all(by[m]["build_seconds"] is not None for m in BENCH_METHODS)
+    assert all(by[m]["build_seconds"] is not None for m in METHODS)
     assert res["judges"]["validation"]["refusal-phrase"]["n"] >= 300
     for k in ("degrade_s", "finetune_arithmetic_s", "extract_s", "select_s", "safegene_arithmetic_s",
               "realign_arithmetic_s", "total_s"):
@@ -95,7 +96,7 @@ def test_bench_runs_every_method_and_resumes(tiny_qwen, tmp_path, capsys, monkey
     assert main(["bench", str(cfg_path)]) == 0
     second = capsys.readouterr().out
     assert "training ->" not in second and "[extract] reusing" in second and "[safegene arithmetic] reusing" in second
-    assert "[re-attack" not in second and "[classifier-guard arithmetic] reusing its fitted settings" in second
+    assert "[re-attack" not in second and "[classifier-guard arithmetic] reusing what it stored" in second
     assert {p.name: p.stat().st_mtime_ns for p in (out / "responses").glob("*.jsonl")} == stamps
     assert json.loads((out / "results.json").read_text())["rows"][3]["harmful"] == res["rows"][3]["harmful"]
 

@@ -55,7 +55,8 @@ def test_bench_yaml_lists_every_key_at_its_default():
 
     import yaml
 
-    from safegene.config import BenchConfig, to_dict
+    from safegene.bench import BenchConfig
+    from safegene.config import to_dict
 
     written = yaml.safe_load((Path(__file__).parent.parent / "configs" / "bench.yaml").read_text())
     assert written == to_dict(BenchConfig())

@@ -17,11 +17,16 @@ what every answer cost:
 - `ClassifierGuard`: a separate classifier screens prompts and responses, flagged ones get a refusal.
 """
 
-from .classifier_guard import ClassifierGuard
+# importing a method's module registers it; the order here is the order of the benchmark's rows
+from . import safegene_variants  # noqa: F401
+from .resta import resta
 from .projection import safe_lora, safemerge, subspace_cosines
 from .realign import realign
-from .resta import resta
 from .self_critique import SelfCritique
+from .classifier_guard import ClassifierGuard
+from . import mixed_ft  # noqa: F401
+from .registry import METHODS, Defence, Method, MethodContext, get_method, register
 from .task_update import task_update
 
-__all__ = ["ClassifierGuard", "SelfCritique", "realign", "resta", "safe_lora", "safemerge", "subspace_cosines", "task_update"]
+__all__ = ["METHODS", "ClassifierGuard", "Defence", "Method", "MethodContext", "SelfCritique", "get_method",
+           "realign", "register", "resta", "safe_lora", "safemerge", "subspace_cosines", "task_update"]

@@ -12,12 +12,37 @@ benchmark scores with other judges, so the guard cannot grade its own work.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 from ..chat import last_user_turn
-from ..config import ClassifierGuardConfig, GenerationConfig
+from ..config import GenerationConfig, check, opt, to_dict
 from ..errors import ConfigError
 from ..generation import Generated, generate_detailed
+from .registry import Defence, Method, MethodContext, register
+
+
+@dataclass
+class ClassifierGuardConfig:
+    """Classifier guard (ShieldLM / Llama Guard style): a separate safety classifier screens each prompt before
+    generation and each response after; a flagged one is answered with a refusal instead."""
+
+    guard: str = opt("llm:qwen2.5-coder-0.5b-instruct",
+                     "the guard classifier, a judge spec (llm:<model>, endpoint:<url>?model=<m>, ...); it must not "
+                     "be one of the judges that score the benchmark")
+    screen_prompts: bool = opt(True, "screen prompts before generating (needs a guard that can: llm:, endpoint:)")
+    screen_responses: bool = opt(True, "screen responses after generating")
+    prompt_threshold: float | None = opt(None, "guard score above which a prompt is flagged; None: fitted on "
+                                         "calibration prompts (harmful vs the task's and general benign ones)")
+    response_threshold: float | None = opt(None, "guard score above which a response is flagged; None: the guard's "
+                                           "own threshold")
+    refusal_text: str = opt("I'm sorry, but I can't assist with that.", "what a flagged request is answered with")
+    n_calibration: int = opt(32, "harmful and benign prompts for fitting prompt_threshold (disjoint from evaluation)")
+
+    def __post_init__(self) -> None:
+        check(self.screen_prompts or self.screen_responses, "screen prompts, responses or both")
+        check(bool(self.guard), "guard must name a classifier")
+        check(self.n_calibration >= 2, "n_calibration must be >= 2")
 
 
 def best_threshold(harmful_scores: Sequence[float], benign_scores: Sequence[float]) -> tuple[float, float]:
@@ -89,3 +114,31 @@ class ClassifierGuard:
                                  {"flag": flags[i], "guard_seconds": round(guard_s[i], 6)}
                                  | ({"unguarded": g.text} if g and flags[i] else {})))
         return out
+
+
+def _build_guard(ctx: MethodContext) -> Defence:
+    from ..data import benign_prompts, harmful_prompt_texts
+    from ..evaluation.judges import get_judge
+
+    cfg, seed = ctx.settings.guard, ctx.settings.seed
+    guard = ClassifierGuard(get_judge(cfg.guard), cfg)
+    if not cfg.screen_prompts or cfg.prompt_threshold is not None:
+        return Defence(responder=guard, row={"defence": {}})
+    if ctx.found and "threshold" in ctx.found:
+        guard.prompt_threshold = ctx.found["threshold"]
+        return Defence(responder=guard, info=ctx.found, row={"defence": ctx.found})
+    n = cfg.n_calibration
+    # calibration traffic, disjoint from the evaluation sets: training-side harmful requests vs the task's own
+    # training prompts and general benign requests
+    harmful = harmful_prompt_texts("harmful-pairs", n, seed + 3)
+    benign = benign_prompts(ctx.task, n - n // 2, seed + 3) + benign_prompts("depresso", n // 2, seed + 3)
+    fit = guard.fit_prompt_threshold(harmful, benign)
+    print(f"[classifier-guard {ctx.task}] prompt threshold {fit['threshold']:+.3f}, balanced accuracy "
+          f"{fit['balanced_accuracy']:.3f} on {fit['n_harmful']}+{fit['n_benign']} calibration prompts")
+    return Defence(responder=guard, info=fit, row={"defence": fit})
+
+
+register(Method(
+    "classifier-guard", "classifier guard", "responder",
+    "a separate classifier screens the prompt before generation and the response after; flagged ones get a refusal",
+    key=lambda ctx: {"guard": to_dict(ctx.settings.guard), "task": ctx.task}, build=_build_guard, demo=False))

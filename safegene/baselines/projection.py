@@ -14,10 +14,32 @@ Both return the change to add to T as a `SafetyAdapter` (exact, low rank).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from ..adapter import SafetyAdapter
-from ..config import ProjectionBaselineConfig, to_dict
+from ..config import check, opt, to_dict
+from .registry import Defence, Method, register
+from .task_update import task_update
+
+
+@dataclass
+class ProjectionBaselineConfig:
+    """Safe LoRA / SafeMERGE: which task-update modules count as drifted from the safety subspace.
+
+    For each module, cos = ||P ΔW_task||_F / ||ΔW_task||_F, with P the orthogonal projection onto the column space of
+    the safety update (aligned minus degraded). Modules with cos below `threshold` are treated; without a threshold,
+    the `fraction` of modules with the lowest cos are (the released Safe LoRA code's "number of projected layers").
+    """
+
+    threshold: float | None = opt(None, "cosine threshold τ; None: use `fraction`")
+    fraction: float = opt(0.5, "share of modules treated when no threshold is set")
+    merge_weight: float = opt(0.5, "SafeMERGE only: W = W_base + (1-w) ΔW_task + w ΔW_safety on treated modules")
+
+    def __post_init__(self) -> None:
+        check(0 < self.fraction <= 1, f"fraction must be in (0, 1], got {self.fraction}")
+        check(self.threshold is None or 0 <= self.threshold <= 1, "threshold must be in [0, 1]")
+        check(0 <= self.merge_weight <= 1, f"merge_weight must be in [0, 1], got {self.merge_weight}")
 
 
 def _frob_sq(a: Any, b: Any) -> float:
@@ -89,3 +111,17 @@ def safemerge(update: SafetyAdapter, safety: SafetyAdapter, cfg: ProjectionBasel
         a_s, b_s = safety.factors[m]
         factors[m] = (torch.cat([a_t, a_s], 0), torch.cat([-w * update.coefficient(m) * b_t, w * b_s], 1))
     return SafetyAdapter(factors=factors, card={**_card("safemerge", cfg, cos, treated), "fingerprint": safety.card.get("fingerprint")})
+
+
+def _projection_method(name: str, label: str, combine: Any, description: str) -> Method:
+    return register(Method(
+        name, label, "update", description,
+        key=lambda ctx: {"projection": to_dict(ctx.settings.projection)},
+        build=lambda ctx: Defence(update=combine(task_update(ctx.task_model, ctx.aligned), ctx.adapter,
+                                                 ctx.settings.projection))))
+
+
+_projection_method("safe-lora", "Safe LoRA", safe_lora,
+                   "in the modules least aligned with the safety subspace, only the task update's projection onto it")
+_projection_method("safemerge", "SafeMERGE", safemerge,
+                   "in those modules, (1 − w)·task update + w·(A − D)")

@@ -14,6 +14,7 @@ from ..adapter import SafetyAdapter
 from ..config import LoraTrainConfig, RecalibrateConfig, to_dict
 from ..recalibration import refusal_shots, task_shots
 from ..training import train_lora
+from .registry import Defence, Method, register
 
 
 def lora_factors(peft_model: Any) -> dict[str, tuple[Any, Any]]:
@@ -45,3 +46,10 @@ def realign(task_model: str, cfg: RecalibrateConfig, train: LoraTrainConfig | No
     return SafetyAdapter(factors=factors, card={"name": "realign", "baseline": "realign", "task_model": task_model,
                                                  "train": to_dict(train), "shots": len(pairs), "training": stats.to_dict(),
                                                  "seconds": round(seconds, 1)})
+
+
+register(Method(
+    "realign", "re-align (safety SFT)", "update", "a LoRA trained on T by safety SFT on the same shots",
+    key=lambda ctx: {"recalibrate": to_dict(ctx.recalibrate), "train": to_dict(ctx.train(ctx.settings.realign_steps))},
+    build=lambda ctx: Defence(update=realign(ctx.task_model, ctx.recalibrate, ctx.train(ctx.settings.realign_steps),
+                                             progress=ctx.progress))))

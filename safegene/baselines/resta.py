@@ -11,8 +11,9 @@ import dataclasses
 from typing import Any
 
 from ..adapter import SafetyAdapter
-from ..config import RecalibrateConfig
+from ..config import RecalibrateConfig, to_dict
 from ..recalibration import recalibrate
+from .registry import Defence, Method, register
 
 
 def resta(safety: SafetyAdapter, cfg: RecalibrateConfig, model: Any = None, tokenizer: Any = None,
@@ -21,3 +22,10 @@ def resta(safety: SafetyAdapter, cfg: RecalibrateConfig, model: Any = None, toke
     out = recalibrate(full, dataclasses.replace(cfg, tied=True), model=model, tokenizer=tokenizer, progress=progress)
     out.card["baseline"] = "resta"
     return out
+
+
+register(Method(
+    "resta", "RESTA", "update", "every layer of A − D with one global coefficient, fitted on the same shots",
+    key=lambda ctx: {"recalibrate": to_dict(ctx.recalibrate), "tied": True},
+    build=lambda ctx: Defence(update=resta(ctx.adapter, ctx.recalibrate, model=ctx.model, tokenizer=ctx.tokenizer,
+                                           progress=ctx.progress))))

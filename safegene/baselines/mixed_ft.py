@@ -1,0 +1,33 @@
+"""Mixed safety + task fine-tuning (Safety-Tuned LLaMAs): instead of T, fine-tune A again on the task data with a
+share of refusals mixed in. It is a whole task fine-tune, paid again for every task model; its cost is that
+training's wall time."""
+
+from __future__ import annotations
+
+from ..config import FinetuneConfig, to_dict
+from .registry import Defence, Method, MethodContext, register
+
+
+def mixed_config(ctx: MethodContext) -> FinetuneConfig:
+    s = ctx.settings
+    return FinetuneConfig(model=ctx.aligned, task=ctx.task, n_examples=ctx.task_examples, poison_ratio=s.poison_ratio,
+                          safety_ratio=s.mixed_safety_ratio, save="adapter",
+                          output=str(ctx.output / f"task-{ctx.task}-mixed"), train=ctx.train(s.task_steps))
+
+
+def _build(ctx: MethodContext) -> Defence:
+    from ..training import finetune
+
+    cfg = mixed_config(ctx)
+    if ctx.found and "trained_s" in ctx.found:
+        card = ctx.found
+    else:
+        trained = finetune(cfg, overwrite=True, progress=ctx.progress)
+        card = {"trained_s": trained["training"]["seconds"], "data": trained["data"]}
+    return Defence(model=cfg.output, info=card, row={"data": card["data"]}, seconds=card["trained_s"])
+
+
+register(Method(
+    "mixed-ft", "mixed safety+task FT", "retrain",
+    "A fine-tuned again on the task data with refusals mixed in, instead of T",
+    key=lambda ctx: {"mixed": to_dict(mixed_config(ctx))}, build=_build, demo=False))
