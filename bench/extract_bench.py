@@ -99,7 +99,7 @@ print(json.dumps({{"peak_mb": peak()}}))
     ext = _child(PEAK + f"""
 import time
 from safegene.adapter import extract_adapter
-from safegene.config import ExtractConfig
+from safegene.adapter.extract import ExtractConfig
 t = time.perf_counter()
 ad = extract_adapter(ExtractConfig(aligned={str(a)!r}, degraded={str(d)!r}, output="unused", hash_inputs=False),
                      progress=False, save=False)

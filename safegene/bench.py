@@ -26,8 +26,8 @@ from .baselines import METHODS, Defence, Method, MethodContext, get_method
 from .baselines.classifier_guard import ClassifierGuardConfig
 from .baselines.projection import ProjectionBaselineConfig
 from .baselines.self_critique import SelfCritiqueConfig
-from .config import (DegradeConfig, ExtractConfig, FinetuneConfig, GenerationConfig, LoraTrainConfig, RecalibrateConfig,
-                     SelectConfig, check, dump_yaml, opt, to_dict)
+from .config import DegradeConfig, FinetuneConfig, GenerationConfig, LoraTrainConfig, RecalibrateConfig, SelectConfig, check, dump_yaml, opt, to_dict
+from .adapter.extract import ExtractConfig
 from .data import get_task, harmful_prompts
 from .data.attacks import ATTACKS
 from .evaluation.results import BenchResults, ResultRow

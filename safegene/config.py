@@ -281,31 +281,6 @@ class DistillConfig:
         check(self.top_k >= 1, "top_k must be >= 1")
 
 
-@dataclass
-class ExtractConfig:
-    """Aligned A + degraded D (same family) -> safety adapter (low-rank factors of A - D per target module)."""
-
-    aligned: str = opt("qwen2.5-coder-0.5b-instruct", "aligned model A")
-    degraded: str = opt("runs/degraded", "degraded model D (same family as A)")
-    output: str = opt("runs/adapter", "output adapter folder", aliases=("-o",))
-    rank: int = opt(8, "rank r of every module's factors (the cap when `energy` is set)")
-    energy: float | None = opt(None, "if set, per-module rank = smallest r keeping this fraction of ||ΔW||² (<= rank)")
-    svd: str = opt("auto", "exact (full SVD), randomized (svd_lowrank), or auto (randomized unless `energy` is set)")
-    oversample: int = opt(8, "randomized SVD oversampling")
-    niter: int = opt(4, "randomized SVD power iterations")
-    target_modules: list[str] = opt(
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "module names to extract")
-    layers: str | None = opt(None, "layers to extract, e.g. '0-11,20' (default: all)")
-    check_untracked: bool = opt(True, "also compare non-target tensors (embeddings, norms, biases) and report drift")
-    hash_inputs: bool = opt(True, "record the SHA-256 of every input weight file in the card")
-    seed: int = opt(0, "seed for randomized SVD")
-    distill: DistillConfig = opt(DistillConfig(), "distillation refinement")
-
-    def __post_init__(self) -> None:
-        check(self.rank >= 1, f"rank must be >= 1, got {self.rank}")
-        check(self.energy is None or 0 < self.energy <= 1, f"energy must be in (0, 1], got {self.energy}")
-        check(self.svd in ("auto", "exact", "randomized"), f"svd must be auto, exact or randomized, got {self.svd}")
-        check(bool(self.target_modules), "target_modules must name at least one module")
 
 
 @dataclass
@@ -377,29 +352,6 @@ class RecalibrateConfig:
 
 
 
-@dataclass
-class GateConfig:
-    """Fit the adaptive gate of a (calibrated) adapter on the model it will serve with."""
-
-    adapter: str | None = opt(None, "adapter folder, usually a calibrated one (command line; the API takes the "
-                              "adapter)", positional=True)
-    output: str | None = opt(None, "output adapter folder: the adapter plus its gate (command line)", aliases=("-o",))
-    model: str = opt("runs/task-model", "the served model T (the gate reads its hidden states)")
-    harmful: str = opt("harmful-pairs", "harmful prompts (disjoint from evaluation prompts)")
-    benign: list[str] = opt(["arithmetic", "depresso"], "benign prompt sources: task names, benign sets or files "
-                            "(the traffic whose utility the gate should keep)")
-    n_harmful: int = opt(32, "harmful prompts")
-    n_benign: int = opt(32, "benign prompts, split over the sources")
-    layer: int | None = opt(None, "layer whose input the gate reads; default: the adapter's lowest layer")
-    floor: float = opt(0.0, "minimum strength on any prompt")
-    sharpness: float = opt(2.0, "temperature = projected spread / sharpness (higher: closer to on/off)")
-    seed: int = opt(0, "sampling seed")
-
-    def __post_init__(self) -> None:
-        check(self.n_harmful >= 2 and self.n_benign >= 2, "need at least 2 harmful and 2 benign prompts")
-        check(bool(self.benign), "benign must name at least one source")
-        check(0 <= self.floor < 1, f"floor must be in [0, 1), got {self.floor}")
-        check(self.sharpness > 0, "sharpness must be > 0")
 
 
 @dataclass

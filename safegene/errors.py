@@ -26,3 +26,9 @@ class FamilyMismatchError(ModelError):
 
 class OutputExistsError(SafegeneError):
     """The output path already exists (safegene never overwrites without being told to)."""
+
+
+class TrainingDivergedError(SafegeneError, FloatingPointError):
+    """The training loss became non-finite (NaN or infinite): the run diverged.
+
+    Also a FloatingPointError, so code that caught the earlier plain FloatingPointError keeps working."""

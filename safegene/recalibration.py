@@ -20,12 +20,11 @@ from typing import Any
 from .adapter.core import SafetyAdapter
 from .adapter.runtime import AttachedAdapter
 from .config import RecalibrateConfig, to_dict
-from .data import prompt_response_pairs
+from .data import harmful_prompt_texts, prompt_response_pairs
 from .data.records import PromptResponse
 from .io import sha256_text
 from .forward import capture, decoder_parts, run_from
 from .objectives import encode_batch, token_nll, topk_kl
-from .selection import harmful_prompt_texts
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +62,6 @@ def recalibrate(adapter: SafetyAdapter, cfg: RecalibrateConfig, model: Any = Non
         log.warning(msg)
     for p in model.parameters():
         p.requires_grad_(False)
-    tokenizer.padding_side = "right"
     harm = refusal_shots(cfg)
     task = task_shots(cfg)
     hb = encode_batch(tokenizer, harm, cfg.max_length)

@@ -29,27 +29,12 @@ from typing import Any, Sequence
 from .adapter.core import SafetyAdapter
 from .adapter.runtime import AttachedAdapter
 from .config import SelectConfig, to_dict
-from .data import harmful_prompts, prompt_response_pairs
-from .data.tasks import TASKS
+from .data import benign_prompts, harmful_prompt_texts
 from .chat import prompt_text
-from .errors import SafegeneError
 from .forward import _first, decoder_parts
 from .io import sha256_text
 
 log = logging.getLogger(__name__)
-
-
-def benign_prompts(ref: str, n: int, seed: int) -> list[str]:
-    if ref in TASKS:
-        return [e.prompt for e in TASKS[ref].load("train", n=n, seed=seed)]
-    return [p.prompt for p in prompt_response_pairs(ref, n=n, seed=seed)]
-
-
-def harmful_prompt_texts(ref: str, n: int, seed: int) -> list[str]:
-    try:
-        return [p.prompt for p in harmful_prompts(ref, n=n, seed=seed)]
-    except SafegeneError:
-        return [p.prompt for p in prompt_response_pairs(ref, n=n, seed=seed)]
 
 
 def layer_activations_and_pushes(adapter: SafetyAdapter, model: Any, tokenizer: Any, prompts: Sequence[str],
@@ -69,13 +54,13 @@ def layer_activations_and_pushes(adapter: SafetyAdapter, model: Any, tokenizer: 
         args, kw = rec.calls[l]
         return _first(layers[l](rec.hidden[l], *args, **kw))[:, -1, :]
 
-    tokenizer.padding_side = "left"  # last position = last prompt token for every row
     acts, pushes = [], []
     try:
         with torch.inference_mode():
             for s in tqdm(range(0, len(prompts), batch_size), desc="scoring layers", unit="batch", disable=not progress):
                 texts = [prompt_text(tokenizer, p) for p in prompts[s : s + batch_size]]
-                enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+                # left padding: the last position is every row's last prompt token
+                enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
                 handle.disable()
                 rec = capture(model, enc["input_ids"], enc["attention_mask"])
                 # a layer's output is the next layer's recorded input; only the last layer must be run again
@@ -128,7 +113,6 @@ def refusal_gain(adapter: SafetyAdapter, model: Any, tokenizer: Any, harmful: Se
     from .forward import capture, run_from
     from .objectives import encode_batch, target_logprob_sums
 
-    tokenizer.padding_side = "right"
     opening = refusal_opening(tokenizer, refusal_text, max_refusal_tokens)
     pairs = [PromptResponse(p, opening) for p in list(harmful) + list(benign)]
     nh = len(harmful)
@@ -177,7 +161,6 @@ def refusal_gain_linear(adapter: SafetyAdapter, model: Any, tokenizer: Any, harm
     from .data.records import PromptResponse
     from .objectives import encode_batch
 
-    tokenizer.padding_side = "right"
     opening = refusal_opening(tokenizer, refusal_text, max_refusal_tokens)
     idx = adapter.all_layers
     handle = AttachedAdapter(model, adapter.select(idx))
@@ -268,18 +251,17 @@ def plot_layer_scores(adapter: SafetyAdapter, path: str | Path) -> Path | None:
     sel = adapter.card.get("selection")
     if not sel:
         return None
-    try:
-        import matplotlib
+    from .evaluation.report import figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    layers = sorted(int(l) for l in sel["scores"])
+    try:
+        fig = figure(figsize=(max(6, len(layers) * 0.35), 3.2))
     except ImportError:
         log.warning("matplotlib is not installed: no layer-score plot (pip install matplotlib)")
         return None
-    layers = sorted(int(l) for l in sel["scores"])
     vals = [sel["scores"][str(l)] for l in layers]
     chosen = set(sel["selected_layers"])
-    fig, ax = plt.subplots(figsize=(max(6, len(layers) * 0.35), 3.2))
+    ax = fig.subplots()
     ax.bar(layers, vals, color=["#c0392b" if l in chosen else "#95a5a6" for l in layers])
     ax.axhline(0, color="black", linewidth=0.6)
     ax.set_xlabel("layer")
@@ -288,5 +270,4 @@ def plot_layer_scores(adapter: SafetyAdapter, path: str | Path) -> Path | None:
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

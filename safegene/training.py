@@ -19,9 +19,9 @@ from .chat import end_of_turn, prompt_text
 from .config import DegradeConfig, FinetuneConfig, LoraTrainConfig, to_dict
 from .data import get_task, prompt_response_pairs
 from .data.records import PromptResponse
-from .errors import DataError
+from .errors import DataError, TrainingDivergedError
 from .io import atomic_dir, check_output_path, sha256_text, write_json
-from .models import load_model, load_tokenizer
+from .models import load_model, load_tokenizer, resolve_model_path
 from .models.registry import EMBEDDED_MODELS
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,8 @@ def train_lora(model: Any, tokenizer: Any, pairs: Sequence[PromptResponse], cfg:
             step_loss += float(loss.detach())
             stats.examples_seen += ids.shape[0]
         if not math.isfinite(step_loss):
-            raise FloatingPointError(f"training loss became {step_loss} at step {step}; lower learning_rate")
+            raise TrainingDivergedError(f"training diverged: loss became {step_loss} at step {step}; lower "
+                                        f"learning_rate (now {cfg.learning_rate:g})")
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
         sched.step()
@@ -178,13 +179,22 @@ def _portable_ref(ref: str) -> str:
     return ref if ref in EMBEDDED_MODELS else str(Path(ref).expanduser().resolve()) if Path(ref).exists() else ref
 
 
+def _local_ref(ref: str) -> str:
+    """The base as a local folder (an embedded model's cached copy): peft and transformers look any name that is not
+    a folder up on the hub, so what they read must be a path. The run card keeps the portable name."""
+    path = Path(resolve_model_path(ref)).expanduser()
+    return str(path.resolve()) if path.exists() else ref
+
+
 def save_trained(peft_model: Any, tokenizer: Any, out_dir: Path, save: str, base_ref: str) -> None:
     """Write the adapter (PEFT folder) and/or the merged model into `out_dir` (already a temp dir)."""
     if save in ("adapter", "both"):
         adapter_dir = out_dir if save == "adapter" else out_dir / "adapter"
         for cfg in peft_model.peft_config.values():
-            cfg.base_model_name_or_path = _portable_ref(base_ref)
-        peft_model.save_pretrained(str(adapter_dir), safe_serialization=True)
+            cfg.base_model_name_or_path = _local_ref(base_ref)
+        # LoRA never changes the base's embeddings; "auto" would read the base's config (from the hub, for a base
+        # that is not a local model folder) to see whether the vocabulary grew
+        peft_model.save_pretrained(str(adapter_dir), safe_serialization=True, save_embedding_layers=False)
         tokenizer.save_pretrained(str(adapter_dir))
     if save in ("merged", "both"):
         merged = peft_model.merge_and_unload()

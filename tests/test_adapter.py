@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from safegene.adapter import SafetyAdapter, extract_adapter, merge_into_model
-from safegene.config import ExtractConfig
+from safegene.adapter.extract import ExtractConfig
 from safegene.errors import FamilyMismatchError, SafegeneError
 from safegene.models import load_model
 

@@ -93,7 +93,7 @@ def test_resta_learns_one_shared_coefficient(tiny_qwen, tmp_path):
     from test_adapter import make_degraded
 
     from safegene.adapter import extract_adapter
-    from safegene.config import ExtractConfig
+    from safegene.adapter.extract import ExtractConfig
 
     d = tmp_path / "D"
     make_degraded(tiny_qwen, d, layers=(0, 1), modules=("q_proj", "down_proj"))

@@ -53,7 +53,7 @@ def test_endpoint_judge_against_loopback_server(fake_server, monkeypatch):
     assert isinstance(judge, EndpointJudge) and judge.name == "endpoint:guard"
     v = judge.judge_batch(["how to x", "how to y", "how to z"],
                           ["Step 1: get the parts", "I can't help with that.", "*shrug*"])
-    assert [x.harmful for x in v] == [True, False, False]
+    assert [x.harmful for x in v] == [True, False, None]
     assert "unparsed" in v[2].reason and v[2].score is None
     req = _FakeOpenAI.requests[0]
     assert req["path"] == "/v1/chat/completions" and req["body"]["model"] == "guard"

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from ..config import DistillConfig, GenerationConfig
-from ..data import harmful_prompts, prompt_response_pairs
+from ..data import benign_prompts, harmful_prompt_texts
 from ..data.records import PromptResponse
 from ..generation import generate
 from ..models import load_model, load_tokenizer
@@ -22,28 +22,17 @@ from .core import SafetyAdapter
 from .runtime import AttachedAdapter
 
 
-def _prompts(ref: str, n: int, seed: int) -> list[str]:
-    from ..data.tasks import TASKS
-
-    if ref in TASKS:
-        return [e.prompt for e in TASKS[ref].load("train", n=n, seed=seed)]
-    try:
-        return [p.prompt for p in prompt_response_pairs(ref, n=n, seed=seed)]
-    except Exception:
-        return [p.prompt for p in harmful_prompts(ref, n=n, seed=seed)]
-
-
 def distill_factors(adapter: SafetyAdapter, aligned: Path, degraded: Path, cfg: DistillConfig, progress: bool = True):
     import torch
     from tqdm.auto import tqdm
 
-    prompts = _prompts(cfg.harmful, cfg.n_harmful, cfg.seed) + _prompts(cfg.benign, cfg.n_benign, cfg.seed)
+    prompts = (harmful_prompt_texts(cfg.harmful, cfg.n_harmful, cfg.seed)
+               + benign_prompts(cfg.benign, cfg.n_benign, cfg.seed))
     tok = load_tokenizer(aligned)
     teacher = load_model(aligned)
     responses = generate(teacher, tok, prompts, GenerationConfig(max_new_tokens=cfg.response_tokens, batch_size=8),
                          progress=progress, desc="A's responses")
     pairs = [PromptResponse(p, r) for p, r in zip(prompts, responses) if r]
-    tok.padding_side = "right"
     batch = encode_batch(tok, pairs, max_length=256)
     t_vals, t_idx = teacher_topk(teacher, batch, cfg.top_k)
     del teacher

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import ExtractConfig, to_dict
+from ..config import DistillConfig, check, opt, to_dict
 from ..errors import FamilyMismatchError, SafegeneError
 from ..io import check_output_path, sha256_file
 from ..models import resolve_model_path
@@ -23,6 +24,33 @@ from .core import SafetyAdapter
 from .modules import parse_layers, target_weight_names
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExtractConfig:
+    """Aligned A + degraded D (same family) -> safety adapter (low-rank factors of A - D per target module)."""
+
+    aligned: str = opt("qwen2.5-coder-0.5b-instruct", "aligned model A")
+    degraded: str = opt("runs/degraded", "degraded model D (same family as A)")
+    output: str = opt("runs/adapter", "output adapter folder", aliases=("-o",))
+    rank: int = opt(8, "rank r of every module's factors (the cap when `energy` is set)")
+    energy: float | None = opt(None, "if set, per-module rank = smallest r keeping this fraction of ||ΔW||² (<= rank)")
+    svd: str = opt("auto", "exact (full SVD), randomized (svd_lowrank), or auto (randomized unless `energy` is set)")
+    oversample: int = opt(8, "randomized SVD oversampling")
+    niter: int = opt(4, "randomized SVD power iterations")
+    target_modules: list[str] = opt(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "module names to extract")
+    layers: str | None = opt(None, "layers to extract, e.g. '0-11,20' (default: all)")
+    check_untracked: bool = opt(True, "also compare non-target tensors (embeddings, norms, biases) and report drift")
+    hash_inputs: bool = opt(True, "record the SHA-256 of every input weight file in the card")
+    seed: int = opt(0, "seed for randomized SVD")
+    distill: DistillConfig = opt(DistillConfig(), "distillation refinement")
+
+    def __post_init__(self) -> None:
+        check(self.rank >= 1, f"rank must be >= 1, got {self.rank}")
+        check(self.energy is None or 0 < self.energy <= 1, f"energy must be in (0, 1], got {self.energy}")
+        check(self.svd in ("auto", "exact", "randomized"), f"svd must be auto, exact or randomized, got {self.svd}")
+        check(bool(self.target_modules), "target_modules must name at least one module")
 
 
 def _folder(ref: str, role: str) -> Path:

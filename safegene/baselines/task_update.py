@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..adapter import SafetyAdapter, extract_adapter
-from ..config import ExtractConfig
+from ..adapter.extract import ExtractConfig
 
 
 def task_update(task_model: str, base_model: str, rank: int = 16) -> SafetyAdapter:

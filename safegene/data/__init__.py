@@ -4,10 +4,11 @@ from .builtin import DATASETS, DatasetInfo, dataset_info, load_builtin, shared_d
 from .loaders import load_harmful_prompts, load_prompt_responses, read_rows
 from .records import HarmfulPrompt, PromptResponse, TaskExample
 from .tasks import TASKS, TaskSpec, get_task
-from .resolve import harmful_prompts, prompt_response_pairs, split_holdout
+from .resolve import benign_prompts, harmful_prompt_texts, harmful_prompts, prompt_response_pairs, split_holdout
 
 __all__ = [
     "DATASETS", "DatasetInfo", "HarmfulPrompt", "PromptResponse", "TASKS", "TaskExample", "TaskSpec",
-    "dataset_info", "get_task", "harmful_prompts", "load_builtin", "load_harmful_prompts", "load_prompt_responses",
-    "prompt_response_pairs", "read_rows", "shared_data_dir", "split_holdout",
+    "benign_prompts", "dataset_info", "get_task", "harmful_prompt_texts", "harmful_prompts", "load_builtin",
+    "load_harmful_prompts", "load_prompt_responses", "prompt_response_pairs", "read_rows", "shared_data_dir",
+    "split_holdout",
 ]

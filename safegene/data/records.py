@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -64,7 +64,3 @@ class TaskExample:
         if not self.system:
             return self.prompt
         return [{"role": "system", "content": self.system}, {"role": "user", "content": self.prompt}]
-
-
-def to_dicts(records) -> list[dict[str, Any]]:
-    return [asdict(r) for r in records]

@@ -6,10 +6,11 @@ import random
 from pathlib import Path
 from typing import Sequence, TypeVar
 
-from ..errors import DataError
+from ..errors import DataError, SafegeneError
 from .builtin import dataset_info, load_builtin
 from .loaders import load_harmful_prompts, load_prompt_responses
 from .records import HarmfulPrompt, PromptResponse
+from .tasks import TASKS
 
 T = TypeVar("T")
 
@@ -48,3 +49,18 @@ def prompt_response_pairs(ref: str, n: int | None = None, seed: int = 0, kind: s
             raise DataError(f"data set '{ref}' holds prompts only; a (prompt, response) set is needed here")
         rows = load_builtin(ref, kind=kind)
     return sample(rows, n, seed)
+
+
+def benign_prompts(ref: str, n: int, seed: int) -> list[str]:
+    """Prompt texts of a task's train split, or of any (prompt, response) file or built-in set."""
+    if ref in TASKS:
+        return [e.prompt for e in TASKS[ref].load("train", n=n, seed=seed)]
+    return [p.prompt for p in prompt_response_pairs(ref, n=n, seed=seed)]
+
+
+def harmful_prompt_texts(ref: str, n: int, seed: int) -> list[str]:
+    """Prompt texts of a harmful-prompt set, or the prompts of a (harmful request, answer) set."""
+    try:
+        return [p.prompt for p in harmful_prompts(ref, n=n, seed=seed)]
+    except SafegeneError:
+        return [p.prompt for p in prompt_response_pairs(ref, n=n, seed=seed)]

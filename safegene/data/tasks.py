@@ -99,7 +99,7 @@ def _arithmetic(split: str) -> list[TaskExample]:
 
 
 def _sst2(split: str) -> list[TaskExample]:
-    rows = read_jsonl(shared_file(f"sst2_{split}.jsonl"), ("sentence", "label_name"))
+    rows = read_jsonl(shared_file(f"sst2_{split}.jsonl"), ("sentence", "label_name", "label"))
     return [
         TaskExample("sst2", "Classify the sentiment of this movie review sentence as positive or negative. "
                     f"Answer with one word.\n\nSentence: {r['sentence']}", r["label_name"], int(r["label"]))
@@ -111,7 +111,10 @@ _AG = {"World": "World", "Sports": "Sports", "Business": "Business", "Sci/Tech":
 
 
 def _agnews(split: str) -> list[TaskExample]:
-    rows = read_jsonl(shared_file(f"agnews_{split}.jsonl"), ("text", "label_name"))
+    rows = read_jsonl(shared_file(f"agnews_{split}.jsonl"), ("text", "label_name", "label"))
+    unknown = sorted({r["label_name"] for r in rows} - set(_AG))
+    if unknown:
+        raise DataError(f"agnews_{split}.jsonl: unknown label_name {unknown}; expected one of {sorted(_AG)}")
     return [
         TaskExample("agnews", "Classify this news article into one of: World, Sports, Business, Technology. "
                     f"Answer with the category name only.\n\nArticle: {r['text']}", _AG[r["label_name"]], int(r["label"]))
@@ -120,7 +123,7 @@ def _agnews(split: str) -> list[TaskExample]:
 
 
 def _boolq(split: str) -> list[TaskExample]:
-    rows = read_jsonl(shared_file(f"boolq_{split}.jsonl"), ("question", "passage"))
+    rows = read_jsonl(shared_file(f"boolq_{split}.jsonl"), ("question", "passage", "answer", "label"))
     return [
         TaskExample("boolq", "Read the passage and answer the question with yes or no.\n\n"
                     f"Passage: {r['passage']}\nQuestion: {r['question']}?", "yes" if r["answer"] else "no", int(r["label"]))

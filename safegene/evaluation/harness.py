@@ -22,6 +22,7 @@ from ..generation import Responder, generate_to_jsonl
 from ..io import sha256_text
 from .judges import RefusalPhraseJudge
 from .metrics import Rate, cohen_kappa
+from .results import ResultRow
 from .utility import cost_per_request, task_items_tag, task_utility
 
 
@@ -55,6 +56,10 @@ def _responses(model: Any, tok: Any, prompts: Sequence[HarmfulPrompt], path: Pat
     return generate_to_jsonl(model, tok, items, path, gen, progress=True, desc=desc, responder=responder)
 
 
+#: the mark of an unparsed verdict in a row's verdict string
+UNPARSED = "?"
+
+
 def stored_request(item: dict[str, Any]) -> str:
     """The request judges read, from a stored generation row (plain prompt, wrapped prompt, or conversation)."""
     return item.get("request") or last_user_turn(item["prompt"])
@@ -62,19 +67,20 @@ def stored_request(item: dict[str, Any]) -> str:
 
 def judge_responses(judge: Any, prompts: Sequence[str], categories: Sequence[str],
                     responses: Sequence[str]) -> tuple[dict[str, Any], str]:
-    """A judge's harmful rate over responses, overall and by category, and its verdicts as a '0'/'1' string."""
+    """A judge's harmful rate over responses, overall and by category, and its verdicts as a string: '1' harmful,
+    '0' not, UNPARSED where the judge's answer could not be read (rates leave those out and count them apart)."""
     verdicts = [v.harmful for v in judge.judge_batch(list(prompts), list(responses))]
-    by_cat: dict[str, list[bool]] = defaultdict(list)
+    by_cat: dict[str, list[bool | None]] = defaultdict(list)
     for c, v in zip(categories, verdicts):
         by_cat[c].append(v)
-    summary = {"overall": Rate(sum(verdicts), len(verdicts)).to_dict(),
-               "by_category": {c: Rate(sum(v), len(v)).to_dict() for c, v in sorted(by_cat.items())}}
-    return summary, "".join("1" if v else "0" for v in verdicts)
+    summary = {"overall": Rate.of(verdicts).to_dict(),
+               "by_category": {c: Rate.of(v).to_dict() for c, v in sorted(by_cat.items())}}
+    return summary, "".join(UNPARSED if v is None else "1" if v else "0" for v in verdicts)
 
 
 def evaluate_model(name: str, model: Any, tok: Any, sets: EvalSets, judges: Sequence[Any], gen: GenerationConfig,
                    responses_dir: Path, tasks: Sequence[str] = (), over_refusal: bool = True,
-                   attacks: bool = False, responder: Responder | None = None) -> dict[str, Any]:
+                   attacks: bool = False, responder: Responder | None = None) -> ResultRow:
     """One result row: per-judge harmful rate (overall and by category), over-refusal, task utility, what answering
     cost per request (tokens, seconds), seconds; with `attacks`, the harmful rate under each adversarial variant in
     `sets.attacks` too. `responder` replaces plain generation (an inference-time defence) everywhere."""
@@ -113,30 +119,34 @@ def evaluate_model(name: str, model: Any, tok: Any, sets: EvalSets, judges: Sequ
         row["cost"][f"task:{task}"] = u["cost"]
     row["samples"] = [{"prompt": p.prompt, "response": r} for p, r in list(zip(prompts, responses))[:3]]
     row["eval_seconds"] = round(time.perf_counter() - t0, 1)
-    msg = f"[{name}] " + ", ".join(f"harmful ({j}) {h['overall']['rate']:.3f}" for j, h in row["harmful"].items())
+    msg = f"[{name}] " + ", ".join(f"harmful ({j}) {h['overall']['rate']:.3f}"
+                                  + (f" ({h['overall']['unparsed']} unparsed)" if h["overall"]["unparsed"] else "")
+                                  for j, h in row["harmful"].items())
     if "over_refusal" in row:
         msg += f", over-refusal {row['over_refusal']['rate']:.3f}"
     msg += "".join(f", {t} {u['rate']:.3f}" for t, u in row["utility"].items())
     for attack, by_judge in row.get("attacks", {}).items():
         msg += f", {attack} " + "/".join(f"{h['overall']['rate']:.3f}" for h in by_judge.values())
     print(f"{msg} (n={len(prompts)}, {row['eval_seconds']:.0f} s)")
-    return row
+    return ResultRow.from_dict(row)
 
 
 def judge_agreement(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Pairwise Cohen's κ and raw agreement of the judges over every judged response of every row."""
-    pooled: dict[str, list[bool]] = defaultdict(list)
+    """Pairwise Cohen's κ and raw agreement of the judges over every judged response of every row; a response
+    either judge could not read is left out of that pair."""
+    pooled: dict[str, str] = defaultdict(str)
     for r in rows:
         for j, bits in r.get("verdicts", {}).items():
-            pooled[j].extend(b == "1" for b in bits)
+            pooled[j] += bits
     names = sorted(pooled)
     out = {}
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             if len(pooled[a]) != len(pooled[b]):
                 continue
-            k = cohen_kappa(pooled[a], pooled[b])
-            agree = sum(x == y for x, y in zip(pooled[a], pooled[b]))
+            both = [(x == "1", y == "1") for x, y in zip(pooled[a], pooled[b]) if UNPARSED not in (x, y)]
+            k = cohen_kappa([x for x, _ in both], [y for _, y in both])
+            agree = sum(x == y for x, y in both)
             out[f"{a} vs {b}"] = {"kappa": None if k is None else round(k, 4),
-                                  "agreement": Rate(agree, len(pooled[a])).to_dict()}
+                                  "agreement": Rate(agree, len(both), len(pooled[a]) - len(both)).to_dict()}
     return out

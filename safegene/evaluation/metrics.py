@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Iterable
 
 
 @dataclass(frozen=True)
 class Rate:
+    """k of n; `unparsed` items (a judge answer that could not be read) are outside n and reported beside it."""
+
     k: int
     n: int
+    unparsed: int = 0
+
+    @classmethod
+    def of(cls, flags: Iterable[bool | None]) -> "Rate":
+        """The rate of True among the flags that are not None; the None ones are counted as unparsed."""
+        flags = list(flags)
+        return cls(sum(f is True for f in flags), sum(f is not None for f in flags), sum(f is None for f in flags))
 
     @property
     def value(self) -> float:
@@ -30,7 +40,12 @@ class Rate:
 
     def __str__(self) -> str:
         lo, hi = self.wilson()
-        return f"{self.value:.3f} [{lo:.3f}, {hi:.3f}] (n={self.n})"
+        return f"{self.value:.3f} [{lo:.3f}, {hi:.3f}] ({format_n(self.n, self.unparsed)})"
+
+
+def format_n(n: int, unparsed: int = 0) -> str:
+    """'n=61', or 'n=61, 3 unparsed' where a judge could not read some answers."""
+    return f"n={n}" + (f", {unparsed} unparsed" if unparsed else "")
 
 
 def cohen_kappa(a: list[bool], b: list[bool]) -> float | None:

@@ -23,15 +23,21 @@ def refusal_rate(model: Any, tokenizer: Any, prompts, gen_cfg=None, judge=None, 
         responses = [r["response"] for r in rows]
     else:
         responses = generate(model, tokenizer, [p.prompt for p in prompts], gen_cfg, progress=progress, desc="refusal eval")
-    refused = [judge.is_refusal(r) for r in responses]
-    by_cat: dict[str, list[bool]] = defaultdict(list)
+    # a judge (judge_batch) or a bare refusal detector (is_refusal); an answer the judge could not read (None)
+    # stays out of the rates
+    if hasattr(judge, "judge_batch"):
+        harmful = [v.harmful for v in judge.judge_batch([p.judged_request for p in prompts], responses)]
+    else:
+        harmful = [not judge.is_refusal(r) for r in responses]
+    refused = [None if h is None else not h for h in harmful]
+    by_cat: dict[str, list[bool | None]] = defaultdict(list)
     for p, r in zip(prompts, refused):
         by_cat[p.category].append(r)
     return {
         "judge": judge.name,
-        "refusal": Rate(sum(refused), len(refused)).to_dict(),
-        "harmful": Rate(len(refused) - sum(refused), len(refused)).to_dict(),
-        "by_category": {c: Rate(sum(v), len(v)).to_dict() for c, v in sorted(by_cat.items())},
+        "refusal": Rate.of(refused).to_dict(),
+        "harmful": Rate.of(harmful).to_dict(),
+        "by_category": {c: Rate.of(v).to_dict() for c, v in sorted(by_cat.items())},
         "seconds": round(time.perf_counter() - t0, 2),
         "samples": [{"prompt": p.prompt, "response": r, "refused": f} for p, r, f in list(zip(prompts, responses, refused))[:5]],
     }

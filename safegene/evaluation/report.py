@@ -13,12 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from ..io import atomic_file, write_json
+from .metrics import format_n
 
 
 def _rate(r: dict[str, Any] | None, ci: bool = True) -> str:
     if not r:
         return "-"
-    return f"{r['rate']:.3f} ({r['ci95'][0]:.2f}-{r['ci95'][1]:.2f})" if ci else f"{r['rate']:.3f}"
+    text = f"{r['rate']:.3f} ({r['ci95'][0]:.2f}-{r['ci95'][1]:.2f})" if ci else f"{r['rate']:.3f}"
+    # results written before judges could leave answers unparsed have no such field
+    return text + (f" ({format_n(r['n'], r['unparsed'])})" if r.get("unparsed") else "")
 
 
 def _row(rows: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
@@ -201,7 +204,8 @@ def markdown(results: dict[str, Any]) -> str:
     if agree:
         lines += ["", "Judge agreement on the benchmark's own responses:", ""]
         for pair, a in agree.items():
-            lines.append(f"- {pair}: κ = {a['kappa']}, agreement {a['agreement']['rate']:.3f} (n={a['agreement']['n']})")
+            lines.append(f"- {pair}: κ = {a['kappa']}, agreement {a['agreement']['rate']:.3f} "
+                         f"({format_n(a['agreement']['n'], a['agreement'].get('unparsed', 0))})")
     lines += ["", "Timings (s): " + ", ".join(f"{k[:-2]} {v:.0f}" for k, v in results["timings"].items())]
     return "\n".join(lines)
 
@@ -209,25 +213,29 @@ def markdown(results: dict[str, Any]) -> str:
 # --- figures ---------------------------------------------------------------------------------------------------
 
 
+def figure(**kw: Any) -> Any:
+    """A matplotlib figure drawn by the Agg canvas, without pyplot: the process's global backend (a notebook's, a
+    GUI's) is left as the caller set it. Raises ImportError without matplotlib."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(**kw)
+    FigureCanvasAgg(fig)
+    return fig
+
+
 def _png(fig: Any) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
     return base64.b64encode(buf.getvalue()).decode()
 
 
 def scatter(results: dict[str, Any], judge: str) -> str:
     """Safety–utility scatter, one panel per task: x = task accuracy, y = harmful rate, one point per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     tasks = results["config"]["tasks"]
     labels = results.get("method_labels", {})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.6), squeeze=False)
+    fig = figure(figsize=(6 * len(tasks), 4.6))
+    axes = fig.subplots(1, len(tasks), squeeze=False)
     a = _row(results["rows"], "A")
     for ax, task in zip(axes[0], tasks):
         pts = [r for r in results["rows"] if r.get("task") == task] + ([a] if a else [])
@@ -250,14 +258,10 @@ def scatter(results: dict[str, Any], judge: str) -> str:
 
 def category_bars(results: dict[str, Any], judge: str) -> str:
     """Harmful rate by category for A, each T and each T + SafeGene."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     show = [r for r in results["rows"] if r["name"] == "A" or r.get("method") in ("undefended", "safegene")]
     cats = sorted({c for r in show for c in r["harmful"][judge]["by_category"]})
-    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(cats) * max(1, len(show)) / 3), 4.5))
+    fig = figure(figsize=(max(8, 1.1 * len(cats) * max(1, len(show)) / 3), 4.5))
+    ax = fig.subplots()
     width = 0.8 / max(len(show), 1)
     for i, r in enumerate(show):
         by = r["harmful"][judge]["by_category"]

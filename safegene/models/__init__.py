@@ -1,7 +1,7 @@
 """Model registry, loading (GGUF -> cached safetensors) and family fingerprints."""
 
 from .fingerprint import FamilyFingerprint, fingerprint_model, fingerprint_folder
-from .loading import ModelBundle, load_model, load_tokenizer, prepare_model, resolve_model_path, cache_dir
+from .loading import load_model, load_tokenizer, prepare_model, resolve_model_path, cache_dir
 from .registry import DEFAULT_MODEL, EMBEDDED_MODELS, EmbeddedModelSpec, get_spec
 
 __all__ = [
@@ -9,7 +9,6 @@ __all__ = [
     "EMBEDDED_MODELS",
     "EmbeddedModelSpec",
     "FamilyFingerprint",
-    "ModelBundle",
     "cache_dir",
     "fingerprint_folder",
     "fingerprint_model",

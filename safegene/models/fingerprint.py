@@ -9,7 +9,6 @@ those statistics moved, not only by an exact hash.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import FamilyMismatchError, ModelError
+from .loading import read_model_json
 
 _STRUCT_KEYS = (
     "model_type",
@@ -43,7 +43,12 @@ class FamilyFingerprint:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "FamilyFingerprint":
-        return cls(architecture=d["architecture"], structure=dict(d["structure"]), reference=dict(d.get("reference", {})))
+        try:
+            return cls(architecture=d["architecture"], structure=dict(d["structure"]),
+                       reference=dict(d.get("reference", {})))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelError(f"a stored family fingerprint is damaged ({type(e).__name__}: {e}); rebuild the artifact "
+                             "that holds it (safegene extract)") from None
 
     def structural_differences(self, other: "FamilyFingerprint") -> list[str]:
         diffs = []
@@ -119,7 +124,7 @@ def fingerprint_folder(folder: str | Path) -> FamilyFingerprint:
     from safetensors import safe_open
 
     folder = Path(folder)
-    config = json.loads((folder / "config.json").read_text())
+    config = read_model_json(folder / "config.json")
     arch, struct = _structure(config)
     ref = {}
     for f in sorted(folder.glob("*.safetensors")):

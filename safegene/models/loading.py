@@ -19,12 +19,12 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import ModelError
 from ..io import atomic_dir, sha256_file, write_json
+from ..runcard import RUN_CARD
 from .registry import DEFAULT_MODEL, EMBEDDED_MODELS, EmbeddedModelSpec, get_spec
 
 log = logging.getLogger(__name__)
@@ -212,11 +212,40 @@ def load_tokenizer(ref: str | os.PathLike, trust_remote_code: bool = False, padd
     return tok
 
 
+def read_model_json(path: Path) -> dict[str, Any]:
+    """A model folder's JSON file (config.json, adapter_config.json) as a dict; a damaged one is a ModelError."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelError(f"{path}: cannot read it ({e}); re-create the folder with the command that made it") from None
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); re-create the folder with the command that "
+                         "made it") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path}: expected a JSON object, got {type(data).__name__}; re-create the folder")
+    return data
+
+
+def _portable_base(adapter_dir: Path) -> str | None:
+    """The base model as safegene's run card records it: portable (an embedded model's short name)."""
+    for card in (adapter_dir / RUN_CARD, adapter_dir.parent / RUN_CARD):  # save="both" puts the adapter in adapter/
+        if card.is_file():
+            try:
+                return json.loads(card.read_text(encoding="utf-8")).get("base_model")
+            except (ValueError, AttributeError):
+                return None
+    return None
+
+
 def _adapter_base(adapter_dir: Path) -> str:
-    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-    base = cfg.get("base_model_name_or_path")
+    """The local folder of an adapter's base. adapter_config.json names a local folder (so that peft, which reads it,
+    never looks the name up on the hub); where that folder is not on this machine, the run card's portable name is
+    resolved instead."""
+    base = read_model_json(adapter_dir / "adapter_config.json").get("base_model_name_or_path")
     if not base:
         raise ModelError(f"{adapter_dir}/adapter_config.json names no base_model_name_or_path; cannot load its base")
+    if not Path(base).expanduser().exists():
+        base = _portable_base(adapter_dir) or base
     return resolve_model_path(base)
 
 
@@ -249,16 +278,3 @@ def load_model(
             model = model.merge_and_unload()
     model.eval()
     return model
-
-
-@dataclass
-class ModelBundle:
-    """A loaded model with its tokenizer and where it came from."""
-
-    model: Any
-    tokenizer: Any
-    ref: str
-
-    @classmethod
-    def load(cls, ref: str | os.PathLike, **kw) -> "ModelBundle":
-        return cls(model=load_model(ref, **kw), tokenizer=load_tokenizer(ref), ref=str(ref))

@@ -18,7 +18,34 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
+from ..config import check, opt
+
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class GateConfig:
+    """Fit the adaptive gate of a (calibrated) adapter on the model it will serve with."""
+
+    adapter: str | None = opt(None, "adapter folder, usually a calibrated one (command line; the API takes the "
+                              "adapter)", positional=True)
+    output: str | None = opt(None, "output adapter folder: the adapter plus its gate (command line)", aliases=("-o",))
+    model: str = opt("runs/task-model", "the served model T (the gate reads its hidden states)")
+    harmful: str = opt("harmful-pairs", "harmful prompts (disjoint from evaluation prompts)")
+    benign: list[str] = opt(["arithmetic", "depresso"], "benign prompt sources: task names, benign sets or files "
+                            "(the traffic whose utility the gate should keep)")
+    n_harmful: int = opt(32, "harmful prompts")
+    n_benign: int = opt(32, "benign prompts, split over the sources")
+    layer: int | None = opt(None, "layer whose input the gate reads; default: the adapter's lowest layer")
+    floor: float = opt(0.0, "minimum strength on any prompt")
+    sharpness: float = opt(2.0, "temperature = projected spread / sharpness (higher: closer to on/off)")
+    seed: int = opt(0, "sampling seed")
+
+    def __post_init__(self) -> None:
+        check(self.n_harmful >= 2 and self.n_benign >= 2, "need at least 2 harmful and 2 benign prompts")
+        check(bool(self.benign), "benign must name at least one source")
+        check(0 <= self.floor < 1, f"floor must be in [0, 1), got {self.floor}")
+        check(self.sharpness > 0, "sharpness must be > 0")
 
 
 @dataclass
@@ -105,7 +132,7 @@ def gate_adapter(adapter: Any, cfg: Any, model: Any = None, tokenizer: Any = Non
     """The adapter with a gate fitted on `cfg.model` stored in its card (`GateConfig`)."""
     from ..config import to_dict
     from ..models import load_model, load_tokenizer
-    from ..selection import benign_prompts, harmful_prompt_texts
+    from ..data import benign_prompts, harmful_prompt_texts
 
     if model is None:
         model, tokenizer = load_model(cfg.model), load_tokenizer(cfg.model)
