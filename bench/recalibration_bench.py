@@ -25,7 +25,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from safegene.adapter import SafetyAdapter
-    from safegene.config import FinetuneConfig, LoraTrainConfig, RecalibrateConfig
+    from safegene.recalibration import RecalibrateConfig
+    from safegene.training import FinetuneConfig, LoraTrainConfig
     from safegene.models import load_model, load_tokenizer
     from safegene.recalibration import recalibrate
     from safegene.training import finetune

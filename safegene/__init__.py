@@ -26,11 +26,11 @@ _LAZY = {
     "finetune": ("safegene.training", "finetune"),
     "load_model": ("safegene.models", "load_model"),
     "load_tokenizer": ("safegene.models", "load_tokenizer"),
-    "ExtractConfig": ("safegene.config", "ExtractConfig"),
-    "SelectConfig": ("safegene.config", "SelectConfig"),
-    "RecalibrateConfig": ("safegene.config", "RecalibrateConfig"),
-    "DegradeConfig": ("safegene.config", "DegradeConfig"),
-    "FinetuneConfig": ("safegene.config", "FinetuneConfig"),
+    "ExtractConfig": ("safegene.adapter.extract", "ExtractConfig"),
+    "SelectConfig": ("safegene.selection", "SelectConfig"),
+    "RecalibrateConfig": ("safegene.recalibration", "RecalibrateConfig"),
+    "DegradeConfig": ("safegene.training", "DegradeConfig"),
+    "FinetuneConfig": ("safegene.training", "FinetuneConfig"),
 }
 
 __all__ = ["SafegeneError", "__version__", *_LAZY]

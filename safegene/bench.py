@@ -26,7 +26,10 @@ from .baselines import METHODS, Defence, Method, MethodContext, get_method
 from .baselines.classifier_guard import ClassifierGuardConfig
 from .baselines.projection import ProjectionBaselineConfig
 from .baselines.self_critique import SelfCritiqueConfig
-from .config import DegradeConfig, FinetuneConfig, GenerationConfig, LoraTrainConfig, RecalibrateConfig, SelectConfig, check, dump_yaml, opt, to_dict
+from .config import GenerationConfig, check, dump_yaml, opt, to_dict
+from .recalibration import RecalibrateConfig
+from .selection import SelectConfig
+from .training import DegradeConfig, FinetuneConfig, LoraTrainConfig
 from .adapter.extract import ExtractConfig
 from .data import get_task, harmful_prompts
 from .data.attacks import ATTACKS
@@ -35,9 +38,6 @@ from .io import write_json
 from .models import DEFAULT_MODEL, load_model, load_tokenizer, prepare_model
 from .runcard import RUN_CARD, library_versions
 from .training import degrade, finetune
-
-#: rows that are not a method: A, T and D
-PLAIN_ROWS = ("aligned", "undefended", "degraded")
 
 
 @dataclass
@@ -368,7 +368,6 @@ def _task_rows(run: _Run, task: str, t_ref: str, n_examples: int, fresh: bool, a
 
 def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     from .evaluation.harness import evaluate_model, judge_agreement
-    from .evaluation.report import write_reports
 
     for task in cfg.tasks:  # fail on a misspelt task before an hour of work, not after
         get_task(task).load("test", n=1)

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import ConfigError
-from .models.registry import DEFAULT_MODEL
 
 C = TypeVar("C")
 
@@ -36,87 +35,11 @@ def check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
-def _check_training_output(cfg: Any) -> None:
-    """Checks shared by the configs of commands that train and save a model."""
-    check_choices(cfg)
-    check(cfg.n_examples >= 1, f"n_examples must be >= 1, got {cfg.n_examples}")
 
 
-@dataclass
-class LoraTrainConfig:
-    """LoRA supervised fine-tuning on chat-templated (prompt, response) pairs; loss on response tokens only."""
-
-    rank: int = opt(8, "LoRA rank r")
-    alpha: float = opt(16.0, "LoRA scaling numerator (scale = alpha / rank)")
-    dropout: float = opt(0.0, "LoRA dropout")
-    target_modules: list[str] = opt(
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        "module names LoRA wraps (attention and MLP projections)",
-    )
-    learning_rate: float = opt(2e-4, "AdamW learning rate", aliases=("--lr",))
-    weight_decay: float = opt(0.0, "AdamW weight decay")
-    max_steps: int = opt(40, "optimizer steps (each = batch_size x grad_accum examples)")
-    batch_size: int = opt(4, "examples per forward pass")
-    grad_accum: int = opt(1, "forward passes accumulated per optimizer step")
-    warmup_steps: int = opt(2, "linear warm-up steps, then constant")
-    max_length: int = opt(96, "token limit per example (prompt + response); longer responses are cut")
-    seed: int = opt(0, "seed for sampling, shuffling and LoRA init")
-    max_grad_norm: float = opt(1.0, "gradient clipping norm")
-    dtype: str = opt("float32", "training dtype (float32 is much faster than bf16 on CPU)")
-
-    def __post_init__(self) -> None:
-        check(self.rank >= 1, f"rank must be >= 1, got {self.rank}")
-        check(self.alpha > 0, f"alpha must be > 0, got {self.alpha}")
-        check(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
-        check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
-        check(self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}")
-        check(self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1")
-        check(self.max_length >= 16, f"max_length must be >= 16 tokens, got {self.max_length}")
-        check(bool(self.target_modules), "target_modules must name at least one module")
-        check(self.dtype in ("float32", "bfloat16", "float16"), f"dtype must be float32/bfloat16/float16, got {self.dtype}")
-
-    @property
-    def examples_needed(self) -> int:
-        return self.max_steps * self.batch_size * self.grad_accum
 
 
-@dataclass
-class DegradeConfig:
-    """Fine-tune the aligned model on harmful request/answer pairs to get the degraded model D."""
 
-    model: str = opt(DEFAULT_MODEL, "aligned model A: embedded name, HF folder, .gguf file or hub id")
-    data: str = opt("harmful-pairs", "harmful (request, compliant answer) pairs: built-in name or file")
-    n_examples: int = opt(160, "pairs drawn from `data`")
-    output: str = opt("runs/degraded", "output folder", aliases=("-o",))
-    save: str = opt("merged", "what to write: adapter (PEFT folder), merged (HF folder) or both",
-                    choices=("adapter", "merged", "both"))
-    train: LoraTrainConfig = opt(LoraTrainConfig(), "LoRA training settings")
-
-    def __post_init__(self) -> None:
-        _check_training_output(self)
-
-
-@dataclass
-class FinetuneConfig:
-    """Fine-tune a model on a benign task, optionally poisoned with harmful pairs (the harmful fine-tuning threat)."""
-
-    model: str = opt(DEFAULT_MODEL, "model to fine-tune")
-    task: str = opt("arithmetic", "task name (see `safegene data list`) or a .jsonl of prompt/response pairs")
-    n_examples: int = opt(160, "training examples in total (task + poison)")
-    poison_ratio: float = opt(0.0, "fraction of the examples replaced by harmful pairs, in [0, 1)")
-    poison_data: str = opt("harmful-pairs", "where poison pairs come from")
-    safety_ratio: float = opt(0.0, "fraction of the examples replaced by refusals (mixed safety + task fine-tuning)")
-    safety_data: str = opt("auto", "where refusal pairs come from; auto: shared:safety-refusals when the shared "
-                           "data is present, else uncensorbench-refusals")
-    output: str = opt("runs/task-model", "output folder", aliases=("-o",))
-    save: str = opt("merged", "adapter, merged or both", choices=("adapter", "merged", "both"))
-    train: LoraTrainConfig = opt(LoraTrainConfig(), "LoRA training settings")
-
-    def __post_init__(self) -> None:
-        check(0.0 <= self.poison_ratio < 1.0, f"poison_ratio must be in [0, 1), got {self.poison_ratio}")
-        check(0.0 <= self.safety_ratio < 1.0, f"safety_ratio must be in [0, 1), got {self.safety_ratio}")
-        check(self.poison_ratio + self.safety_ratio < 1.0, "poison_ratio + safety_ratio must leave room for task data")
-        _check_training_output(self)
 
 
 @dataclass
@@ -132,18 +55,6 @@ class GenerationConfig:
         check(self.batch_size >= 1, "batch_size must be >= 1")
 
 
-@dataclass
-class RefusalEvalConfig:
-    """Refusal rate of a model on harmful prompts, judged by refusal phrases."""
-
-    model: str = opt(DEFAULT_MODEL, "model to evaluate")
-    prompts: str = opt("advbench", "harmful prompts: built-in name or file")
-    n_prompts: int = opt(100, "prompts drawn from `prompts`", aliases=("-n",))
-    seed: int = opt(0, "sampling seed (same seed, same prompts)")
-    output: str | None = opt(None, "optional JSONL of responses + verdicts (a re-run resumes it)",
-                             aliases=("--responses",))
-    save_json: str | None = opt(None, "write the full result as JSON here")
-    generation: GenerationConfig = opt(GenerationConfig(), "decoding settings")
 
 
 # --- (de)serialisation ----------------------------------------------------------------------------------------
@@ -258,94 +169,6 @@ def dump_yaml(cfg: Any) -> str:
 
 
 # --- SafeGene core -----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class DistillConfig:
-    """Optional refinement: train the SVD factors so D + BA matches A's next-token distribution on safety prompts."""
-
-    enabled: bool = opt(False, "run the distillation refinement after SVD", aliases=("--distill",))
-    harmful: str = opt("harmful-pairs", "harmful prompts used for distillation (their responses are ignored)")
-    benign: str = opt("arithmetic", "benign prompts (task name or pairs) so the fit keeps benign behaviour")
-    n_harmful: int = opt(16, "harmful prompts")
-    n_benign: int = opt(16, "benign prompts")
-    response_tokens: int = opt(16, "A's greedy response tokens per prompt used as distillation positions")
-    top_k: int = opt(64, "A's top-k next-token probabilities kept per position")
-    steps: int = opt(20, "optimizer steps")
-    batch_size: int = opt(8, "sequences per step")
-    learning_rate: float = opt(5e-4, "AdamW learning rate on the factors")
-    seed: int = opt(0, "sampling seed")
-
-    def __post_init__(self) -> None:
-        check(self.steps >= 1 and self.batch_size >= 1, "distill steps and batch_size must be >= 1")
-        check(self.top_k >= 1, "top_k must be >= 1")
-
-
-
-
-@dataclass
-class SelectConfig:
-    """Data-aware layer selection: score layers by how the adapter moves harmful vs benign prompts' activations."""
-
-    adapter: str | None = opt(None, "adapter folder to select from (command line; the API takes the adapter)",
-                              positional=True)
-    output: str | None = opt(None, "output adapter folder (command line)", aliases=("-o",))
-    model: str = opt("runs/degraded", "model whose activations are scored (D, or a task model of the family)")
-    harmful: str = opt("harmful-pairs", "harmful prompts (disjoint from evaluation prompts)")
-    benign: str = opt("arithmetic", "benign prompts: task name, benign set, or file")
-    n_harmful: int = opt(32, "harmful prompts")
-    n_benign: int = opt(32, "benign prompts")
-    method: str = opt("refusal-gain", "refusal-gain (what the layer's update alone adds to log p(refusal) on harmful "
-                      "minus benign prompts), push (its push along the harmful-benign activation direction), "
-                      "separability (Fisher ratio of the layer's activations), or norm (adapter norm)",
-                      choices=("refusal-gain", "push", "separability", "norm"))
-    refusal_text: str = opt("I'm sorry, but I can't assist with that.", "refusal answer scored by refusal-gain")
-    linearize: bool = opt(True, "refusal-gain from d log p / d α_l at α=0 (one backward pass for all layers) instead "
-                          "of one forward pass per layer")
-    top_k: int | None = opt(8, "keep this many top-scoring layers")
-    threshold: float | None = opt(None, "or keep layers whose normalised score >= threshold (0..1)")
-    batch_size: int = opt(8, "prompts per forward pass")
-    seed: int = opt(0, "sampling seed")
-
-    def __post_init__(self) -> None:
-        check_choices(self)
-        check(self.top_k is not None or self.threshold is not None, "set top_k or threshold")
-        check(self.top_k is None or self.top_k >= 1, "top_k must be >= 1")
-
-
-@dataclass
-class RecalibrateConfig:
-    """Few-shot recalibration: learn one bounded coefficient per selected layer for a task model T."""
-
-    adapter: str | None = opt(None, "selected adapter folder to calibrate (command line; the API takes the adapter)",
-                              positional=True)
-    output: str | None = opt(None, "output adapter folder (command line)", aliases=("-o",))
-    task_model: str = opt("runs/task-model", "task model T (HF folder, PEFT adapter folder, or embedded name)")
-    harmful: str = opt("harmful-pairs", "harmful prompts for the refusal shots")
-    refusals: str | None = opt(None, "prompt/response file of refusals; default: the refusal text below")
-    refusal_text: str = opt("I'm sorry, but I can't assist with that.", "refusal target used when `refusals` is unset "
-                            "(the default model's own most frequent refusal)")
-    task: str = opt("arithmetic", "task name or prompt/response file for the utility shots")
-    n_harmful: int = opt(32, "harmful shots (<= 32 by default)")
-    n_task: int = opt(32, "task shots whose outputs must not move")
-    utility_weight: float = opt(1.0, "weight of the KL-to-T term on task shots")
-    alpha_max: float = opt(2.0, "coefficients are bounded to [0, alpha_max]")
-    alpha_init: float = opt(1.0, "starting coefficient")
-    steps: int = opt(30, "optimizer steps")
-    batch_size: int = opt(8, "shots per step (half harmful, half task)")
-    learning_rate: float = opt(0.1, "Adam learning rate on the coefficients' logits")
-    max_length: int = opt(96, "token limit per shot")
-    tied: bool = opt(False, "one coefficient shared by all layers (the RESTA baseline) instead of one per layer")
-    seed: int = opt(0, "sampling seed")
-
-    def __post_init__(self) -> None:
-        check(self.alpha_max > 0, "alpha_max must be > 0")
-        check(0 < self.alpha_init < self.alpha_max, f"alpha_init must be in (0, alpha_max={self.alpha_max})")
-        check(self.steps >= 1 and self.batch_size >= 2, "steps >= 1 and batch_size >= 2 are needed")
-        check(self.n_harmful >= 1 and self.n_task >= 1, "need at least one harmful and one task shot")
-
-
-
 
 
 

@@ -15,11 +15,12 @@ import logging
 import math
 import random
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from .adapter.core import SafetyAdapter
 from .adapter.runtime import AttachedAdapter
-from .config import RecalibrateConfig, to_dict
+from .config import check, opt, to_dict
 from .data import harmful_prompt_texts, prompt_response_pairs
 from .data.records import PromptResponse
 from .io import sha256_text
@@ -27,6 +28,38 @@ from .forward import capture, decoder_parts, run_from
 from .objectives import encode_batch, token_nll, topk_kl
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class RecalibrateConfig:
+    """Few-shot recalibration: learn one bounded coefficient per selected layer for a task model T."""
+
+    adapter: str | None = opt(None, "selected adapter folder to calibrate (command line; the API takes the adapter)",
+                              positional=True)
+    output: str | None = opt(None, "output adapter folder (command line)", aliases=("-o",))
+    task_model: str = opt("runs/task-model", "task model T (HF folder, PEFT adapter folder, or embedded name)")
+    harmful: str = opt("harmful-pairs", "harmful prompts for the refusal shots")
+    refusals: str | None = opt(None, "prompt/response file of refusals; default: the refusal text below")
+    refusal_text: str = opt("I'm sorry, but I can't assist with that.", "refusal target used when `refusals` is unset "
+                            "(the default model's own most frequent refusal)")
+    task: str = opt("arithmetic", "task name or prompt/response file for the utility shots")
+    n_harmful: int = opt(32, "harmful shots (<= 32 by default)")
+    n_task: int = opt(32, "task shots whose outputs must not move")
+    utility_weight: float = opt(1.0, "weight of the KL-to-T term on task shots")
+    alpha_max: float = opt(2.0, "coefficients are bounded to [0, alpha_max]")
+    alpha_init: float = opt(1.0, "starting coefficient")
+    steps: int = opt(30, "optimizer steps")
+    batch_size: int = opt(8, "shots per step (half harmful, half task)")
+    learning_rate: float = opt(0.1, "Adam learning rate on the coefficients' logits")
+    max_length: int = opt(96, "token limit per shot")
+    tied: bool = opt(False, "one coefficient shared by all layers (the RESTA baseline) instead of one per layer")
+    seed: int = opt(0, "sampling seed")
+
+    def __post_init__(self) -> None:
+        check(self.alpha_max > 0, "alpha_max must be > 0")
+        check(0 < self.alpha_init < self.alpha_max, f"alpha_init must be in (0, alpha_max={self.alpha_max})")
+        check(self.steps >= 1 and self.batch_size >= 2, "steps >= 1 and batch_size >= 2 are needed")
+        check(self.n_harmful >= 1 and self.n_task >= 1, "need at least one harmful and one task shot")
 
 
 def refusal_shots(cfg: RecalibrateConfig) -> list[PromptResponse]:

@@ -23,18 +23,49 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from .adapter.core import SafetyAdapter
 from .adapter.runtime import AttachedAdapter
-from .config import SelectConfig, to_dict
+from .config import check, check_choices, opt, to_dict
 from .data import benign_prompts, harmful_prompt_texts
 from .chat import prompt_text
 from .forward import _first, decoder_parts
 from .io import sha256_text
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class SelectConfig:
+    """Data-aware layer selection: score layers by how the adapter moves harmful vs benign prompts' activations."""
+
+    adapter: str | None = opt(None, "adapter folder to select from (command line; the API takes the adapter)",
+                              positional=True)
+    output: str | None = opt(None, "output adapter folder (command line)", aliases=("-o",))
+    model: str = opt("runs/degraded", "model whose activations are scored (D, or a task model of the family)")
+    harmful: str = opt("harmful-pairs", "harmful prompts (disjoint from evaluation prompts)")
+    benign: str = opt("arithmetic", "benign prompts: task name, benign set, or file")
+    n_harmful: int = opt(32, "harmful prompts")
+    n_benign: int = opt(32, "benign prompts")
+    method: str = opt("refusal-gain", "refusal-gain (what the layer's update alone adds to log p(refusal) on harmful "
+                      "minus benign prompts), push (its push along the harmful-benign activation direction), "
+                      "separability (Fisher ratio of the layer's activations), or norm (adapter norm)",
+                      choices=("refusal-gain", "push", "separability", "norm"))
+    refusal_text: str = opt("I'm sorry, but I can't assist with that.", "refusal answer scored by refusal-gain")
+    linearize: bool = opt(True, "refusal-gain from d log p / d α_l at α=0 (one backward pass for all layers) instead "
+                          "of one forward pass per layer")
+    top_k: int | None = opt(8, "keep this many top-scoring layers")
+    threshold: float | None = opt(None, "or keep layers whose normalised score >= threshold (0..1)")
+    batch_size: int = opt(8, "prompts per forward pass")
+    seed: int = opt(0, "sampling seed")
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        check(self.top_k is not None or self.threshold is not None, "set top_k or threshold")
+        check(self.top_k is None or self.top_k >= 1, "top_k must be >= 1")
 
 
 def layer_activations_and_pushes(adapter: SafetyAdapter, model: Any, tokenizer: Any, prompts: Sequence[str],

@@ -9,24 +9,106 @@ from __future__ import annotations
 import logging
 import math
 import random
-import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from .chat import end_of_turn, prompt_text
-from .config import DegradeConfig, FinetuneConfig, LoraTrainConfig, to_dict
+from .config import check, check_choices, opt
 from .data import get_task, prompt_response_pairs
 from .data.records import PromptResponse
 from .errors import DataError, TrainingDivergedError
 from .io import atomic_dir, check_output_path, sha256_text, write_json
 from .models import load_model, load_tokenizer, resolve_model_path
-from .models.registry import EMBEDDED_MODELS
+from .models.registry import DEFAULT_MODEL, EMBEDDED_MODELS
+from .runcard import RUN_CARD, peak_rss_mb, run_card
 
 log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
-RUN_CARD = "safegene_run.json"
+
+
+def _check_training_output(cfg: Any) -> None:
+    """Checks shared by the configs of commands that train and save a model."""
+    check_choices(cfg)
+    check(cfg.n_examples >= 1, f"n_examples must be >= 1, got {cfg.n_examples}")
+
+
+@dataclass
+class LoraTrainConfig:
+    """LoRA supervised fine-tuning on chat-templated (prompt, response) pairs; loss on response tokens only."""
+
+    rank: int = opt(8, "LoRA rank r")
+    alpha: float = opt(16.0, "LoRA scaling numerator (scale = alpha / rank)")
+    dropout: float = opt(0.0, "LoRA dropout")
+    target_modules: list[str] = opt(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "module names LoRA wraps (attention and MLP projections)",
+    )
+    learning_rate: float = opt(2e-4, "AdamW learning rate", aliases=("--lr",))
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    max_steps: int = opt(40, "optimizer steps (each = batch_size x grad_accum examples)")
+    batch_size: int = opt(4, "examples per forward pass")
+    grad_accum: int = opt(1, "forward passes accumulated per optimizer step")
+    warmup_steps: int = opt(2, "linear warm-up steps, then constant")
+    max_length: int = opt(96, "token limit per example (prompt + response); longer responses are cut")
+    seed: int = opt(0, "seed for sampling, shuffling and LoRA init")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm")
+    dtype: str = opt("float32", "training dtype (float32 is much faster than bf16 on CPU)")
+
+    def __post_init__(self) -> None:
+        check(self.rank >= 1, f"rank must be >= 1, got {self.rank}")
+        check(self.alpha > 0, f"alpha must be > 0, got {self.alpha}")
+        check(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
+        check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
+        check(self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}")
+        check(self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1")
+        check(self.max_length >= 16, f"max_length must be >= 16 tokens, got {self.max_length}")
+        check(bool(self.target_modules), "target_modules must name at least one module")
+        check(self.dtype in ("float32", "bfloat16", "float16"), f"dtype must be float32/bfloat16/float16, got {self.dtype}")
+
+    @property
+    def examples_needed(self) -> int:
+        return self.max_steps * self.batch_size * self.grad_accum
+
+
+@dataclass
+class DegradeConfig:
+    """Fine-tune the aligned model on harmful request/answer pairs to get the degraded model D."""
+
+    model: str = opt(DEFAULT_MODEL, "aligned model A: embedded name, HF folder, .gguf file or hub id")
+    data: str = opt("harmful-pairs", "harmful (request, compliant answer) pairs: built-in name or file")
+    n_examples: int = opt(160, "pairs drawn from `data`")
+    output: str = opt("runs/degraded", "output folder", aliases=("-o",))
+    save: str = opt("merged", "what to write: adapter (PEFT folder), merged (HF folder) or both",
+                    choices=("adapter", "merged", "both"))
+    train: LoraTrainConfig = opt(LoraTrainConfig(), "LoRA training settings")
+
+    def __post_init__(self) -> None:
+        _check_training_output(self)
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tune a model on a benign task, optionally poisoned with harmful pairs (the harmful fine-tuning threat)."""
+
+    model: str = opt(DEFAULT_MODEL, "model to fine-tune")
+    task: str = opt("arithmetic", "task name (see `safegene data list`) or a .jsonl of prompt/response pairs")
+    n_examples: int = opt(160, "training examples in total (task + poison)")
+    poison_ratio: float = opt(0.0, "fraction of the examples replaced by harmful pairs, in [0, 1)")
+    poison_data: str = opt("harmful-pairs", "where poison pairs come from")
+    safety_ratio: float = opt(0.0, "fraction of the examples replaced by refusals (mixed safety + task fine-tuning)")
+    safety_data: str = opt("auto", "where refusal pairs come from; auto: shared:safety-refusals when the shared "
+                           "data is present, else uncensorbench-refusals")
+    output: str = opt("runs/task-model", "output folder", aliases=("-o",))
+    save: str = opt("merged", "adapter, merged or both", choices=("adapter", "merged", "both"))
+    train: LoraTrainConfig = opt(LoraTrainConfig(), "LoRA training settings")
+
+    def __post_init__(self) -> None:
+        check(0.0 <= self.poison_ratio < 1.0, f"poison_ratio must be in [0, 1), got {self.poison_ratio}")
+        check(0.0 <= self.safety_ratio < 1.0, f"safety_ratio must be in [0, 1), got {self.safety_ratio}")
+        check(self.poison_ratio + self.safety_ratio < 1.0, "poison_ratio + safety_ratio must leave room for task data")
+        _check_training_output(self)
 
 
 @dataclass
@@ -74,10 +156,6 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 @dataclass
@@ -202,16 +280,6 @@ def save_trained(peft_model: Any, tokenizer: Any, out_dir: Path, save: str, base
         tokenizer.save_pretrained(str(out_dir))
 
 
-def _versions() -> dict[str, str]:
-    import peft
-    import torch
-    import transformers
-
-    from . import __version__
-
-    return {"safegene": __version__, "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
-
-
 def pairs_hash(pairs: Sequence[PromptResponse]) -> str:
     return sha256_text("\n".join(f"{p.prompt}\x1f{p.response}" for p in pairs))
 
@@ -223,15 +291,10 @@ def _train_and_save(kind: str, cfg: Any, pairs: list[PromptResponse], extra: dic
     model = load_model(cfg.model, dtype=cfg.train.dtype)
     load_s = time.perf_counter() - t0
     peft_model, stats = train_lora(model, tokenizer, pairs, cfg.train, progress=progress)
-    card = {
-        "kind": kind,
-        "config": to_dict(cfg),
-        "base_model": _portable_ref(cfg.model),
-        "data": {"n_pairs": len(pairs), "sha256": pairs_hash(pairs), **extra},
-        "training": stats.to_dict(),
-        "load_seconds": round(load_s, 2),
-        "versions": _versions(),
-    }
+    card = run_card(kind, cfg, inputs={"model": cfg.model}, started=t0, timings={"load_s": round(load_s, 2)},
+                    base_model=_portable_ref(cfg.model),
+                    data={"n_pairs": len(pairs), "sha256": pairs_hash(pairs), **extra}, training=stats.to_dict(),
+                    load_seconds=round(load_s, 2))
     with atomic_dir(out, overwrite=overwrite) as tmp:
         save_trained(peft_model, tokenizer, tmp, cfg.save, cfg.model)
         write_json(tmp / RUN_CARD, card)

@@ -190,7 +190,7 @@ def test_untracked_drift_is_reported(tiny_qwen, tmp_path):
 
 
 def test_distillation_refines_a_rank_starved_adapter(tiny_qwen, tmp_path):
-    from safegene.config import DistillConfig
+    from safegene.adapter.distill import DistillConfig
 
     d = tmp_path / "D"
     make_degraded(tiny_qwen, d, rank=6, layers=(0, 1), modules=("q_proj", "v_proj", "down_proj"))

@@ -8,7 +8,8 @@ from safegene.baselines import realign, resta, safe_lora, safemerge, subspace_co
 from safegene.baselines.projection import treated_modules
 from safegene.baselines.realign import lora_factors
 from safegene.baselines.projection import ProjectionBaselineConfig
-from safegene.config import LoraTrainConfig, RecalibrateConfig
+from safegene.recalibration import RecalibrateConfig
+from safegene.training import LoraTrainConfig
 from safegene.errors import ConfigError
 from safegene.models import load_model, load_tokenizer
 
@@ -70,7 +71,7 @@ def test_projection_config_validates():
 
 
 def _lora_task_model(tiny_qwen, tmp_path):
-    from safegene.config import FinetuneConfig
+    from safegene.training import FinetuneConfig
     from safegene.training import finetune
 
     out = tmp_path / "T"

@@ -150,7 +150,8 @@ def test_bench_fails_early_on_unknown_task(tmp_path):
 
 def test_stage_config_match_tolerates_options_added_later_at_their_default():
     from safegene.bench import _same
-    from safegene.config import FinetuneConfig, to_dict
+    from safegene.config import to_dict
+    from safegene.training import FinetuneConfig
 
     cfg = FinetuneConfig(task="sst2", poison_ratio=0.1)
     old = {k: v for k, v in to_dict(cfg).items() if k not in ("safety_ratio", "safety_data")}  # an older run's record

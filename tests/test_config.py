@@ -1,6 +1,7 @@
 import pytest
 
-from safegene.config import DegradeConfig, FinetuneConfig, LoraTrainConfig, dump_yaml, load_config
+from safegene.config import dump_yaml, load_config
+from safegene.training import DegradeConfig, FinetuneConfig, LoraTrainConfig
 from safegene.errors import ConfigError
 
 

@@ -134,9 +134,10 @@ def test_role_play_task_carries_its_persona():
 def test_finetune_mixes_refusals_in_exact_counts(tiny_qwen, tmp_path):
     import json as _json
 
-    from safegene.config import FinetuneConfig, LoraTrainConfig
+    from safegene.training import FinetuneConfig, LoraTrainConfig
     from safegene.errors import ConfigError
-    from safegene.training import RUN_CARD, finetune
+    from safegene.runcard import RUN_CARD
+    from safegene.training import finetune
 
     with pytest.raises(ConfigError, match="leave room for task data"):
         FinetuneConfig(poison_ratio=0.5, safety_ratio=0.5)

@@ -8,7 +8,10 @@ import warnings
 
 import pytest
 
-from safegene.config import DegradeConfig, GenerationConfig, LoraTrainConfig, RecalibrateConfig, SelectConfig
+from safegene.config import GenerationConfig
+from safegene.recalibration import RecalibrateConfig
+from safegene.selection import SelectConfig
+from safegene.training import DegradeConfig, LoraTrainConfig
 from safegene.data.records import HarmfulPrompt, PromptResponse
 from safegene.errors import SafegeneError
 from safegene.evaluation import EndpointJudge, LLMJudge

@@ -7,7 +7,8 @@ import torch
 
 from safegene.adapter import SafetyAdapter, extract_adapter
 from safegene.apply import apply_adapter, merge_to_folder
-from safegene.config import RecalibrateConfig, SelectConfig
+from safegene.recalibration import RecalibrateConfig
+from safegene.selection import SelectConfig
 from safegene.adapter.extract import ExtractConfig
 from safegene.models import load_model, load_tokenizer
 from safegene.recalibration import recalibrate

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from safegene.config import DegradeConfig, FinetuneConfig, LoraTrainConfig
+from safegene.training import DegradeConfig, FinetuneConfig, LoraTrainConfig
 from safegene.data.records import PromptResponse
 from safegene.errors import OutputExistsError
 from safegene.models import load_model, load_tokenizer

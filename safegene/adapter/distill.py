@@ -10,9 +10,10 @@ from __future__ import annotations
 import gc
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import DistillConfig, GenerationConfig
+from ..config import GenerationConfig, check, opt
 from ..data import benign_prompts, harmful_prompt_texts
 from ..data.records import PromptResponse
 from ..generation import generate
@@ -20,6 +21,27 @@ from ..models import load_model, load_tokenizer
 from ..objectives import encode_batch, target_logits, teacher_topk, topk_cross_entropy, topk_kl
 from .core import SafetyAdapter
 from .runtime import AttachedAdapter
+
+
+@dataclass
+class DistillConfig:
+    """Optional refinement: train the SVD factors so D + BA matches A's next-token distribution on safety prompts."""
+
+    enabled: bool = opt(False, "run the distillation refinement after SVD", aliases=("--distill",))
+    harmful: str = opt("harmful-pairs", "harmful prompts used for distillation (their responses are ignored)")
+    benign: str = opt("arithmetic", "benign prompts (task name or pairs) so the fit keeps benign behaviour")
+    n_harmful: int = opt(16, "harmful prompts")
+    n_benign: int = opt(16, "benign prompts")
+    response_tokens: int = opt(16, "A's greedy response tokens per prompt used as distillation positions")
+    top_k: int = opt(64, "A's top-k next-token probabilities kept per position")
+    steps: int = opt(20, "optimizer steps")
+    batch_size: int = opt(8, "sequences per step")
+    learning_rate: float = opt(5e-4, "AdamW learning rate on the factors")
+    seed: int = opt(0, "sampling seed")
+
+    def __post_init__(self) -> None:
+        check(self.steps >= 1 and self.batch_size >= 1, "distill steps and batch_size must be >= 1")
+        check(self.top_k >= 1, "top_k must be >= 1")
 
 
 def distill_factors(adapter: SafetyAdapter, aligned: Path, degraded: Path, cfg: DistillConfig, progress: bool = True):

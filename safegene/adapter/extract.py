@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import DistillConfig, check, opt, to_dict
+from ..config import check, opt, to_dict
 from ..errors import FamilyMismatchError, SafegeneError
 from ..io import check_output_path, sha256_file
 from ..models import resolve_model_path
@@ -21,6 +21,7 @@ from ..models.fingerprint import fingerprint_folder
 from ..models.registry import EMBEDDED_MODELS
 from .checkpoint import LazyCheckpoint
 from .core import SafetyAdapter
+from .distill import DistillConfig
 from .modules import parse_layers, target_weight_names
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ def extract_adapter(cfg: ExtractConfig, progress: bool = True, overwrite: bool =
     """Build the safety adapter from A and D and (by default) save it to `cfg.output`."""
     from tqdm.auto import tqdm
 
-    from ..training import peak_rss_mb
+    from ..runcard import peak_rss_mb
 
     t0 = time.perf_counter()
     a_dir, d_dir = _folder(cfg.aligned, "aligned"), _folder(cfg.degraded, "degraded")

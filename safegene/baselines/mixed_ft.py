@@ -4,7 +4,8 @@ training's wall time."""
 
 from __future__ import annotations
 
-from ..config import FinetuneConfig, to_dict
+from ..config import to_dict
+from ..training import FinetuneConfig
 from .registry import Defence, Method, MethodContext, register
 
 

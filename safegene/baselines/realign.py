@@ -11,7 +11,9 @@ import time
 from typing import Any
 
 from ..adapter import SafetyAdapter
-from ..config import LoraTrainConfig, RecalibrateConfig, to_dict
+from ..config import to_dict
+from ..recalibration import RecalibrateConfig
+from ..training import LoraTrainConfig
 from ..recalibration import refusal_shots, task_shots
 from ..training import train_lora
 from .registry import Defence, Method, register

@@ -11,7 +11,8 @@ import dataclasses
 from typing import Any
 
 from ..adapter import SafetyAdapter
-from ..config import RecalibrateConfig, to_dict
+from ..config import to_dict
+from ..recalibration import RecalibrateConfig
 from ..recalibration import recalibrate
 from .registry import Defence, Method, register
 

@@ -4,14 +4,29 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
-from ..config import RefusalEvalConfig, to_dict
+from ..config import GenerationConfig, opt, to_dict
 from ..data import harmful_prompts
-from ..models import load_model, load_tokenizer
+from ..models import DEFAULT_MODEL, load_model, load_tokenizer
 from ..generation import generate, generate_to_jsonl
 from .judges import RefusalPhraseJudge
 from .metrics import Rate
+
+
+@dataclass
+class RefusalEvalConfig:
+    """Refusal rate of a model on harmful prompts, judged by refusal phrases."""
+
+    model: str = opt(DEFAULT_MODEL, "model to evaluate")
+    prompts: str = opt("advbench", "harmful prompts: built-in name or file")
+    n_prompts: int = opt(100, "prompts drawn from `prompts`", aliases=("-n",))
+    seed: int = opt(0, "sampling seed (same seed, same prompts)")
+    output: str | None = opt(None, "optional JSONL of responses + verdicts (a re-run resumes it)",
+                             aliases=("--responses",))
+    save_json: str | None = opt(None, "write the full result as JSON here")
+    generation: GenerationConfig = opt(GenerationConfig(), "decoding settings")
 
 
 def refusal_rate(model: Any, tokenizer: Any, prompts, gen_cfg=None, judge=None, progress: bool = True, jsonl: str | None = None) -> dict[str, Any]:
