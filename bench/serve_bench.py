@@ -1,6 +1,7 @@
 """Serving costs and the adaptive gate, measured in one run on a bench output (task model + calibrated adapter).
 
     python bench/serve_bench.py --run runs/demo --task sst2 [--requests 12] [--clients 8] [--skip-eval]
+    python bench/serve_bench.py --load-only [--model smollm2-135m-instruct] [--baseline-ref REF] [--rounds 2]
 
 1. Overhead (in-process engine, one request at a time, greedy, 32 new tokens): tokens/s and time to first token for
    T alone, T with the adapter merged into its weights, attached as hooks, and attached with the gate.
@@ -9,21 +10,33 @@
 3. The gate's safety/utility next to always-on: harmful rate (both judges), over-refusal and task accuracy through
    the same harness as the benchmark.
 Prints tables and a JSON line; writes nothing except the gated adapter under RUN/methods/TASK/safegene-gated.
+
+`--load-only` runs the load test alone, side by side: the server as committed at `--baseline-ref` (the whole
+package, from git) and the working tree's, alternating for `--rounds` rounds on the same machine, on a small real
+model with a synthetic gated adapter (random low-rank factors, a gate fitted on a few prompts: the same work per
+token as a real one). It needs no bench output and writes the figures to bench/results/serve_load.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import platform
 import socket
 import statistics
 import subprocess
 import sys
 import threading
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# the last commit with the standard-library server (before FastAPI/uvicorn and the shared decode loop)
+STDLIB_SERVER_REF = "86870e7f17b4a4b3762701ddea0cd921fa28fb15"
 
 
 def _percentile(xs: list[float], q: float) -> float:
@@ -50,20 +63,23 @@ def overhead(engine, prompts: list[str], adapter: str | None, max_tokens: int) -
     return {"tok_s": tokens / max(seconds, 1e-9), "ttft_ms_median": 1000 * statistics.median(ttft), "tokens": tokens}
 
 
-def load_test(task_ref: str, adapter_dir: Path, prompts: list[str], clients: int, per_client: int) -> dict:
+def load_test(task_ref: str, adapter_dir: Path, prompts: list[str], clients: int, per_client: int,
+              code: Path = REPO, max_tokens: int = 24) -> dict:
+    """`code`: the folder whose `safegene` package serves (the working tree, or an older commit's)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "safegene.cli", "serve", "--model", task_ref, "--name", "T",
                              "--adapter", f"safety={adapter_dir}", "--port", str(port), "--max-batch", "8"],
-                            env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            env={**os.environ, "TRANSFORMERS_VERBOSITY": "error", "PYTHONPATH": str(code)}, cwd=code,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 180
         while True:
             try:
-                urllib.request.urlopen(base + "/health", timeout=2).read()
+                with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                    server_header = r.headers.get("Server")  # which HTTP stack answered
                 break
             except OSError:
                 if proc.poll() is not None or time.time() > deadline:
@@ -71,11 +87,12 @@ def load_test(task_ref: str, adapter_dir: Path, prompts: list[str], clients: int
                 time.sleep(0.5)
         latencies: list[float] = []
         errors: list[str] = []
+        finished: list[float] = []  # when each client sent its last answer back
         lock = threading.Lock()
 
         def client(c: int) -> None:
             for i in range(per_client):
-                body = {"model": "T+safety" if (c + i) % 2 else "T", "max_tokens": 24,
+                body = {"model": "T+safety" if (c + i) % 2 else "T", "max_tokens": max_tokens,
                         "messages": [{"role": "user", "content": prompts[(c * per_client + i) % len(prompts)]}]}
                 req = urllib.request.Request(base + "/v1/chat/completions", data=json.dumps(body).encode(),
                                              headers={"Content-Type": "application/json"})
@@ -88,6 +105,8 @@ def load_test(task_ref: str, adapter_dir: Path, prompts: list[str], clients: int
                 except Exception as e:  # noqa: BLE001 - counted, reported
                     with lock:
                         errors.append(repr(e))
+            with lock:
+                finished.append(time.perf_counter())
 
         t0 = time.perf_counter()
         threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
@@ -102,14 +121,87 @@ def load_test(task_ref: str, adapter_dir: Path, prompts: list[str], clients: int
             time.sleep(1.0)
         for t in threads:
             t.join()
-        wall = time.perf_counter() - t0
-        return {"clients": clients, "requests": clients * per_client, "errors": len(errors), "error_samples": errors[:3],
+        wall = max(finished) - t0  # not when the once-a-second health loop noticed
+        return {"server": server_header, "clients": clients, "requests": clients * per_client, "errors": len(errors),
+                "error_samples": errors[:3],
                 "p50_s": _percentile(latencies, 0.5), "p90_s": _percentile(latencies, 0.9),
                 "p99_s": _percentile(latencies, 0.99), "throughput_req_s": len(latencies) / wall, "wall_s": wall,
                 "health_ms_max": max(health_ms) if health_ms else None, "max_batch_seen": stats["max_batch_seen"]}
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def synthetic_gated_adapter(model, tok, harmful: list[str], benign: list[str], layers: range, rank: int = 8):
+    """Random low-rank factors on every projection of `layers`, small enough to leave the answers sensible, with
+    a gate fitted on the prompts: the per-token work of a real gated adapter, without a bench run to make one."""
+    import torch
+
+    from safegene.adapter import SafetyAdapter
+    from safegene.serve.gate import fit_gate
+
+    g = torch.Generator().manual_seed(0)
+    params = dict(model.named_parameters())
+    factors = {}
+    for l in layers:
+        for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                  "mlp.up_proj", "mlp.down_proj"):
+            name = f"model.layers.{l}.{m}"
+            out_dim, in_dim = params[f"{name}.weight"].shape
+            factors[name] = (torch.randn(rank, in_dim, generator=g) / in_dim ** 0.5,
+                             torch.randn(out_dim, rank, generator=g) * 0.01)
+    adapter = SafetyAdapter(factors=factors, card={"note": "synthetic, for the serving load test"})
+    gate = fit_gate(model, tok, harmful, benign, layer=min(layers))
+    return adapter._replace(card={**adapter.card, "gate": gate.to_dict()})
+
+
+def materialise(ref: str, into: Path) -> Path:
+    """The `safegene` package as committed at `ref`, unpacked under `into`."""
+    into.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", ref, "safegene"], check=True, capture_output=True)
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into
+
+
+def load_side_by_side(args: argparse.Namespace) -> dict:
+    """The load test on the baseline commit's server and on the working tree's, alternating; figures per server
+    are the medians over rounds."""
+    from safegene.data import get_task, harmful_prompts
+    from safegene.models import load_model, load_tokenizer
+
+    harm = [p.prompt for p in harmful_prompts("advbench", n=args.requests // 2, seed=7)]
+    task = [e.prompt for e in get_task("arithmetic").load("test", n=args.requests - len(harm), seed=7)]
+    prompts = [p for pair in zip(harm, task) for p in pair]
+    tmp = Path(tempfile.mkdtemp(prefix="serve-load-"))
+    model, tok = load_model(args.model), load_tokenizer(args.model)
+    n_layers = model.config.num_hidden_layers
+    adapter = synthetic_gated_adapter(model, tok, harm, task, range(n_layers // 3, n_layers // 3 + 8))
+    adapter.save(tmp / "adapter")
+    del model
+    baseline = materialise(args.baseline_ref, tmp / "baseline")
+    rounds: dict[str, list[dict]] = {"baseline": [], "current": []}
+    for r in range(args.rounds):
+        for label, code in (("baseline", baseline), ("current", REPO)):
+            lt = load_test(args.model, tmp / "adapter", prompts, args.clients, args.per_client, code=code,
+                           max_tokens=args.max_tokens)
+            print(f"round {r + 1} {label} ({lt['server']}): p50 {lt['p50_s']:.2f} s, p90 {lt['p90_s']:.2f} s, "
+                  f"{lt['throughput_req_s']:.2f} req/s, {lt['errors']} errors, largest batch {lt['max_batch_seen']}",
+                  flush=True)
+            rounds[label].append(lt)
+
+    def summary(runs: list[dict]) -> dict:
+        return {"server": runs[0]["server"], "p50_s": round(statistics.median(r["p50_s"] for r in runs), 3),
+                "p90_s": round(statistics.median(r["p90_s"] for r in runs), 3),
+                "req_s": round(statistics.median(r["throughput_req_s"] for r in runs), 3),
+                "errors": sum(r["errors"] for r in runs), "n": sum(r["requests"] for r in runs),
+                "rounds": [{k: round(r[k], 3) for k in ("p50_s", "p90_s", "throughput_req_s")} | {"errors": r["errors"]}
+                           for r in runs]}
+
+    return {"model": args.model, "date": datetime.date.today().isoformat(),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared), CPU inference",
+            "concurrency": args.clients, "requests_per_client": args.per_client, "max_tokens": args.max_tokens,
+            "rounds": args.rounds, "baseline_ref": args.baseline_ref,
+            "baseline": summary(rounds["baseline"]), "current": summary(rounds["current"])}
 
 
 def main() -> None:
@@ -122,12 +214,26 @@ def main() -> None:
     ap.add_argument("--per-client", type=int, default=3)
     ap.add_argument("--skip-eval", action="store_true")
     ap.add_argument("--skip-load-test", action="store_true")
-    ap.add_argument("--rounds", type=int, default=2, help="overhead rounds (interleaved; the best of each is kept)")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="overhead rounds (interleaved; the best of each is kept); with --load-only, load-test rounds")
+    ap.add_argument("--load-only", action="store_true", help="only the load test, baseline and current side by side")
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="model of --load-only")
+    ap.add_argument("--baseline-ref", default=STDLIB_SERVER_REF, help="commit whose server --load-only compares to")
+    ap.add_argument("--output", default=str(REPO / "bench" / "results" / "serve_load.json"),
+                    help="where --load-only writes its figures")
     args = ap.parse_args()
+
+    if args.load_only:
+        res = load_side_by_side(args)
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(res, indent=1) + "\n")
+        print(json.dumps({k: res[k] for k in ("baseline", "current")}))
+        return
 
     from safegene.adapter import SafetyAdapter
     from safegene.adapter.runtime import AttachedAdapter, merge_into_model
-    from safegene.config import GateConfig, GenerationConfig
+    from safegene.config import GenerationConfig
+    from safegene.serve.gate import GateConfig
     from safegene.data import get_task, harmful_prompts
     from safegene.models import load_model, load_tokenizer
     from safegene.serve import Engine

@@ -12,7 +12,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 from .chat import prompt_text
 from .config import GenerationConfig
@@ -36,6 +36,115 @@ class Responder(Protocol):
                  progress: bool = True, desc: str = "generating") -> list[Generated]: ...
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How one row of a batch picks its tokens: greedy at temperature 0, else sampled from the smallest set of
+    tokens whose probability reaches `top_p` (seeded when `seed` is set)."""
+
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass
+class Decoded:
+    tokens: list[int]  # the response's tokens, without the stop token
+    finish_reason: str  # "stop": a stop token, or `on_token` ended it; "length": max_new_tokens reached
+
+
+def stop_token_ids(model: Any, tokenizer: Any) -> set[int]:
+    """Tokens that end a response: the tokenizer's eos and pad, and the eos ids of the model's generation config."""
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = {tokenizer.eos_token_id, tokenizer.pad_token_id, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])}
+    return ids - {None}
+
+
+def left_pad(rows: Sequence[Sequence[int]], tokenizer: Any) -> tuple[Any, Any]:
+    """input_ids and attention_mask of token rows padded on the left, so every row continues from the right edge
+    (done here rather than by the tokenizer, whose padding side is shared state)."""
+    import torch
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (width - len(r)) + list(r) for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+def _pick(logits: Any, sampling: Sequence[Sampling], generators: list[Any]) -> Any:
+    """Next token per row from last-position logits (batch, vocab)."""
+    import torch
+
+    nxt = logits.argmax(-1)
+    for i, s in enumerate(sampling):
+        if s.temperature <= 0:
+            continue
+        probs = torch.softmax(logits[i] / s.temperature, -1)
+        if s.top_p >= 1:
+            nxt[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
+            continue
+        ranked, order = probs.sort(descending=True)
+        # keep a token while the mass ranked above it is below top_p (the most likely one always stays)
+        keep = (ranked.cumsum(-1) - ranked) < s.top_p
+        keep[0] = True
+        nxt[i] = order[torch.multinomial(ranked * keep, 1, generator=generators[i])[0]]
+    return nxt
+
+
+def decode(model: Any, input_ids: Any, attention_mask: Any, sampling: Sequence[Sampling], stop_ids: set[int],
+           on_token: Callable[[int, list[int], str | None], bool] | None = None) -> list[Decoded]:
+    """Decode a left-padded batch with the KV cache, one token per step for every row still going.
+
+    After each step, `on_token(row, tokens, finish)` is called for every row that was still going, with the row's
+    tokens so far (stop token excluded) and its finish reason when that step ended it ("stop" or "length"), else
+    None; returning True ends the row there (e.g. a stop string), with finish reason "stop". Rows that ended still
+    ride along in the batch (dropping them would mean re-slicing the cache) until every row has ended. The
+    settings are `sampling`'s alone, not those of the model's generation_config.json (no repetition penalty from
+    there), so evaluation and the server decode alike.
+    """
+    import inspect
+
+    import torch
+
+    device = next(model.parameters()).device
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    generators = [torch.Generator(device=device).manual_seed(s.seed) if s.seed is not None and s.temperature > 0
+                  else None for s in sampling]
+    # the prefill only needs the last position's logits; computing all of them costs a vocab-sized matmul per token
+    last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    rows = [Decoded([], "length") for _ in sampling]
+    going = [True] * len(rows)
+    past = None
+    with torch.inference_mode():
+        for step in range(max(s.max_new_tokens for s in sampling)):
+            out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        past_key_values=past, use_cache=True, **(last_only if step == 0 else {}))
+            past = out.past_key_values
+            nxt = _pick(out.logits[:, -1, :].float(), sampling, generators)
+            for i, t in enumerate(nxt.tolist()):
+                if not going[i]:
+                    continue
+                row = rows[i]
+                if t in stop_ids:
+                    finish = "stop"
+                else:
+                    row.tokens.append(t)
+                    finish = "length" if len(row.tokens) >= sampling[i].max_new_tokens else None
+                if on_token is not None and on_token(i, row.tokens, finish):
+                    finish = "stop"
+                if finish is not None:
+                    going[i] = False
+                    row.finish_reason = finish
+            if not any(going):
+                break
+            input_ids = nxt[:, None]
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], 1)
+            position_ids = position_ids[:, -1:] + 1
+    return rows
+
+
 def generate(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: GenerationConfig | None = None,
              progress: bool = True, desc: str = "generating") -> list[str]:
     """Generate one response per prompt (in order). Responses are decoded without special tokens, stripped."""
@@ -52,13 +161,11 @@ def generate_detailed(
 ) -> list[Generated]:
     """`generate`, with the tokens and seconds each response cost. A prompt is one user message or a list of chat
     messages (a conversation ending with the user turn to answer)."""
-    import torch
     from tqdm.auto import tqdm
 
     cfg = cfg or GenerationConfig()
-    tokenizer.padding_side = "left"  # decoder-only models continue from the right edge
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    stop_ids = stop_token_ids(model, tokenizer)
+    sampling = Sampling(cfg.max_new_tokens, cfg.temperature if cfg.do_sample else 0.0)
     out: list[Generated] = []
     new_tokens = 0
     t0 = time.perf_counter()
@@ -66,26 +173,13 @@ def generate_detailed(
     for start in range(0, len(prompts), cfg.batch_size):
         t_batch = time.perf_counter()
         batch = [prompt_text(tokenizer, p, cfg.system_prompt) for p in prompts[start : start + cfg.batch_size]]
-        enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False)
-        with torch.inference_mode():
-            gen = model.generate(
-                **enc,
-                max_new_tokens=cfg.max_new_tokens,
-                do_sample=cfg.do_sample,
-                temperature=cfg.temperature if cfg.do_sample else None,
-                top_p=None,
-                top_k=None,
-                pad_token_id=tokenizer.pad_token_id,
-                use_cache=True,
-            )
-        cont = gen[:, enc["input_ids"].shape[1] :]
+        input_ids, attention_mask = left_pad(tokenizer(batch, add_special_tokens=False)["input_ids"], tokenizer)
+        rows = decode(model, input_ids, attention_mask, [sampling] * len(batch), stop_ids)
         share = (time.perf_counter() - t_batch) / len(batch)
-        for row in cont:
-            ids = row.tolist()
-            # count real tokens only: stop at the first pad/eos the batch padded with
-            n = next((i for i, t in enumerate(ids) if t in (tokenizer.pad_token_id, tokenizer.eos_token_id)), len(ids))
-            new_tokens += n
-            out.append(Generated(tokenizer.decode(ids[:n], skip_special_tokens=True).strip(), n, share))
+        for row in rows:
+            new_tokens += len(row.tokens)
+            text = tokenizer.decode(row.tokens, skip_special_tokens=True).strip()
+            out.append(Generated(text, len(row.tokens), share))
         bar.update(len(batch))
         bar.set_postfix(tok_s=f"{new_tokens / max(time.perf_counter() - t0, 1e-9):.1f}")
     bar.close()

@@ -1,6 +1,7 @@
 """Serving on a tiny model: the engine's decode loop, per-request adapters, hot swap, the gate, and the HTTP
 server driven by the official openai client."""
 
+import http.client
 import json
 import urllib.error
 import urllib.request
@@ -8,7 +9,8 @@ import urllib.request
 import pytest
 
 from safegene.adapter import SafetyAdapter, extract_adapter
-from safegene.config import ExtractConfig, GenerationConfig
+from safegene.config import GenerationConfig
+from safegene.adapter.extract import ExtractConfig
 from safegene.errors import FamilyMismatchError
 from safegene.generation import generate
 from safegene.models import load_model, load_tokenizer
@@ -137,13 +139,9 @@ def test_gate_scales_the_adapter_per_request(engine, tiny_qwen, tmp_path):
 
 @pytest.fixture
 def server(engine, tiny_qwen, tmp_path):
-    import threading
-
     engine.load_adapter("safety", _adapter(tiny_qwen, tmp_path))
     engine.max_input_tokens = 64
-    srv = SafegeneServer(("127.0.0.1", 0), engine, "tiny", admin_token=None)
-    th = threading.Thread(target=srv.serve_forever, daemon=True)
-    th.start()
+    srv = SafegeneServer(("127.0.0.1", 0), engine, "tiny", admin_token=None).start()
     yield srv, f"http://127.0.0.1:{srv.server_address[1]}"
     srv.shutdown()
     srv.server_close()
@@ -265,3 +263,157 @@ def test_cli_gate_then_serve_in_a_subprocess(tiny_qwen, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_admin_load_that_fails_for_any_reason_is_a_400_and_keeps_the_running_adapter(server, tiny_qwen, tmp_path):
+    # regression: the handler caught SafegeneError only, so an adapter whose loading raised anything else (here a
+    # malformed gate in safegene.json: a TypeError on the worker thread) killed it and the client saw a dropped
+    # connection, not an answer
+    import shutil
+
+    srv, url = server
+    _adapter(tiny_qwen, tmp_path / "a", seed=3).save(tmp_path / "good")
+    status, _ = _post(url + "/admin/adapters", {"name": "a", "path": str(tmp_path / "good")})
+    assert status == 200
+    ask = {"model": "tiny+a", "messages": _chat(PROMPTS[0]), "max_tokens": 8}
+    status, before = _post(url + "/v1/chat/completions", ask)
+    assert status == 200
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in srv.engine.model.modules())
+    bad_gate = tmp_path / "bad-gate"
+    shutil.copytree(tmp_path / "good", bad_gate)
+    card = json.loads((bad_gate / "safegene.json").read_text())
+    (bad_gate / "safegene.json").write_text(json.dumps({**card, "gate": {"layer": 0}}))
+    not_json = tmp_path / "not-json"
+    not_json.mkdir()
+    (not_json / "adapter_config.json").write_text("{not json")
+    (not_json / "adapter_model.safetensors").write_bytes(b"")
+    for corrupt in (bad_gate, not_json):
+        status, body = _post(url + "/admin/adapters", {"name": "a", "path": str(corrupt)})
+        assert status == 400 and body["error"]["code"] == "bad_adapter", body
+        assert "'a' not loaded" in body["error"]["message"]
+        status, after = _post(url + "/v1/chat/completions", ask)
+        assert status == 200 and after["choices"][0]["message"] == before["choices"][0]["message"]
+        assert after["safegene"]["adapter"] == "a"
+    # the half-installed adapter left no hook behind
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in srv.engine.model.modules()) == hooks
+
+
+def test_unexpected_error_is_a_json_500(server, monkeypatch):
+    srv, url = server
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(srv.engine, "submit", broken)
+    status, body = _post(url + "/v1/chat/completions", {"model": "tiny", "messages": _chat("x")})
+    assert status == 500 and body["error"]["type"] == "server_error" and "boom" not in body["error"]["message"]
+
+
+def _sse(url, body):
+    """The data events of a streamed chat completion, parsed ([DONE] kept as the string)."""
+    req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps({**body, "stream": True}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert r.headers["Content-Type"].startswith("text/event-stream")
+        lines = [ln.decode().removeprefix("data: ").strip() for ln in r if ln.startswith(b"data: ")]
+    return [ln if ln == "[DONE]" else json.loads(ln) for ln in lines]
+
+
+def _text(events):
+    return "".join(c["choices"][0]["delta"].get("content", "") for c in events[:-1] if c["choices"])
+
+
+@pytest.mark.parametrize("field, value", [("max_tokens", "8"), ("max_tokens", 2.5), ("max_tokens", True),
+                                          ("temperature", "hot"), ("temperature", 3), ("top_p", 1.5),
+                                          ("stream", "yes"), ("messages", [{"role": "user", "content": 5}]),
+                                          ("messages", [{"role": "robot", "content": "x"}]), ("messages", []),
+                                          ("stop", ["a", "b", "c", "d", "e"]), ("stop", ""), ("seed", "7")])
+def test_schema_refuses_bad_types_and_values_with_a_400(server, field, value):
+    srv, url = server
+    status, body = _post(url + "/v1/chat/completions", {"model": "tiny", "messages": _chat("x"), field: value})
+    assert status == 400, body
+    assert set(body["error"]) >= {"message", "type", "code"} and body["error"]["type"] == "invalid_request_error"
+    assert body["error"]["message"].startswith(field)
+
+
+def test_schema_refuses_unknown_and_unimplemented_fields_and_n_above_1(server):
+    srv, url = server
+    ask = {"model": "tiny", "messages": _chat("x"), "max_tokens": 2}
+    status, body = _post(url + "/v1/chat/completions", {**ask, "temprature": 0.5})
+    assert status == 400 and body["error"]["code"] == "unknown_field" and body["error"]["param"] == "temprature"
+    status, body = _post(url + "/v1/chat/completions", {**ask, "frequency_penalty": 0.5})
+    assert status == 400 and "'frequency_penalty' is not implemented" in body["error"]["message"]
+    status, body = _post(url + "/v1/chat/completions", {**ask, "tools": [{"type": "function"}]})
+    assert status == 400 and "'tools'" in body["error"]["message"]
+    status, body = _post(url + "/v1/chat/completions", {**ask, "n": 2})
+    assert status == 400 and body["error"]["param"] == "n" and "one choice per request" in body["error"]["message"]
+    status, body = _post(url + "/v1/chat/completions", {**ask, "max_tokens": 600})
+    assert status == 400 and "between 1 and 512" in body["error"]["message"]
+    status, body = _post(url + "/v1/chat/completions", {**ask, "max_completion_tokens": 3})
+    assert status == 400 and "disagree" in body["error"]["message"]
+    # the values that ask for nothing are fine, and so are n=1 and the end-user id
+    status, body = _post(url + "/v1/chat/completions", {**ask, "n": 1, "frequency_penalty": 0, "logprobs": False,
+                                                        "tools": None, "user": "u-1"})
+    assert status == 200 and len(body["choices"]) == 1
+    status, body = _post(url + "/v1/chat/completions", {**ask, "messages": [{"role": "user", "content": "x"}] * 2,
+                                                        "model": "tiny+nope"})
+    assert status == 404 and body["error"]["code"] == "model_not_found"
+    status, body = _post(url + "/v1/models", {})
+    assert status == 405 and body["error"]["type"] == "invalid_request_error"
+    status, body = _post(url + "/v1/chat/completions", None, raw=b"[1, 2]")
+    assert status == 400 and body["error"]["message"] == "the request body must be a JSON object"
+    conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=30)
+    conn.putrequest("POST", "/v1/chat/completions")
+    conn.putheader("Content-Length", str(2 << 20))
+    conn.endheaders()  # the server answers before reading a body that big
+    r = conn.getresponse()
+    assert r.status == 413 and json.loads(r.read())["error"]["code"] == "request_too_large"
+    conn.close()
+    status, body = _post(url + "/admin/adapters", {"name": "a/b", "path": "x"})
+    assert status == 400 and "without '/' or '+'" in body["error"]["message"]
+
+
+def test_stop_strings_end_the_answer_whole_and_streamed(server):
+    srv, url = server
+    ask = {"model": "tiny", "messages": _chat(PROMPTS[2]), "max_tokens": 16}
+    status, body = _post(url + "/v1/chat/completions", ask)
+    full = body["choices"][0]["message"]["content"]
+    assert status == 200 and len(full) >= 8
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    want = full[: full.find(stop)]
+    status, body = _post(url + "/v1/chat/completions", {**ask, "stop": [stop, "\u2603never"]})
+    assert status == 200 and body["choices"][0]["message"]["content"] == want
+    assert body["choices"][0]["finish_reason"] == "stop" and body["usage"]["completion_tokens"] < 16
+    events = _sse(url, {**ask, "stop": stop})
+    assert _text(events) == want and events[-2]["choices"][0]["finish_reason"] == "stop"
+    assert all(e["choices"][0]["finish_reason"] is None for e in events[:-2]) and events[-1] == "[DONE]"
+
+
+def test_top_p_seed_and_text_parts_are_honoured(server):
+    srv, url = server
+    ask = {"model": "tiny", "messages": _chat(PROMPTS[1]), "max_tokens": 12}
+    greedy = _post(url + "/v1/chat/completions", ask)[1]["choices"][0]["message"]["content"]
+    # top_p=0 keeps only the most likely token: sampling at any temperature is greedy decoding
+    nucleus = _post(url + "/v1/chat/completions", {**ask, "temperature": 2.0, "top_p": 0.0, "seed": 1})[1]
+    assert nucleus["choices"][0]["message"]["content"] == greedy
+    seeded = [_post(url + "/v1/chat/completions", {**ask, "temperature": 2.0, "seed": 7})[1] for _ in range(2)]
+    others = {_post(url + "/v1/chat/completions", {**ask, "temperature": 2.0, "seed": s})[1]["choices"][0]["message"]
+              ["content"] for s in range(8, 12)}
+    assert seeded[0]["choices"][0]["message"] == seeded[1]["choices"][0]["message"]
+    assert len(others | {greedy}) > 1  # sampling at temperature 2 does change the answer
+    parts = {**ask, "messages": [{"role": "user", "content": [{"type": "text", "text": PROMPTS[1]}]}]}
+    assert _post(url + "/v1/chat/completions", parts)[1]["choices"][0]["message"]["content"] == greedy
+    events = _sse(url, {**ask, "stream_options": {"include_usage": True}})
+    assert events[-2]["choices"] == [] and events[-2]["usage"]["completion_tokens"] >= 1
+    assert _text(events[:-1]) == greedy
+
+
+def test_engine_and_generate_leave_the_shared_tokenizer_alone(tiny_qwen):
+    model, tok = load_model(str(tiny_qwen)), load_tokenizer(str(tiny_qwen), padding_side="right")
+    generate(model, tok, PROMPTS[:2], GenerationConfig(max_new_tokens=2), progress=False)
+    e = Engine(model, tok)
+    try:
+        e.complete(e.submit(_chat(PROMPTS[0]), None, max_tokens=2))
+    finally:
+        e.close()
+    assert tok.padding_side == "right"

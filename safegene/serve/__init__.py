@@ -2,6 +2,6 @@
 
 from .engine import Engine, RequestError
 from .gate import SafetyGate, fit_gate
-from .server import SafegeneServer, serve
+from .server import SafegeneServer, create_app, serve
 
-__all__ = ["Engine", "RequestError", "SafegeneServer", "SafetyGate", "fit_gate", "serve"]
+__all__ = ["Engine", "RequestError", "SafegeneServer", "SafetyGate", "create_app", "fit_gate", "serve"]

@@ -5,8 +5,9 @@ so no hook is registered or removed while a forward pass runs. A request holds t
 with: replacing an adapter installs a new slot for new requests, and the old one is detached only when the last
 request using it has finished ("requests in flight finish on the adapter they started with").
 
-Requests with the same adapter are batched together (left-padded prefill, then one token per step with the KV
-cache); each new piece of text is pushed to the request's queue as it is decoded, which serves streaming.
+Requests with the same adapter are batched together and decoded by `generation.decode`, the decode loop offline
+generation uses (left-padded prefill, then one token per step with the KV cache, per-row sampling settings); each
+new piece of text is pushed to the request's outbox as it is decoded, which serves streaming.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, AsyncIterator, Iterator, Sequence
 
 from ..errors import SafegeneError
+from ..generation import Sampling, decode, left_pad, stop_token_ids
 
 log = logging.getLogger(__name__)
 
-_DONE = object()
+DONE = object()  # the last item of a request's outbox
 
 
 class RequestError(SafegeneError):
@@ -53,18 +55,42 @@ class AdapterSlot:
             self.handle.remove()
 
 
+class AsyncOutbox:
+    """A request's outbox read from an asyncio event loop: the worker thread's puts are handed to the loop, so no
+    thread waits per request."""
+
+    def __init__(self) -> None:
+        import asyncio
+
+        self._loop = asyncio.get_running_loop()
+        self._items: "asyncio.Queue[Any]" = asyncio.Queue()
+
+    def put(self, item: Any) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._items.put_nowait, item)
+        except RuntimeError:  # the loop has closed (server shut down): nobody is left to read it
+            pass
+
+    async def get(self) -> Any:
+        return await self._items.get()
+
+
 @dataclass
 class GenRequest:
     messages: list[dict[str, str]]
     slot: AdapterSlot | None
-    max_tokens: int
-    temperature: float
+    sampling: Sampling
+    stop: tuple[str, ...] = ()
     input_ids: list[int] = field(default_factory=list)
-    out: "queue.Queue[Any]" = field(default_factory=queue.Queue)
+    out: Any = field(default_factory=queue.Queue)  # pieces of text, then DONE (or an exception, then DONE)
     submitted: float = field(default_factory=time.perf_counter)
     gate_strength: float | None = None
     completion_tokens: int = 0
     finish_reason: str | None = None
+    cancelled: bool = False  # the client went away: the worker ends the row at its next token
+
+    def cancel(self) -> None:
+        self.cancelled = True
 
 
 class Engine:
@@ -72,9 +98,7 @@ class Engine:
                  max_input_tokens: int = 2048, max_new_tokens: int = 512, use_gate: bool = True):
         self.model = model.eval()
         self.tokenizer = tokenizer
-        tokenizer.padding_side = "left"
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        self._stop_ids = stop_token_ids(model, tokenizer)
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000
         self.max_input_tokens = max_input_tokens
@@ -114,11 +138,15 @@ class Engine:
         from .gate import SafetyGate, install_gate
 
         slot = AdapterSlot(name=name, adapter=adapter)
-        slot.handle = AttachedAdapter(self.model, adapter, enabled=False)
-        gate = (adapter.card or {}).get("gate")
-        if gate and self.use_gate:
-            slot.gate = SafetyGate.from_dict(gate)
-            slot.gate_hook = install_gate(slot.gate, self.model, slot.handle)
+        try:
+            slot.handle = AttachedAdapter(self.model, adapter, enabled=False)
+            gate = (adapter.card or {}).get("gate")
+            if gate and self.use_gate:
+                slot.gate = SafetyGate.from_dict(gate)
+                slot.gate_hook = install_gate(slot.gate, self.model, slot.handle)
+        except BaseException:  # a half-installed adapter must leave no hook behind
+            slot.detach()
+            raise
         with self._lock:
             old = self.slots.get(name)
             self.slots[name] = slot
@@ -147,13 +175,20 @@ class Engine:
 
     # --- requests ------------------------------------------------------------------------------------------------
     def submit(self, messages: list[dict[str, str]], adapter: str | None, max_tokens: int | None = None,
-               temperature: float = 0.0) -> GenRequest:
+               temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] = (),
+               out: Any = None) -> GenRequest:
+        """Queue a chat for generation; read its text with `complete`, `stream` or (with out=AsyncOutbox())
+        `astream`. `stop`: strings that end the response where they first appear (not included)."""
+        if max_tokens is not None and not 1 <= max_tokens <= self.max_new_tokens:
+            raise RequestError(f"max_tokens must be between 1 and {self.max_new_tokens} on this server, got "
+                               f"{max_tokens}", 400, "invalid_max_tokens")
         ids = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
         if hasattr(ids, "keys"):  # newer tokenizers return a BatchEncoding
             ids = ids["input_ids"]
         if len(ids) > self.max_input_tokens:
             raise RequestError(f"the messages are {len(ids)} tokens; this server takes at most "
                                f"{self.max_input_tokens}", 400, "context_length_exceeded")
+        sampling = Sampling(max_tokens or self.max_new_tokens, float(temperature or 0.0), float(top_p), seed)
         with self._lock:
             slot = None
             if adapter is not None:
@@ -162,30 +197,23 @@ class Engine:
                     raise RequestError(f"no safety adapter named '{adapter}' (loaded: {sorted(self.slots) or 'none'})",
                                        404, "model_not_found")
                 slot.refs += 1
-        req = GenRequest(messages=messages, slot=slot, input_ids=list(ids), temperature=float(temperature or 0.0),
-                         max_tokens=min(int(max_tokens or self.max_new_tokens), self.max_new_tokens))
+        req = GenRequest(messages=messages, slot=slot, sampling=sampling, stop=tuple(stop), input_ids=list(ids),
+                         **({"out": out} if out is not None else {}))
         self._queue.put(("gen", req))
         return req
 
     def complete(self, req: GenRequest) -> str:
         """Wait for the whole text of a submitted request."""
-        parts = []
-        while True:
-            item = req.out.get()
-            if item is _DONE:
-                return "".join(parts)
-            if isinstance(item, BaseException):
-                raise item
-            parts.append(item)
+        return "".join(self.stream(req))
 
-    def stream(self, req: GenRequest):
-        while True:
-            item = req.out.get()
-            if item is _DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+    def stream(self, req: GenRequest) -> Iterator[str]:
+        while (item := req.out.get()) is not DONE:
+            yield _piece(item)
+
+    async def astream(self, req: GenRequest) -> AsyncIterator[str]:
+        """`stream` for a request submitted with out=AsyncOutbox(), on that event loop."""
+        while (item := await req.out.get()) is not DONE:
+            yield _piece(item)
 
     def close(self) -> None:
         """Stop the worker and detach every adapter: the model is left as it was loaded."""
@@ -249,80 +277,72 @@ class Engine:
             except BaseException as e:  # noqa: BLE001 - every waiting client must hear about it
                 log.exception("generation failed")
                 for r in batch:
-                    r.out.put(SafegeneError(f"generation failed: {e}"))
-                    r.out.put(_DONE)
+                    if r.finish_reason is None:
+                        r.out.put(SafegeneError(f"generation failed: {e}"))
+                        r.out.put(DONE)
             finally:
                 for r in batch:
                     self._release(r.slot)
 
     def _generate(self, batch: list[GenRequest]) -> None:
-        import torch
-
         slot = batch[0].slot
-        tok = self.tokenizer
         self.stats["batches"] += 1
         self.stats["requests"] += len(batch)
         self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(batch))
-        width = max(len(r.input_ids) for r in batch)
-        pad = tok.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(r.input_ids)) + r.input_ids for r in batch])
-        attn = torch.tensor([[0] * (width - len(r.input_ids)) + [1] * len(r.input_ids) for r in batch])
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
-        eos = {tok.eos_token_id, tok.pad_token_id, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])} - {None}
-        generated: list[list[int]] = [[] for _ in batch]
         emitted = [""] * len(batch)
-        active = [True] * len(batch)
-        past = None
-        steps = max(r.max_tokens for r in batch)
+
+        def on_token(i: int, tokens: list[int], finish: str | None) -> bool:
+            r = batch[i]
+            if r.gate_strength is None and slot is not None and slot.handle.row_strength is not None:
+                r.gate_strength = round(float(slot.handle.row_strength[i]), 4)  # set by the gate at prefill
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            hit = _first_stop(text, r.stop, len(emitted[i]))
+            if hit is not None:
+                text, finish = text[:hit], "stop"
+            elif r.cancelled:
+                finish = "cancelled"
+            # hold back what may still change (a character split across tokens, the start of a stop string) until
+            # the response is over
+            ready = len(text) if finish else _stable_length(text, r.stop)
+            if ready > len(emitted[i]):
+                r.out.put(text[len(emitted[i]):ready])
+                emitted[i] = text[:ready]
+            if finish:
+                r.completion_tokens = len(tokens)
+                r.finish_reason = finish
+                r.out.put(DONE)
+            return hit is not None or r.cancelled
+
+        input_ids, attention_mask = left_pad([r.input_ids for r in batch], self.tokenizer)
         if slot is not None:
             slot.handle.row_strength = None
             slot.handle.enable()
         try:
-            with torch.inference_mode():
-                for step in range(steps):
-                    out = self.model(input_ids=input_ids, attention_mask=attn, position_ids=pos, past_key_values=past,
-                                     use_cache=True)
-                    past = out.past_key_values
-                    logits = out.logits[:, -1, :].float()
-                    if step == 0 and slot is not None and slot.gate is not None and slot.handle.row_strength is not None:
-                        for r, g in zip(batch, slot.handle.row_strength.tolist()):
-                            r.gate_strength = round(g, 4)
-                    nxt = logits.argmax(-1)
-                    for i, r in enumerate(batch):
-                        if r.temperature > 0:
-                            probs = torch.softmax(logits[i] / r.temperature, -1)
-                            nxt[i] = torch.multinomial(probs, 1)[0]
-                    for i, r in enumerate(batch):
-                        if not active[i]:
-                            continue
-                        t = int(nxt[i])
-                        if t not in eos:
-                            generated[i].append(t)
-                            r.completion_tokens += 1
-                        text = tok.decode(generated[i], skip_special_tokens=True)
-                        done = t in eos or len(generated[i]) >= r.max_tokens
-                        # hold back a character split across tokens until it is complete, but flush at the end
-                        if len(text) > len(emitted[i]) and (done or not text.endswith("\ufffd")):
-                            r.out.put(text[len(emitted[i]):])
-                            emitted[i] = text
-                        if done:
-                            active[i] = False
-                            r.finish_reason = "stop" if t in eos else "length"
-                            r.out.put(_DONE)
-                    if not any(active):
-                        break
-                    input_ids = nxt[:, None]
-                    attn = torch.cat([attn, torch.ones(len(batch), 1, dtype=attn.dtype)], 1)
-                    pos = pos[:, -1:] + 1
+            decode(self.model, input_ids, attention_mask, [r.sampling for r in batch], self._stop_ids, on_token)
         finally:
             if slot is not None:
                 slot.handle.disable()
                 slot.handle.row_strength = None
-        for i, r in enumerate(batch):
-            if active[i]:
-                r.finish_reason = "length"
-                r.out.put(_DONE)
+
+
+def _piece(item: Any) -> str:
+    if isinstance(item, BaseException):
+        raise item
+    return item
+
+
+def _first_stop(text: str, stops: Sequence[str], start: int) -> int | None:
+    """Where the first stop string begins in `text` (searched from `start`, what was sent already), or None."""
+    hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _stable_length(text: str, stops: Sequence[str]) -> int:
+    """Length of the prefix of `text` that more tokens cannot change: without a trailing replacement character
+    (a character split across tokens) or a tail that could begin a stop string."""
+    end = len(text.rstrip("\ufffd"))
+    held = max((k for s in stops for k in range(1, len(s)) if text[:end].endswith(s[:k])), default=0)
+    return end - held
 
 
 _ids = itertools.count(1)

@@ -80,11 +80,11 @@ def last_token_states(model: Any, tokenizer: Any, prompts: Sequence[str], layer:
     from ..chat import prompt_text
     from ..forward import capture
 
-    tokenizer.padding_side = "left"  # the last position is then every prompt's own last token
     out = []
     for i in range(0, len(prompts), batch_size):
         texts = [prompt_text(tokenizer, p) for p in prompts[i : i + batch_size]]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        # left padding: the last position is then every prompt's own last token
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False, padding_side="left")
         rec = capture(model, enc["input_ids"], enc["attention_mask"], [layer])
         out.append(rec.hidden[layer][:, -1, :].float())
     return torch.cat(out)
