@@ -21,7 +21,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     args = ap.parse_args()
 
-    from safegene.config import GenerationConfig
+    from safegene.generation import GenerationConfig
     from safegene.data import harmful_prompts
     from safegene.generation import generate
     from safegene.models import DEFAULT_MODEL, load_model, load_tokenizer, prepare_model

@@ -232,7 +232,7 @@ def main() -> None:
 
     from safegene.adapter import SafetyAdapter
     from safegene.adapter.runtime import AttachedAdapter, merge_into_model
-    from safegene.config import GenerationConfig
+    from safegene.generation import GenerationConfig
     from safegene.serve.gate import GateConfig
     from safegene.data import get_task, harmful_prompts
     from safegene.models import load_model, load_tokenizer

@@ -26,7 +26,8 @@ from .baselines import METHODS, Defence, Method, MethodContext, get_method
 from .baselines.classifier_guard import ClassifierGuardConfig
 from .baselines.projection import ProjectionBaselineConfig
 from .baselines.self_critique import SelfCritiqueConfig
-from .config import GenerationConfig, check, dump_yaml, opt, to_dict
+from .config import check, dump_yaml, opt, to_dict
+from .generation import GenerationConfig
 from .recalibration import RecalibrateConfig
 from .selection import SelectConfig
 from .training import DegradeConfig, FinetuneConfig, LoraTrainConfig

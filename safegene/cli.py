@@ -302,7 +302,7 @@ COMMANDS = [
             _cfg("safegene.serve.gate", "GateConfig"), run_gate, required=("adapter", "output"), output="output",
             inputs=("adapter", "model")),
     Command("serve", "OpenAI-compatible server with per-request safety adapters and hot swap",
-            _cfg("safegene.config", "ServeConfig"), run_serve, inputs=("model",)),
+            _cfg("safegene.serve.server", "ServeConfig"), run_serve, inputs=("model",)),
     Command("demo", "the pipeline and benchmark end to end on the embedded default model",
             _cfg("safegene.demo", "DemoConfig"), run_demo, output="output"),
 ]

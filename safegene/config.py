@@ -1,14 +1,17 @@
-"""Typed configs: dataclasses with defaults, help text and validation, readable from YAML.
+"""The config machinery: dataclass fields that carry their help text, allowed values and flag spellings (`opt`),
+validation (`check`, `check_choices`), reading from YAML with dotted overrides (`load_config`) and writing back.
 
-Every command writes its effective config next to its artifact (`safegene_run.json`), so an output always says
-exactly how it was made. Nested configs are plain dataclass fields; YAML keys mirror field names.
+The configs themselves live beside the stage each configures, as peft keeps each tuner's config beside the tuner:
+`FinetuneConfig` in `safegene.training`, `SelectConfig` in `safegene.selection`, `BenchConfig` in `safegene.bench`,
+and so on. Nested configs are plain dataclass fields; YAML keys mirror field names; the command line is generated
+from the same fields (`safegene.cli`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -40,19 +43,6 @@ def check(cond: bool, msg: str) -> None:
 
 
 
-
-
-@dataclass
-class GenerationConfig:
-    max_new_tokens: int = opt(40, "tokens generated per prompt")
-    batch_size: int = opt(8, "prompts per batch (left-padded)")
-    do_sample: bool = opt(False, "sample instead of greedy decoding")
-    temperature: float = opt(1.0, "sampling temperature (only with do_sample)")
-    system_prompt: str | None = opt(None, "system message; None keeps the chat template's default")
-
-    def __post_init__(self) -> None:
-        check(self.max_new_tokens >= 1, "max_new_tokens must be >= 1")
-        check(self.batch_size >= 1, "batch_size must be >= 1")
 
 
 
@@ -176,27 +166,3 @@ def dump_yaml(cfg: Any) -> str:
 
 
 
-
-@dataclass
-class ServeConfig:
-    """An OpenAI-compatible server over one model, with per-request safety adapters and hot swap."""
-
-    model: str = opt("runs/task-model", "model to serve (loaded once)")
-    adapters: list[str] = opt([], "safety adapters to attach, as NAME=PATH (repeatable)", aliases=("--adapter",))
-    host: str = opt("127.0.0.1", "address to listen on")
-    port: int = opt(8000, "port to listen on")
-    name: str | None = opt(None, "model id clients use (default: the model folder's name)")
-    admin_token_env: str = opt("SAFEGENE_ADMIN_TOKEN", "environment variable holding the admin token (needed for "
-                               "admin calls from other hosts)")
-    max_batch: int = opt(8, "requests decoded together")
-    max_input_tokens: int = opt(2048, "longest prompt accepted, in tokens")
-    use_gate: bool = opt(True, "honour adapters' gates (--no-gate: always full strength)", aliases=("--gate",))
-
-    def __post_init__(self) -> None:
-        bad = [a for a in self.adapters if "=" not in a or not a.partition("=")[0] or not a.partition("=")[2]]
-        check(not bad, f"adapters expect NAME=PATH, got {bad}")
-        check(1 <= self.port <= 65535, f"port must be in 1..65535, got {self.port}")
-        check(self.max_batch >= 1 and self.max_input_tokens >= 1, "max_batch and max_input_tokens must be >= 1")
-
-    def adapter_paths(self) -> dict[str, str]:
-        return dict(a.split("=", 1) for a in self.adapters)

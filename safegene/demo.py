@@ -15,7 +15,8 @@ from typing import Any
 from .baselines import METHODS
 from .baselines.projection import ProjectionBaselineConfig
 from .bench import BenchConfig
-from .config import GenerationConfig, opt
+from .config import opt
+from .generation import GenerationConfig
 from .training import LoraTrainConfig
 from .data import shared_data_dir
 from .models import DEFAULT_MODEL

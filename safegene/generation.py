@@ -15,7 +15,20 @@ from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 from .chat import prompt_text
-from .config import GenerationConfig
+from .config import check, opt
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = opt(40, "tokens generated per prompt")
+    batch_size: int = opt(8, "prompts per batch (left-padded)")
+    do_sample: bool = opt(False, "sample instead of greedy decoding")
+    temperature: float = opt(1.0, "sampling temperature (only with do_sample)")
+    system_prompt: str | None = opt(None, "system message; None keeps the chat template's default")
+
+    def __post_init__(self) -> None:
+        check(self.max_new_tokens >= 1, "max_new_tokens must be >= 1")
+        check(self.batch_size >= 1, "batch_size must be >= 1")
 
 
 @dataclass

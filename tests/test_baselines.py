@@ -164,7 +164,7 @@ class _KeywordGuard:
 def test_classifier_guard_refuses_flagged_prompts_without_generating(tiny_qwen):
     from safegene.baselines import ClassifierGuard
     from safegene.baselines.classifier_guard import ClassifierGuardConfig
-    from safegene.config import GenerationConfig
+    from safegene.generation import GenerationConfig
     from safegene.generation import generate_detailed
 
     model, tok = load_model(str(tiny_qwen)), load_tokenizer(str(tiny_qwen))
@@ -206,7 +206,7 @@ def test_guard_threshold_is_fitted_between_harmful_and_benign_scores():
 def test_self_critique_revises_only_flagged_drafts(tiny_qwen, monkeypatch):
     import safegene.baselines.self_critique as sc
     from safegene.baselines.self_critique import SelfCritiqueConfig
-    from safegene.config import GenerationConfig
+    from safegene.generation import GenerationConfig
     from safegene.generation import Generated
 
     calls = []

@@ -118,3 +118,15 @@ def dataclasses_replace(obj, **kw):
     import dataclasses
 
     return dataclasses.replace(obj, **kw)
+
+
+def test_corrupt_adapter_folder_is_one_line_not_a_traceback(tmp_path, capsys):
+    """Review defect 2 (CLI side): a corrupt adapter folder printed a JSONDecodeError traceback."""
+    bad = tmp_path / "bad-adapter"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text("{not json")
+    (bad / "adapter_model.safetensors").write_bytes(b"")
+    assert main(["select", str(bad), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("safegene: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert "adapter_config.json" in err and not (tmp_path / "out").exists()

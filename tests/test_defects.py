@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 
-from safegene.config import GenerationConfig
+from safegene.generation import GenerationConfig
 from safegene.recalibration import RecalibrateConfig
 from safegene.selection import SelectConfig
 from safegene.training import DegradeConfig, LoraTrainConfig

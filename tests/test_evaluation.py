@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from safegene.config import GenerationConfig
+from safegene.generation import GenerationConfig
 from safegene.data.records import HarmfulPrompt
 from safegene.evaluation import Rate, RefusalPhraseJudge, generate, generate_to_jsonl, refusal_rate
 from safegene.models import load_model, load_tokenizer

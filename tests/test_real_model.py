@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from safegene.config import GenerationConfig
+from safegene.generation import GenerationConfig
 from safegene.data import harmful_prompts
 from safegene.evaluation import RefusalPhraseJudge, generate
 from safegene.models import fingerprint_folder, load_model, load_tokenizer, prepare_model

@@ -9,7 +9,7 @@ import urllib.request
 import pytest
 
 from safegene.adapter import SafetyAdapter, extract_adapter
-from safegene.config import GenerationConfig
+from safegene.generation import GenerationConfig
 from safegene.adapter.extract import ExtractConfig
 from safegene.errors import FamilyMismatchError
 from safegene.generation import generate

@@ -13,7 +13,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import GenerationConfig, check, opt
+from ..config import check, opt
+from ..generation import GenerationConfig
 from ..data import benign_prompts, harmful_prompt_texts
 from ..data.records import PromptResponse
 from ..generation import generate

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from ..chat import last_user_turn
-from ..config import GenerationConfig, check, opt, to_dict
+from ..config import check, opt, to_dict
+from ..generation import GenerationConfig
 from ..errors import ConfigError
 from ..generation import Generated, generate_detailed
 from .registry import Defence, Method, MethodContext, register

@@ -14,7 +14,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from ..config import GenerationConfig, check, opt, to_dict
+from ..config import check, opt, to_dict
+from ..generation import GenerationConfig
 from ..generation import Generated, generate_detailed
 from .registry import Defence, Method, register
 

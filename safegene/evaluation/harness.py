@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..chat import last_user_turn
-from ..config import GenerationConfig
+from ..generation import GenerationConfig
 from ..data import harmful_prompts, shared_data_dir
 from ..data.records import HarmfulPrompt
 from ..generation import Responder, generate_to_jsonl

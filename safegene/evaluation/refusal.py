@@ -7,7 +7,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import GenerationConfig, opt, to_dict
+from ..config import opt, to_dict
+from ..generation import GenerationConfig
 from ..data import harmful_prompts
 from ..models import DEFAULT_MODEL, load_model, load_tokenizer
 from ..generation import generate, generate_to_jsonl

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..config import GenerationConfig
+from ..generation import GenerationConfig
 from ..data import get_task
 from ..generation import Generated, Responder, generate_detailed, generate_to_jsonl
 from ..io import sha256_text

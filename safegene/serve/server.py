@@ -31,6 +31,7 @@ import logging
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Literal
 
@@ -42,10 +43,36 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..config import check, opt
 from ..errors import SafegeneError
 from .engine import AsyncOutbox, Engine, GenRequest, RequestError, next_id
 
 log = logging.getLogger(__name__)
+
+@dataclass
+class ServeConfig:
+    """An OpenAI-compatible server over one model, with per-request safety adapters and hot swap."""
+
+    model: str = opt("runs/task-model", "model to serve (loaded once)")
+    adapters: list[str] = opt([], "safety adapters to attach, as NAME=PATH (repeatable)", aliases=("--adapter",))
+    host: str = opt("127.0.0.1", "address to listen on")
+    port: int = opt(8000, "port to listen on")
+    name: str | None = opt(None, "model id clients use (default: the model folder's name)")
+    admin_token_env: str = opt("SAFEGENE_ADMIN_TOKEN", "environment variable holding the admin token (needed for "
+                               "admin calls from other hosts)")
+    max_batch: int = opt(8, "requests decoded together")
+    max_input_tokens: int = opt(2048, "longest prompt accepted, in tokens")
+    use_gate: bool = opt(True, "honour adapters' gates (--no-gate: always full strength)", aliases=("--gate",))
+
+    def __post_init__(self) -> None:
+        bad = [a for a in self.adapters if "=" not in a or not a.partition("=")[0] or not a.partition("=")[2]]
+        check(not bad, f"adapters expect NAME=PATH, got {bad}")
+        check(1 <= self.port <= 65535, f"port must be in 1..65535, got {self.port}")
+        check(self.max_batch >= 1 and self.max_input_tokens >= 1, "max_batch and max_input_tokens must be >= 1")
+
+    def adapter_paths(self) -> dict[str, str]:
+        return dict(a.split("=", 1) for a in self.adapters)
+
 
 MAX_BODY_BYTES = 1 << 20
 
