@@ -40,7 +40,6 @@ def make_synthetic(folder: Path, layers: int, hidden: int, inter: int, vocab: in
     """Write a Qwen2-shaped checkpoint tensor by tensor into ~512 MB shards (D = A + low-rank + small noise)."""
     code = PEAK + f"""
 import torch, json
-from pathlib import Path
 from safegene.apply import ShardWriter
 from safegene.adapter.checkpoint import LazyCheckpoint
 folder = Path({str(folder)!r}); folder.mkdir(parents=True, exist_ok=True)
@@ -78,7 +77,6 @@ def measure(a: Path, d: Path, label: str) -> dict:
     size_mb = sum(f.stat().st_size for f in files) / MB
     read_code = PEAK + f"""
 import time
-from safegene.adapter.checkpoint import LazyCheckpoint
 t = time.perf_counter(); n = 0
 for folder in ({str(a)!r}, {str(d)!r}):
     with LazyCheckpoint(folder) as ck:
@@ -90,7 +88,6 @@ print(json.dumps({{"seconds": time.perf_counter() - t, "peak_mb": peak()}}))
     read = _child(read_code)
     whole = _child(PEAK + f"""
 from safetensors.torch import load_file
-from pathlib import Path
 # clone: load_file returns memory-mapped tensors; a model load materialises them, which is what is measured
 sds = [{{k: v.clone() for f in sorted(Path(p).glob('*.safetensors')) for k, v in load_file(str(f)).items()}}
        for p in ({str(a)!r}, {str(d)!r})]

@@ -15,30 +15,28 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from .adapter.extract import ExtractConfig
 from .baselines import METHODS, Defence, Method, MethodContext, get_method
 from .baselines.classifier_guard import ClassifierGuardConfig
 from .baselines.projection import ProjectionBaselineConfig
 from .baselines.self_critique import SelfCritiqueConfig
-from .config import check, dump_yaml, opt, to_dict
+from .config import check, dump_yaml, opt, settings, to_dict
 from .generation import GenerationConfig
 from .recalibration import RecalibrateConfig
 from .selection import SelectConfig
-from .training import DegradeConfig, FinetuneConfig, LoraTrainConfig
-from .adapter.extract import ExtractConfig
+from .training import DegradeConfig, FinetuneConfig, LoraTrainConfig, degrade, finetune
 from .data import get_task, harmful_prompts
 from .data.attacks import ATTACKS
 from .evaluation.results import BenchResults, ResultRow
 from .io import write_json
 from .models import DEFAULT_MODEL, load_model, load_tokenizer, prepare_model
-from .runcard import RUN_CARD, library_versions
-from .training import degrade, finetune
+from .runcard import RUN_CARD, library_versions, read_card, same_config, trained_or_reused
 
 
 @dataclass
@@ -113,6 +111,9 @@ class BenchConfig:
         check(min(self.n_harmful, self.n_task, self.shots) >= 1, "n_harmful, n_task and shots must be >= 1")
         check(self.n_over_refusal >= 0, "n_over_refusal must be >= 0")
         check(0 <= self.poison_ratio < 1, f"poison_ratio must be in [0, 1), got {self.poison_ratio}")
+        check(self.train.max_steps == LoraTrainConfig().max_steps,
+              "train.max_steps is not used by the bench: set degrade_steps, task_steps, realign_steps or "
+              "reattack_steps")
 
     def steps(self, n: int) -> LoraTrainConfig:
         """The benchmark's LoRA settings with `n` optimizer steps."""
@@ -126,50 +127,12 @@ def method_labels() -> dict[str, str]:
 # --- stages: each reused on a re-run when what it recorded matches ----------------------------------------------------
 
 
-def _same(recorded: Any, cfg: Any) -> bool:
-    """Does a stage's recorded config equal `cfg`? A key the record lacks matches when `cfg` leaves it at its
-    default: an option added in a later version does not invalidate finished stages that never used it."""
-    current = json.loads(json.dumps(to_dict(cfg) if not isinstance(cfg, dict) else cfg))
-    defaults = json.loads(json.dumps(to_dict(type(cfg)()))) if dataclasses.is_dataclass(cfg) else {}
-    return _match(recorded, current, defaults)
-
-
-def _match(recorded: Any, current: Any, defaults: Any) -> bool:
-    if not (isinstance(recorded, dict) and isinstance(current, dict)):
-        return recorded == current
-    defaults = defaults if isinstance(defaults, dict) else {}
-    for key, value in current.items():
-        if key in recorded:
-            if not _match(recorded[key], value, defaults.get(key)):
-                return False
-        elif key not in defaults or defaults[key] != value:
-            return False
-    return set(recorded) <= set(current)
-
-
-def _read_card(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _train_stage(name: str, output: Path, cfg: Any, fn: Callable) -> tuple[dict[str, Any], bool]:
-    """(run card, rebuilt?) of a training stage; a folder whose card records the same config is reused."""
-    card = _read_card(output / RUN_CARD)
-    if card and _same(card.get("config"), cfg):
-        print(f"[{name}] reusing {output}")
-        return card, False
-    print(f"[{name}] training -> {output}")
-    return fn(cfg, overwrite=True), True
-
-
 def _adapter_stage(name: str, output: Path, key: dict[str, Any], build: Callable[[], Any]) -> tuple[Any, float, bool]:
     """(adapter, build seconds, rebuilt?): reuse `output` when its card's bench key matches, else build and save."""
     from .adapter import SafetyAdapter
 
-    card = _read_card(output / "safegene.json")
-    if card and _same((card.get("bench") or {}).get("key"), key):
+    card = read_card(output / "safegene.json")
+    if card and same_config((card.get("bench") or {}).get("key"), key):
         print(f"[{name}] reusing {output}")
         return SafetyAdapter.load(output), float(card["bench"]["seconds"]), False
     print(f"[{name}] -> {output}")
@@ -182,16 +145,20 @@ def _adapter_stage(name: str, output: Path, key: dict[str, Any], build: Callable
 
 
 def _defence_stage(method: Method, ctx: MethodContext, store: Path, key: dict[str, Any]) -> tuple[Defence, float, bool]:
-    """(defence, build seconds, rebuilt?). An update is stored as an adapter folder; a responder's or retraining's
-    findings (a fitted threshold, a trained model's folder) in `stage.json`, handed back to its build as `ctx.found`
-    so that a re-run skips the work."""
+    """(defence, build seconds, rebuilt?), reusing what an earlier run left: an update is stored as an adapter
+    folder; a retrained model is reused by its build when the folder's own run card records the same config; a
+    responder's findings (a fitted threshold) are stored in `stage.json` and handed back to its build as
+    `ctx.found`."""
     label = f"{method.name} {ctx.task}"
     if method.kind == "update":
         update, seconds, fresh = _adapter_stage(label, store, key, lambda: method.build(ctx).update)
         return Defence(update=update, row={"layers": update.layers, "coefficients": {
             str(layer): round(update.coefficients[layer], 4) for layer in update.layers}}), seconds, fresh
-    card = _read_card(store / "stage.json")
-    reuse = card if card and _same(card.get("key"), key) else None
+    if method.kind == "retrain":
+        defence = method.build(ctx)
+        return defence, float(defence.seconds or 0.0), defence.rebuilt
+    card = read_card(store / "stage.json")
+    reuse = card if card and same_config(card.get("key"), key) else None
     print(f"[{label}] " + ("reusing what it stored" if reuse else "building"))
     t = time.perf_counter()
     defence = method.build(dataclasses.replace(ctx, found=reuse["info"] if reuse else None))
@@ -255,7 +222,7 @@ def _eval_sets(cfg: BenchConfig, responses: Path) -> Any:
     sets.attacks = {a: attack_prompts(a, sets.harmful, cfg.n_attack, cfg.seed) for a in cfg.attacks}
     manifest = {"harmful": [p.prompt for p in sets.harmful], "over_refusal": [p.prompt for p in over],
                 "generation": to_dict(cfg.generation)}
-    if _read_card(responses / "manifest.json") != manifest:
+    if read_card(responses / "manifest.json") != manifest:
         shutil.rmtree(responses, ignore_errors=True)
     responses.mkdir(parents=True, exist_ok=True)
     write_json(responses / "manifest.json", manifest)
@@ -289,7 +256,7 @@ def _family(run: _Run, rows: list[ResultRow]) -> tuple[Any, Any]:
     del a_model
     dcfg = DegradeConfig(model=cfg.model, n_examples=cfg.degrade_examples, output=str(out / "degraded"),
                          train=cfg.steps(cfg.degrade_steps))
-    card, fresh = _train_stage("degrade", out / "degraded", dcfg, degrade)
+    card, fresh = trained_or_reused("degrade", out / "degraded", dcfg, degrade)
     timings["degrade_s"] = card["training"]["seconds"]
     if fresh:
         _forget(run.responses, "D")
@@ -303,7 +270,7 @@ def _family(run: _Run, rows: list[ResultRow]) -> tuple[Any, Any]:
     scfg = SelectConfig(model=str(out / "degraded"), n_harmful=cfg.select_prompts, n_benign=cfg.select_prompts,
                         top_k=cfg.top_k, seed=cfg.seed)
     selected, timings["select_s"], fresh_sel = _adapter_stage(
-        "select", out / "adapter-selected", {"select": to_dict(scfg), "adapter": adapter.card.get("bench")},
+        "select", out / "adapter-selected", {"select": settings(scfg), "adapter": adapter.card.get("bench")},
         functools.partial(select_layers, adapter, scfg, model=d_model, tokenizer=d_tok))
     if fresh_sel:
         plot_layer_scores(selected, out / "layer_scores.png")
@@ -319,7 +286,7 @@ def _task_model(run: _Run, task: str) -> tuple[str, int, bool]:
     folder = run.out / f"task-{task}"
     fcfg = FinetuneConfig(model=cfg.model, task=task, n_examples=n, poison_ratio=cfg.poison_ratio, save="adapter",
                           output=str(folder), train=cfg.steps(cfg.task_steps))
-    card, fresh = _train_stage(f"finetune {task}", folder, fcfg, finetune)
+    card, fresh = trained_or_reused(f"finetune {task}", folder, fcfg, finetune)
     run.timings[f"finetune_{task}_s"] = card["training"]["seconds"]
     return str(folder), n, fresh
 
@@ -340,7 +307,7 @@ def _task_rows(run: _Run, task: str, t_ref: str, n_examples: int, fresh: bool, a
         _forget(run.responses, f"T[{task}]")  # method rows follow: their keys name T's training, so they rebuild
     rows.append(_tagged(run.evaluate(f"T[{task}]", t_model, t_tok, tasks=[task], attacks=run.attacked("undefended")),
                         task, "undefended"))
-    t_card = _read_card(Path(t_ref) / RUN_CARD) or {}
+    t_card = read_card(Path(t_ref) / RUN_CARD) or {}
     # what every defence depends on: a retrained T or a re-extracted adapter invalidates it
     upstream = {"adapter": adapter.card.get("bench"), "selected": selected.card.get("bench"),
                 "task_model": {"data": t_card.get("data"), "trained_s": (t_card.get("training") or {}).get("seconds")}}
@@ -352,7 +319,7 @@ def _task_rows(run: _Run, task: str, t_ref: str, n_examples: int, fresh: bool, a
     defended = {"undefended": (f"T[{task}]", Defence(), {})}
     for method in map(get_method, cfg.methods):
         name = f"T[{task}]+{method.label}"
-        key = {**method.key(ctx), "upstream": upstream}
+        key = {**method.key(ctx), **({"upstream": upstream} if method.upstream else {})}
         defence, seconds, fresh_defence = _defence_stage(method, ctx, run.out / "methods" / task / method.name, key)
         if fresh_defence:
             _forget(run.responses, name)
@@ -360,7 +327,8 @@ def _task_rows(run: _Run, task: str, t_ref: str, n_examples: int, fresh: bool, a
                                  attacks=run.attacked(method.name))
         run.timings[f"{method.name}_{task}_s"] = seconds
         rows.append(_tagged(row, task, method.name, seconds, **defence.row))
-        defended[method.name] = (name, defence, key)
+        # a re-attack of a retrained model is invalidated by retraining it, even with the same config
+        defended[method.name] = (name, defence, {**key, "trained_s": seconds} if defence.model else key)
     if cfg.reattack_tasks is None or task in cfg.reattack_tasks:
         for method in cfg.reattack_methods:
             for steps in cfg.reattack_steps:
@@ -427,8 +395,8 @@ def _reattack(run: _Run, task: str, method: str, steps: int, name: str, defence:
     settings = {"data": cfg.reattack_data, "examples": cfg.reattack_examples, "train": to_dict(cfg.steps(steps))}
     full_key = {"reattack": settings, "defence": key, "upstream": upstream}
     card_path = run.out / "reattack" / task / f"{method}-{steps}.json"
-    card = _read_card(card_path)
-    if not (card and _same(card.get("key"), full_key)):
+    card = read_card(card_path)
+    if not (card and same_config(card.get("key"), full_key)):
         _forget(run.responses, row_name)
         card = None
     model = None
@@ -467,7 +435,7 @@ def rejudge(output: str | Path, judges: list[str], validate: bool = True) -> dic
     from .generation import read_jsonl_rows
 
     out = Path(output)
-    stored = _read_card(out / "results.json")
+    stored = read_card(out / "results.json")
     if not stored:
         raise SafegeneError(f"{out}: no results.json; run `safegene bench` first")
     results = BenchResults.from_dict(stored)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .config import opt
+from .config import NULL, opt
 from .errors import ConfigError, SafegeneError
 from .models.registry import DEFAULT_MODEL
 
@@ -240,7 +240,7 @@ def run_judge(cfg: Any, flags: argparse.Namespace) -> None:
 def run_demo(cfg: Any, flags: argparse.Namespace) -> None:
     from .demo import run_demo as demo
 
-    demo(output=cfg.output, quick=cfg.quick, overwrite=flags.overwrite, model=cfg.model)
+    _print_bench(demo(output=cfg.output, quick=cfg.quick, overwrite=flags.overwrite, model=cfg.model))
 
 
 # --- the command table ------------------------------------------------------------------------------------------------
@@ -258,6 +258,9 @@ class Command:
     config_positional: bool = False  # `safegene bench CONFIG.yaml`
     inputs: tuple[str, ...] = ()  # config fields naming inputs, hashed into the run card
     json_flag: bool = False
+    overwrite: bool = False  # offers --overwrite (the command replaces an existing output when asked)
+    card_name: str = "safegene_run.json"  # the card's file name in the output folder
+    card_first: bool = False  # write the card before running (a server runs until it is stopped)
 
 
 def _cfg(module: str, name: str) -> Callable[[], type]:
@@ -273,38 +276,41 @@ COMMANDS = [
             lambda: ModelsConfig, run_models),
     Command("data", "list built-in data sets and tasks, or show a few records", lambda: DataConfig, run_data),
     Command("degrade", "fine-tune the aligned model on harmful pairs -> degraded model D",
-            _cfg("safegene.training", "DegradeConfig"), run_degrade, output="output", inputs=("model",), json_flag=True),
+            _cfg("safegene.training", "DegradeConfig"), run_degrade, output="output", inputs=("model",), json_flag=True,
+            overwrite=True),
     Command("finetune", "fine-tune a model on a task (optionally poisoned) -> task model T",
             _cfg("safegene.training", "FinetuneConfig"), run_finetune, output="output", inputs=("model", "task"),
-            json_flag=True),
+            json_flag=True, overwrite=True),
     Command("eval-refusal", "refusal rate on harmful prompts (refusal-phrase judge)",
             _cfg("safegene.evaluation.refusal", "RefusalEvalConfig"), run_eval_refusal, card_next_to="save_json",
             inputs=("model",)),
     Command("extract", "aligned A + degraded D -> safety adapter (PEFT-loadable folder)",
-            _cfg("safegene.adapter.extract", "ExtractConfig"), run_extract, output="output", inputs=("aligned", "degraded")),
+            _cfg("safegene.adapter.extract", "ExtractConfig"), run_extract, output="output",
+            inputs=("aligned", "degraded"), overwrite=True),
     Command("select", "score layers with harmful/benign prompts; keep the top ones",
             _cfg("safegene.selection", "SelectConfig"), run_select, required=("adapter", "output"), output="output",
-            inputs=("adapter", "model")),
+            inputs=("adapter", "model"), overwrite=True),
     Command("recalibrate", "learn one coefficient per selected layer for a task model",
             _cfg("safegene.recalibration", "RecalibrateConfig"), run_recalibrate, required=("adapter", "output"),
-            output="output", inputs=("adapter", "task_model")),
+            output="output", inputs=("adapter", "task_model"), overwrite=True),
     Command("apply", "merge a (calibrated) adapter into a task model -> new HF folder",
             _cfg("safegene.apply", "ApplyConfig"), run_apply, required=("adapter", "model", "output"),
-            output="output", inputs=("adapter", "model")),
+            output="output", inputs=("adapter", "model"), overwrite=True),
     Command("bench", "run a benchmark config: models x defences x judges -> results + report.html",
             _cfg("safegene.bench", "BenchConfig"), run_bench, output="output", config_positional=True),
     Command("rejudge", "add judges to a finished bench from its stored responses (no generation)",
-            _cfg("safegene.bench", "RejudgeConfig"), run_rejudge, required=("output", "judges"), output="output"),
+            _cfg("safegene.bench", "RejudgeConfig"), run_rejudge, required=("output", "judges"), output="output",
+            card_name="safegene_run.rejudge.json"),
     Command("judge", "measure judges against PyRIT's human-labelled responses",
             _cfg("safegene.evaluation.judge_validation", "JudgeValidationConfig"), run_judge,
             card_next_to="output"),
     Command("gate", "fit the adaptive gate of an adapter on the model it will serve with",
             _cfg("safegene.serve.gate", "GateConfig"), run_gate, required=("adapter", "output"), output="output",
-            inputs=("adapter", "model")),
+            inputs=("adapter", "model"), overwrite=True),
     Command("serve", "OpenAI-compatible server with per-request safety adapters and hot swap",
-            _cfg("safegene.serve.server", "ServeConfig"), run_serve, inputs=("model",)),
+            _cfg("safegene.serve.server", "ServeConfig"), run_serve, inputs=("model",), card_first=True),
     Command("demo", "the pipeline and benchmark end to end on the embedded default model",
-            _cfg("safegene.demo", "DemoConfig"), run_demo, output="output"),
+            _cfg("safegene.demo", "DemoConfig"), run_demo, output="output", overwrite=True),
 ]
 
 
@@ -316,7 +322,7 @@ class _Flag:
     dest: str  # dotted config key
     field: dataclasses.Field
     type: Any
-    nested: bool
+    leaf_alias: bool  # also offered under its own name (`--max-steps` for `train.max_steps`) where unambiguous
 
 
 def _flags(cls: type, prefix: str = "") -> list[_Flag]:
@@ -327,7 +333,9 @@ def _flags(cls: type, prefix: str = "") -> list[_Flag]:
         if dataclasses.is_dataclass(t):
             out += _flags(t, f"{prefix}{f.name}.")
         else:
-            out.append(_Flag(prefix + f.name, f, t, bool(prefix)))
+            # a nested config opts in to short flags for its fields (the LoRA and decoding settings that every
+            # training and evaluation command shares); others keep only their dotted names
+            out.append(_Flag(prefix + f.name, f, t, bool(prefix) and getattr(cls, "cli_leaf_flags", False)))
     return out
 
 
@@ -344,7 +352,7 @@ def _parse_value(none_ok: bool) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         # values stay strings here: the config reader converts them, so a bad value reads the same from a flag as
         # from YAML ("expected int, got 'ten'")
-        return None if none_ok and text.lower() in ("none", "null") else text
+        return NULL if none_ok and text.lower() in ("none", "null") else text
     return parse
 
 
@@ -363,7 +371,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     wanted: dict[str, list[str]] = {}  # extra spelling -> dests that want it
     for fl in flags:
         spellings = list(fl.field.metadata.get("aliases", ()))
-        if fl.nested:
+        if fl.leaf_alias:
             spellings.append("--" + fl.field.name.replace("_", "-"))
         for s in spellings:
             wanted.setdefault(s, []).append(fl.dest)
@@ -380,7 +388,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         if base is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(base) is list:
-            kw.update(action="append", metavar="A[,B...]", type=_parse_value(False))
+            kw.update(action="append", metavar="A[,B...]", type=_parse_value(none_ok))
         else:
             kw.update(type=_parse_value(none_ok), metavar=fl.field.name.upper())
             if meta.get("choices"):
@@ -398,13 +406,16 @@ def overrides_from(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     values = vars(args)
     out: dict[str, Any] = {}
     for fl in _flags(cls):
-        key = next((k for k in (_POSITIONAL + fl.dest, fl.dest) if values.get(k) not in (None, [])), fl.dest)
-        if key not in values:
+        given = [values[k] for k in (_POSITIONAL + fl.dest, fl.dest) if values.get(k) not in (None, [])]
+        if not given:
             continue
-        v = values[key]
+        if len(given) == 2 and given[0] != given[1]:
+            raise ConfigError(f"{fl.dest} is given twice ({given[0]} and --{fl.dest.replace('_', '-')} {given[1]}); "
+                              "give it once")
+        v = given[0]
         if isinstance(v, list):
-            # repeated flags and comma lists both mean a list: --judges a --judges b,c -> [a, b, c]
-            v = [part.strip() for item in v for part in str(item).split(",") if part.strip()]
+            # repeated flags and comma lists both mean a list: --judges a --judges b,c -> [a, b, c]; "none" clears it
+            v = NULL if NULL in v else [part.strip() for item in v for part in str(item).split(",") if part.strip()]
         out[fl.dest] = v
     for item in args.set or []:
         if "=" not in item:
@@ -429,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help=f"YAML file with {cls.__name__} keys (flags override it)")
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key, dotted (repeatable)")
         p.add_argument("--run-card", metavar="PATH", help="also write the run card here")
-        if cmd.output:
+        if cmd.overwrite:
             p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
         if cmd.json_flag:
             p.add_argument("--json", action="store_true", help="print the run card as JSON")
@@ -439,11 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _card_paths(cmd: Command, cfg: Any, args: argparse.Namespace) -> list[Path]:
-    from .runcard import RUN_CARD
-
     paths = []
     if cmd.output and getattr(cfg, cmd.output, None) and Path(getattr(cfg, cmd.output)).is_dir():
-        paths.append(Path(getattr(cfg, cmd.output)) / RUN_CARD)
+        paths.append(Path(getattr(cfg, cmd.output)) / cmd.card_name)
     if cmd.card_next_to and getattr(cfg, cmd.card_next_to, None):
         paths.append(Path(str(getattr(cfg, cmd.card_next_to)) + ".run.json"))
     if args.run_card:
@@ -451,13 +460,28 @@ def _card_paths(cmd: Command, cfg: Any, args: argparse.Namespace) -> list[Path]:
     return paths
 
 
+def _write_cards(cmd: Command, cfg: Any, args: argparse.Namespace, started: float, began_at: float,
+                 config_file: str | None) -> None:
+    from .runcard import run_card, write_run_card
+
+    paths = _card_paths(cmd, cfg, args)
+    if paths:
+        card = run_card(cmd.name, cfg, inputs={name: getattr(cfg, name, None) for name in cmd.inputs},
+                        started=started, config_file=str(config_file) if config_file else None)
+        for path in paths:
+            write_run_card(path, card, since=began_at)
+
+
 def run_command(args: argparse.Namespace) -> int:
     from .config import load_config
 
     cmd: Command = args.command_spec
     cls = args.config_class
-    started = time.perf_counter()
-    config_file = args.config or getattr(args, "config_file", None)
+    started, began_at = time.perf_counter(), time.time()
+    positional_file = getattr(args, "config_file", None)
+    if args.config and positional_file and args.config != positional_file:
+        raise ConfigError(f"two config files ({positional_file} and --config {args.config}); give one")
+    config_file = args.config or positional_file
     cfg = load_config(cls, config_file, overrides_from(args, cls))
     missing = [name for name in cmd.required if getattr(cfg, name) in (None, [], "")]
     if missing:
@@ -466,20 +490,11 @@ def run_command(args: argparse.Namespace) -> int:
     for flag in ("overwrite", "json"):
         if not hasattr(args, flag):
             setattr(args, flag, False)
+    if cmd.card_first:
+        _write_cards(cmd, cfg, args, started, began_at, config_file)
     cmd.run(cfg, args)
-    paths = _card_paths(cmd, cfg, args)
-    if paths:
-        from .runcard import run_card, write_run_card
-
-        card = run_card(cmd.name, cfg, inputs={name: getattr(cfg, name, None) for name in cmd.inputs},
-                        started=started, config_file=str(config_file) if config_file else None)
-        for path in paths:
-            if path.name == "safegene_run.json":
-                write_run_card(path.parent, card)
-            else:
-                from .io import write_json
-
-                write_json(path, card)
+    if not cmd.card_first:
+        _write_cards(cmd, cfg, args, started, began_at, config_file)
     return 0
 
 

@@ -21,15 +21,27 @@ C = TypeVar("C")
 
 
 def opt(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple[str, ...] | None = None,  # noqa: A002
-        aliases: tuple[str, ...] = (), positional: bool = False, **kw) -> Any:
+        aliases: tuple[str, ...] = (), positional: bool = False, cli_only: bool = False, **kw) -> Any:
     """A dataclass field that carries what the command line needs: help text, allowed values (checked when a config
-    is read), extra flag spellings (`aliases`, e.g. "-o") and whether it is a positional argument."""
-    meta = {"help": help, "choices": choices, "aliases": tuple(aliases), "positional": positional}
+    is read), extra flag spellings (`aliases`, e.g. "-o"), whether it is a positional argument, and whether it only
+    says where the command reads or writes (`cli_only`: not a setting of the computation, left out of `settings`)."""
+    meta = {"help": help, "choices": choices, "aliases": tuple(aliases), "positional": positional,
+            "cli_only": cli_only}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
     if dataclasses.is_dataclass(default):
         return field(default_factory=lambda d=default: dataclasses.replace(d), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
+
+
+class _Null:
+    """An override that sets a field to None on purpose (`--threshold none`), unlike None, which means "not set"."""
+
+    def __repr__(self) -> str:
+        return "NULL"
+
+
+NULL = _Null()
 
 
 def check(cond: bool, msg: str) -> None:
@@ -38,20 +50,17 @@ def check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
-
-
-
-
-
-
-
-
-
 # --- (de)serialisation ----------------------------------------------------------------------------------------
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+def settings(cfg: Any) -> dict[str, Any]:
+    """What a stage's result depends on: the config without its `cli_only` fields (the command's input and output
+    folders). Stage keys use it, so that a command-line field does not invalidate a finished stage."""
+    return {k: v for k, v in to_dict(cfg).items() if not cfg.__dataclass_fields__[k].metadata.get("cli_only")}
 
 
 def _type_hints(cls: type) -> dict[str, Any]:
@@ -94,7 +103,7 @@ def check_choices(cfg: Any, where: str | None = None) -> None:
 def _coerce(v: Any, t: Any, where: str) -> Any:
     origin = typing.get_origin(t)
     args = typing.get_args(t)
-    if v is None:
+    if v is None or (type(None) in args and isinstance(v, str) and v.lower() in ("none", "null")):
         if type(None) in args:
             return None
         raise ConfigError(f"{where}: may not be null")
@@ -142,8 +151,10 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: dict[st
             raise ConfigError(f"{p}: the top level must be a mapping of keys to values")
         data = loaded or {}
     for dotted, value in (overrides or {}).items():
-        if value is None:
+        if value is None:  # an override left unset (an absent flag) keeps the file's value or the default
             continue
+        if value is NULL:  # asked for explicitly: none
+            value = None
         node = data
         *parents, leaf = dotted.split(".")
         for part in parents:
@@ -156,13 +167,3 @@ def dump_yaml(cfg: Any) -> str:
     import yaml
 
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
-
-
-# --- SafeGene core -----------------------------------------------------------------------------------------------
-
-
-
-
-
-
-

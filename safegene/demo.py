@@ -54,8 +54,4 @@ def run_demo(output: str | Path = "runs/demo", quick: bool = False, overwrite: b
 
     if overwrite:
         shutil.rmtree(output, ignore_errors=True)
-    results = run_bench(preset(quick, output, model))
-    print()
-    print(Path(results["paths"]["md"]).read_text())
-    print(f"report: {results['paths']['html']}  (total {results['timings']['total_s']:.0f} s)")
-    return results
+    return run_bench(preset(quick, output, model))

@@ -12,7 +12,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, ClassVar, Protocol, Sequence
 
 from .chat import prompt_text
 from .config import check, opt
@@ -20,6 +20,9 @@ from .config import check, opt
 
 @dataclass
 class GenerationConfig:
+    """Decoding settings: how many tokens, how many prompts at once, greedy or sampled."""
+
+    cli_leaf_flags: ClassVar[bool] = True  # `--max-new-tokens` as well as `--generation.max-new-tokens`
     max_new_tokens: int = opt(40, "tokens generated per prompt")
     batch_size: int = opt(8, "prompts per batch (left-padded)")
     do_sample: bool = opt(False, "sample instead of greedy decoding")

@@ -35,8 +35,8 @@ class RecalibrateConfig:
     """Few-shot recalibration: learn one bounded coefficient per selected layer for a task model T."""
 
     adapter: str | None = opt(None, "selected adapter folder to calibrate (command line; the API takes the adapter)",
-                              positional=True)
-    output: str | None = opt(None, "output adapter folder (command line)", aliases=("-o",))
+                              positional=True, cli_only=True)
+    output: str | None = opt(None, "output adapter folder (command line)", aliases=("-o",), cli_only=True)
     task_model: str = opt("runs/task-model", "task model T (HF folder, PEFT adapter folder, or embedded name)")
     harmful: str = opt("harmful-pairs", "harmful prompts for the refusal shots")
     refusals: str | None = opt(None, "prompt/response file of refusals; default: the refusal text below")

@@ -7,13 +7,17 @@ folder found on disk months later can be traced and reproduced.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import os
 import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+from .config import to_dict
 
 RUN_CARD = "safegene_run.json"
 
@@ -78,8 +82,6 @@ def input_digest(ref: str | os.PathLike) -> dict[str, Any]:
 def run_card(command: str, config: Any, inputs: dict[str, str | None] | None = None, started: float | None = None,
              timings: dict[str, float] | None = None, **extra: Any) -> dict[str, Any]:
     """The card's content; `started` is a `time.perf_counter()` value taken when the command began."""
-    from .config import to_dict
-
     card: dict[str, Any] = {
         "kind": command,
         "config": to_dict(config) if config is not None and not isinstance(config, dict) else config,
@@ -95,21 +97,65 @@ def run_card(command: str, config: Any, inputs: dict[str, str | None] | None = N
     return card
 
 
-def write_run_card(folder: str | os.PathLike, card: dict[str, Any]) -> Path:
-    """Write (atomically) or complete the card in `folder`: a card that a stage already wrote there (training
-    statistics, data hashes) keeps its fields; the command-level ones are added."""
-    import json
-
+def write_run_card(path: str | os.PathLike, card: dict[str, Any], since: float | None = None) -> Path:
+    """Write the card atomically to `path` (a file, or a folder to put `safegene_run.json` in). A card of the same
+    kind that the command's own stage wrote there after `since` (a wall-clock time: training statistics, data
+    hashes) is completed, not replaced; any other card there is from an earlier command and is replaced."""
     from .io import write_json
 
-    path = Path(folder) / RUN_CARD
+    path = Path(path)
+    if path.is_dir():
+        path = path / RUN_CARD
+    existing: dict[str, Any] = {}
     try:
-        existing = json.loads(path.read_text())
+        if since is not None and path.stat().st_mtime >= since - 1:
+            existing = json.loads(path.read_text())
     except (OSError, ValueError):
-        existing = {}
-    merged = {**card, **existing}
-    merged["command_line"] = card["command_line"]
-    merged["timings"] = {**(existing.get("timings") or {}), **card.get("timings", {})}
-    merged["inputs"] = {**card.get("inputs", {}), **(existing.get("inputs") or {})}
-    write_json(path, merged)
+        pass
+    if existing.get("kind") == card["kind"]:
+        card = {**card, **existing, "command_line": card["command_line"],
+                "timings": {**(existing.get("timings") or {}), **card.get("timings", {})},
+                "inputs": {**card.get("inputs", {}), **(existing.get("inputs") or {})}}
+    write_json(path, card)
     return path
+
+
+# --- reuse: a stage whose recorded config matches is not run again ---------------------------------------------------
+
+
+def same_config(recorded: Any, cfg: Any) -> bool:
+    """Does a stage's recorded config equal `cfg`? A key the record lacks matches when `cfg` leaves it at its
+    default: an option added in a later version does not invalidate finished stages that never used it."""
+    current = json.loads(json.dumps(to_dict(cfg) if not isinstance(cfg, dict) else cfg))
+    defaults = json.loads(json.dumps(to_dict(type(cfg)()))) if dataclasses.is_dataclass(cfg) else {}
+    return match_recorded(recorded, current, defaults)
+
+
+def match_recorded(recorded: Any, current: Any, defaults: Any) -> bool:
+    if not (isinstance(recorded, dict) and isinstance(current, dict)):
+        return recorded == current
+    defaults = defaults if isinstance(defaults, dict) else {}
+    for key, value in current.items():
+        if key in recorded:
+            if not match_recorded(recorded[key], value, defaults.get(key)):
+                return False
+        elif key not in defaults or defaults[key] != value:
+            return False
+    return set(recorded) <= set(current)
+
+
+def read_card(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def trained_or_reused(name: str, output: Path, cfg: Any, fn: Callable) -> tuple[dict[str, Any], bool]:
+    """(run card, rebuilt?) of a training stage; a folder whose card records the same config is reused."""
+    card = read_card(output / RUN_CARD)
+    if card and same_config(card.get("config"), cfg):
+        print(f"[{name}] reusing {output}")
+        return card, False
+    print(f"[{name}] training -> {output}")
+    return fn(cfg, overwrite=True), True

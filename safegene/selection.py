@@ -43,8 +43,8 @@ class SelectConfig:
     """Data-aware layer selection: score layers by how the adapter moves harmful vs benign prompts' activations."""
 
     adapter: str | None = opt(None, "adapter folder to select from (command line; the API takes the adapter)",
-                              positional=True)
-    output: str | None = opt(None, "output adapter folder (command line)", aliases=("-o",))
+                              positional=True, cli_only=True)
+    output: str | None = opt(None, "output adapter folder (command line)", aliases=("-o",), cli_only=True)
     model: str = opt("runs/degraded", "model whose activations are scored (D, or a task model of the family)")
     harmful: str = opt("harmful-pairs", "harmful prompts (disjoint from evaluation prompts)")
     benign: str = opt("arithmetic", "benign prompts: task name, benign set, or file")
@@ -282,7 +282,7 @@ def plot_layer_scores(adapter: SafetyAdapter, path: str | Path) -> Path | None:
     sel = adapter.card.get("selection")
     if not sel:
         return None
-    from .evaluation.report import figure
+    from .plotting import figure
 
     layers = sorted(int(l) for l in sel["scores"])
     try:

@@ -12,7 +12,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 from .chat import end_of_turn, prompt_text
 from .config import check, check_choices, opt
@@ -38,6 +38,7 @@ def _check_training_output(cfg: Any) -> None:
 class LoraTrainConfig:
     """LoRA supervised fine-tuning on chat-templated (prompt, response) pairs; loss on response tokens only."""
 
+    cli_leaf_flags: ClassVar[bool] = True  # `--max-steps` as well as `--train.max-steps`
     rank: int = opt(8, "LoRA rank r")
     alpha: float = opt(16.0, "LoRA scaling numerator (scale = alpha / rank)")
     dropout: float = opt(0.0, "LoRA dropout")

@@ -5,9 +5,8 @@ import torch
 
 from safegene.adapter import SafetyAdapter
 from safegene.baselines import realign, resta, safe_lora, safemerge, subspace_cosines, task_update
-from safegene.baselines.projection import treated_modules
+from safegene.baselines.projection import ProjectionBaselineConfig, treated_modules
 from safegene.baselines.realign import lora_factors
-from safegene.baselines.projection import ProjectionBaselineConfig
 from safegene.recalibration import RecalibrateConfig
 from safegene.training import LoraTrainConfig
 from safegene.errors import ConfigError

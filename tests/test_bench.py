@@ -149,8 +149,8 @@ def test_bench_fails_early_on_unknown_task(tmp_path):
 
 
 def test_stage_config_match_tolerates_options_added_later_at_their_default():
-    from safegene.bench import _same
     from safegene.config import to_dict
+    from safegene.runcard import same_config as _same
     from safegene.training import FinetuneConfig
 
     cfg = FinetuneConfig(task="sst2", poison_ratio=0.1)
@@ -162,3 +162,23 @@ def test_stage_config_match_tolerates_options_added_later_at_their_default():
     nested = to_dict(cfg)
     nested["train"].pop("max_grad_norm")
     assert _same(nested, cfg)
+
+
+def test_stage_keys_leave_out_command_line_fields():
+    """Review finding: the CLI's `adapter`/`output` fields of SelectConfig and RecalibrateConfig entered the bench's
+    stage keys, so a bench folder from before no longer matched and every method was rebuilt."""
+    from safegene.config import settings
+    from safegene.recalibration import RecalibrateConfig
+    from safegene.runcard import same_config
+    from safegene.selection import SelectConfig
+
+    # the keys an earlier version recorded: every field of the config as it was then
+    old_select = ["model", "harmful", "benign", "n_harmful", "n_benign", "method", "refusal_text", "linearize",
+                  "top_k", "threshold", "batch_size", "seed"]
+    old_recal = ["task_model", "harmful", "refusals", "refusal_text", "task", "n_harmful", "n_task", "utility_weight",
+                 "alpha_max", "alpha_init", "steps", "batch_size", "learning_rate", "max_length", "tied", "seed"]
+    for cfg, old in ((SelectConfig(adapter="a", output="o"), old_select),
+                     (RecalibrateConfig(adapter="a", output="o"), old_recal)):
+        recorded = {k: v for k, v in settings(cfg).items() if k in old}
+        assert list(settings(cfg)) == old
+        assert same_config({"stage": recorded}, {"stage": settings(cfg)})

@@ -130,3 +130,44 @@ def test_corrupt_adapter_folder_is_one_line_not_a_traceback(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("safegene: error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert "adapter_config.json" in err and not (tmp_path / "out").exists()
+
+
+def test_none_on_the_command_line_clears_a_value_from_the_file(tmp_path, capsys):
+    y = tmp_path / "show.yaml"
+    y.write_text("action: show\nname: arithmetic\n")
+    assert main(["data", "--config", str(y), "--name", "none"]) == 2  # the flag cleared the file's name
+    assert "data show needs a NAME" in capsys.readouterr().err
+    assert main(["data", "--config", str(y), "--set", "name=null"]) == 2
+    assert "data show needs a NAME" in capsys.readouterr().err
+    assert main(["data", "show", "arithmetic", "--name", "sst2"]) == 2  # the same field twice, differently
+    assert "name is given twice" in capsys.readouterr().err
+
+
+def test_run_card_of_an_earlier_command_is_replaced_not_merged(tmp_path):
+    import time
+
+    from safegene.runcard import RUN_CARD, run_card, write_run_card
+
+    write_run_card(tmp_path, run_card("bench", {"n_harmful": 64}, started=time.perf_counter()))
+    began = time.time() + 5  # the next command starts after the first card was written
+    write_run_card(tmp_path, run_card("demo", {"quick": True}, started=time.perf_counter()), since=began)
+    card = json.loads((tmp_path / RUN_CARD).read_text())
+    assert card["kind"] == "demo" and card["config"] == {"quick": True}
+    # a stage's card written during this command (same kind, after it began) is completed, keeping its fields
+    (tmp_path / RUN_CARD).write_text(json.dumps({"kind": "finetune", "training": {"steps": 2}, "config": {"a": 1}}))
+    write_run_card(tmp_path, run_card("finetune", {"a": 1}, started=time.perf_counter()), since=time.time() - 5)
+    card = json.loads((tmp_path / RUN_CARD).read_text())
+    assert card["training"] == {"steps": 2} and card["versions"]["torch"] and card["timings"]["total_s"] >= 0
+
+
+def test_overwrite_is_offered_only_where_it_is_honoured():
+    from safegene.cli import build_parser
+
+    subparsers = next(a for a in build_parser()._actions if a.dest == "command").choices
+    offered = {name for name, sub in subparsers.items() if any("--overwrite" in a.option_strings for a in sub._actions)}
+    assert offered == {"degrade", "finetune", "extract", "select", "recalibrate", "apply", "gate", "demo"}
+
+
+def test_bench_refuses_a_max_steps_it_would_ignore(capsys):
+    assert main(["bench", "--max-steps", "5"]) == 2
+    assert "train.max_steps is not used by the bench" in capsys.readouterr().err

@@ -7,12 +7,10 @@ import torch
 
 from safegene.adapter import SafetyAdapter, extract_adapter
 from safegene.apply import apply_adapter, merge_to_folder
-from safegene.recalibration import RecalibrateConfig
-from safegene.selection import SelectConfig
+from safegene.recalibration import RecalibrateConfig, recalibrate
+from safegene.selection import SelectConfig, choose, plot_layer_scores, score_layers, select_layers
 from safegene.adapter.extract import ExtractConfig
 from safegene.models import load_model, load_tokenizer
-from safegene.recalibration import recalibrate
-from safegene.selection import choose, plot_layer_scores, score_layers, select_layers
 from test_adapter import IDS, make_degraded
 
 

@@ -9,10 +9,9 @@ import urllib.request
 import pytest
 
 from safegene.adapter import SafetyAdapter, extract_adapter
-from safegene.generation import GenerationConfig
+from safegene.generation import GenerationConfig, generate
 from safegene.adapter.extract import ExtractConfig
 from safegene.errors import FamilyMismatchError
-from safegene.generation import generate
 from safegene.models import load_model, load_tokenizer
 from safegene.serve import Engine, RequestError, SafetyGate, fit_gate
 from safegene.serve.server import SafegeneServer

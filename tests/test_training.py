@@ -3,11 +3,10 @@ import json
 import pytest
 import torch
 
-from safegene.training import DegradeConfig, FinetuneConfig, LoraTrainConfig
+from safegene.training import DegradeConfig, FinetuneConfig, IGNORE_INDEX, LoraTrainConfig, degrade, encode_pair, finetune, train_lora
 from safegene.data.records import PromptResponse
 from safegene.errors import OutputExistsError
 from safegene.models import load_model, load_tokenizer
-from safegene.training import IGNORE_INDEX, degrade, encode_pair, finetune, train_lora
 
 
 def test_loss_mask_covers_prompt_only(tiny_qwen):

@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import check, opt
-from ..generation import GenerationConfig
+from ..generation import GenerationConfig, generate
 from ..data import benign_prompts, harmful_prompt_texts
 from ..data.records import PromptResponse
-from ..generation import generate
 from ..models import load_model, load_tokenizer
 from ..objectives import encode_batch, target_logits, teacher_topk, topk_cross_entropy, topk_kl
 from .core import SafetyAdapter

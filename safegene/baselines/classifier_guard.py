@@ -17,9 +17,8 @@ from typing import Any, Sequence
 
 from ..chat import last_user_turn
 from ..config import check, opt, to_dict
-from ..generation import GenerationConfig
+from ..generation import Generated, GenerationConfig, generate_detailed
 from ..errors import ConfigError
-from ..generation import Generated, generate_detailed
 from .registry import Defence, Method, MethodContext, register
 
 

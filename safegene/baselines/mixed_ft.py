@@ -5,7 +5,8 @@ training's wall time."""
 from __future__ import annotations
 
 from ..config import to_dict
-from ..training import FinetuneConfig
+from ..runcard import trained_or_reused
+from ..training import FinetuneConfig, finetune
 from .registry import Defence, Method, MethodContext, register
 
 
@@ -17,18 +18,16 @@ def mixed_config(ctx: MethodContext) -> FinetuneConfig:
 
 
 def _build(ctx: MethodContext) -> Defence:
-    from ..training import finetune
+    from pathlib import Path
 
     cfg = mixed_config(ctx)
-    if ctx.found and "trained_s" in ctx.found:
-        card = ctx.found
-    else:
-        trained = finetune(cfg, overwrite=True, progress=ctx.progress)
-        card = {"trained_s": trained["training"]["seconds"], "data": trained["data"]}
-    return Defence(model=cfg.output, info=card, row={"data": card["data"]}, seconds=card["trained_s"])
+    card, rebuilt = trained_or_reused(f"mixed-ft {ctx.task}", Path(cfg.output), cfg,
+                                      lambda c, overwrite: finetune(c, overwrite=overwrite, progress=ctx.progress))
+    return Defence(model=cfg.output, row={"data": card.get("data")}, seconds=card["training"]["seconds"],
+                   rebuilt=rebuilt)
 
 
 register(Method(
     "mixed-ft", "mixed safety+task FT", "retrain",
     "A fine-tuned again on the task data with refusals mixed in, instead of T",
-    key=lambda ctx: {"mixed": to_dict(mixed_config(ctx))}, build=_build, demo=False))
+    key=lambda ctx: {"mixed": to_dict(mixed_config(ctx))}, build=_build, demo=False, upstream=False))

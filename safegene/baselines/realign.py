@@ -11,11 +11,9 @@ import time
 from typing import Any
 
 from ..adapter import SafetyAdapter
-from ..config import to_dict
-from ..recalibration import RecalibrateConfig
-from ..training import LoraTrainConfig
-from ..recalibration import refusal_shots, task_shots
-from ..training import train_lora
+from ..config import settings, to_dict
+from ..recalibration import RecalibrateConfig, refusal_shots, task_shots
+from ..training import LoraTrainConfig, train_lora
 from .registry import Defence, Method, register
 
 
@@ -52,6 +50,6 @@ def realign(task_model: str, cfg: RecalibrateConfig, train: LoraTrainConfig | No
 
 register(Method(
     "realign", "re-align (safety SFT)", "update", "a LoRA trained on T by safety SFT on the same shots",
-    key=lambda ctx: {"recalibrate": to_dict(ctx.recalibrate), "train": to_dict(ctx.train(ctx.settings.realign_steps))},
+    key=lambda ctx: {"recalibrate": settings(ctx.recalibrate), "train": to_dict(ctx.train(ctx.settings.realign_steps))},
     build=lambda ctx: Defence(update=realign(ctx.task_model, ctx.recalibrate, ctx.train(ctx.settings.realign_steps),
                                              progress=ctx.progress))))

@@ -9,7 +9,8 @@ Kinds:
 - `update`: a `SafetyAdapter` added to T's weights (attached at runtime, merged when T is re-attacked);
 - `responder`: wraps generation on T (an inference-time defence); building may fit settings (a threshold), which the
   benchmark stores and hands back as `ctx.found` so a re-run skips the fitting;
-- `retrain`: a new model folder that replaces T (its training run card says what it cost).
+- `retrain`: a new model folder that replaces T; the folder's own run card decides whether a re-run trains again
+  and says what the training cost.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class Defence:
     info: dict[str, Any] = field(default_factory=dict)  # what building found: stored, handed back as ctx.found
     row: dict[str, Any] = field(default_factory=dict)  # fields the result row records about the defence
     seconds: float | None = None  # build cost, when the build measured it itself (a retraining's run card)
+    rebuilt: bool = True  # False when the build found its work already done (a retrained model reused)
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,9 @@ class Method:
     key: Callable[[MethodContext], dict[str, Any]]
     build: Callable[[MethodContext], Defence]
     demo: bool = True  # part of the demo preset (the quick weight-space comparison)
+    # whether the result depends on T and the family's adapter (a change there rebuilds it); a retraining of A
+    # depends on A and the task data alone
+    upstream: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

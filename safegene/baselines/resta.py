@@ -11,9 +11,8 @@ import dataclasses
 from typing import Any
 
 from ..adapter import SafetyAdapter
-from ..config import to_dict
-from ..recalibration import RecalibrateConfig
-from ..recalibration import recalibrate
+from ..config import settings
+from ..recalibration import RecalibrateConfig, recalibrate
 from .registry import Defence, Method, register
 
 
@@ -27,6 +26,6 @@ def resta(safety: SafetyAdapter, cfg: RecalibrateConfig, model: Any = None, toke
 
 register(Method(
     "resta", "RESTA", "update", "every layer of A − D with one global coefficient, fitted on the same shots",
-    key=lambda ctx: {"recalibrate": to_dict(ctx.recalibrate), "tied": True},
+    key=lambda ctx: {"recalibrate": settings(ctx.recalibrate), "tied": True},
     build=lambda ctx: Defence(update=resta(ctx.adapter, ctx.recalibrate, model=ctx.model, tokenizer=ctx.tokenizer,
                                            progress=ctx.progress))))

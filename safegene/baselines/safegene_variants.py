@@ -4,7 +4,7 @@ recalibration)."""
 
 from __future__ import annotations
 
-from ..config import to_dict
+from ..config import settings
 from ..recalibration import recalibrate
 from .registry import Defence, Method, MethodContext, register
 
@@ -16,13 +16,13 @@ def _recalibrated(ctx: MethodContext, adapter: object) -> Defence:
 
 register(Method(
     "safegene", "SafeGene", "update", "the selected layers of A − D, one coefficient per layer fitted on few shots",
-    key=lambda ctx: {"recalibrate": to_dict(ctx.recalibrate)},
+    key=lambda ctx: {"recalibrate": settings(ctx.recalibrate)},
     build=lambda ctx: _recalibrated(ctx, ctx.selected)))
 
 register(Method(
     "safegene-all-layers", "SafeGene, no layer selection", "update",
     "ablation: every layer of A − D, one coefficient per layer",
-    key=lambda ctx: {"recalibrate": to_dict(ctx.recalibrate), "layers": "all"},
+    key=lambda ctx: {"recalibrate": settings(ctx.recalibrate), "layers": "all"},
     build=lambda ctx: _recalibrated(ctx, ctx.adapter.select(ctx.adapter.all_layers))))
 
 register(Method(

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from ..config import check, opt, to_dict
-from ..generation import GenerationConfig
-from ..generation import Generated, generate_detailed
+from ..generation import Generated, GenerationConfig, generate_detailed
 from .registry import Defence, Method, register
 
 

@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..chat import last_user_turn
-from ..generation import GenerationConfig
+from ..generation import GenerationConfig, Responder, generate_to_jsonl
 from ..data import harmful_prompts, shared_data_dir
 from ..data.records import HarmfulPrompt
-from ..generation import Responder, generate_to_jsonl
 from ..io import sha256_text
 from .judges import RefusalPhraseJudge
 from .metrics import Rate, cohen_kappa

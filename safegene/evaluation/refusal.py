@@ -8,10 +8,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import opt, to_dict
-from ..generation import GenerationConfig
+from ..generation import GenerationConfig, generate, generate_to_jsonl
 from ..data import harmful_prompts
 from ..models import DEFAULT_MODEL, load_model, load_tokenizer
-from ..generation import generate, generate_to_jsonl
 from .judges import RefusalPhraseJudge
 from .metrics import Rate
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..io import atomic_file, write_json
+from ..plotting import figure
 from .metrics import format_n
 
 
@@ -211,17 +212,6 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 # --- figures ---------------------------------------------------------------------------------------------------
-
-
-def figure(**kw: Any) -> Any:
-    """A matplotlib figure drawn by the Agg canvas, without pyplot: the process's global backend (a notebook's, a
-    GUI's) is left as the caller set it. Raises ImportError without matplotlib."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(**kw)
-    FigureCanvasAgg(fig)
-    return fig
 
 
 def _png(fig: Any) -> str:

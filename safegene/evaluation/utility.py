@@ -7,9 +7,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..generation import GenerationConfig
+from ..generation import Generated, GenerationConfig, Responder, generate_detailed, generate_to_jsonl
 from ..data import get_task
-from ..generation import Generated, Responder, generate_detailed, generate_to_jsonl
 from ..io import sha256_text
 from .metrics import Rate
 
