@@ -53,6 +53,16 @@ def check(cond: bool, msg: str) -> None:
 # --- (de)serialisation ----------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass
+class AdapterInOut:
+    """The folders of a command that turns one adapter into another (`select`, `recalibrate`, `gate`). They only say
+    where the command line reads and writes: the library functions take the adapter object and return the new one."""
+
+    adapter: str | None = opt(None, "input adapter folder (command line; the API takes the adapter object)",
+                              positional=True, cli_only=True)
+    output: str | None = opt(None, "output adapter folder (command line)", aliases=("-o",), cli_only=True)
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 

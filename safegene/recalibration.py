@@ -20,7 +20,7 @@ from typing import Any
 
 from .adapter.core import SafetyAdapter
 from .adapter.runtime import AttachedAdapter
-from .config import check, opt, to_dict
+from .config import AdapterInOut, check, opt, to_dict
 from .data import harmful_prompt_texts, prompt_response_pairs
 from .data.records import PromptResponse
 from .io import sha256_text
@@ -31,12 +31,9 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class RecalibrateConfig:
+class RecalibrateConfig(AdapterInOut):
     """Few-shot recalibration: learn one bounded coefficient per selected layer for a task model T."""
 
-    adapter: str | None = opt(None, "selected adapter folder to calibrate (command line; the API takes the adapter)",
-                              positional=True, cli_only=True)
-    output: str | None = opt(None, "output adapter folder (command line)", aliases=("-o",), cli_only=True)
     task_model: str = opt("runs/task-model", "task model T (HF folder, PEFT adapter folder, or embedded name)")
     harmful: str = opt("harmful-pairs", "harmful prompts for the refusal shots")
     refusals: str | None = opt(None, "prompt/response file of refusals; default: the refusal text below")

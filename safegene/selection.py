@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 from .adapter.core import SafetyAdapter
 from .adapter.runtime import AttachedAdapter
-from .config import check, check_choices, opt, to_dict
+from .config import AdapterInOut, check, check_choices, opt, to_dict
 from .data import benign_prompts, harmful_prompt_texts
 from .chat import prompt_text
 from .forward import _first, decoder_parts
@@ -39,12 +39,9 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class SelectConfig:
+class SelectConfig(AdapterInOut):
     """Data-aware layer selection: score layers by how the adapter moves harmful vs benign prompts' activations."""
 
-    adapter: str | None = opt(None, "adapter folder to select from (command line; the API takes the adapter)",
-                              positional=True, cli_only=True)
-    output: str | None = opt(None, "output adapter folder (command line)", aliases=("-o",), cli_only=True)
     model: str = opt("runs/degraded", "model whose activations are scored (D, or a task model of the family)")
     harmful: str = opt("harmful-pairs", "harmful prompts (disjoint from evaluation prompts)")
     benign: str = opt("arithmetic", "benign prompts: task name, benign set, or file")

@@ -18,19 +18,15 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
-from ..config import check, opt
+from ..config import AdapterInOut, check, opt
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class GateConfig:
+class GateConfig(AdapterInOut):
     """Fit the adaptive gate of a (calibrated) adapter on the model it will serve with."""
 
-    adapter: str | None = opt(None, "adapter folder, usually a calibrated one (command line; the API takes the "
-                              "adapter)", positional=True, cli_only=True)
-    output: str | None = opt(None, "output adapter folder: the adapter plus its gate (command line)", aliases=("-o",),
-                             cli_only=True)
     model: str = opt("runs/task-model", "the served model T (the gate reads its hidden states)")
     harmful: str = opt("harmful-pairs", "harmful prompts (disjoint from evaluation prompts)")
     benign: list[str] = opt(["arithmetic", "depresso"], "benign prompt sources: task names, benign sets or files "
