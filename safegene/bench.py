@@ -36,7 +36,8 @@ from .data.attacks import ATTACKS
 from .evaluation.results import BenchResults, ResultRow
 from .io import write_json
 from .models import DEFAULT_MODEL, load_model, load_tokenizer, prepare_model
-from .runcard import RUN_CARD, library_versions, read_card, same_config, trained_or_reused
+from .runcard import RUN_CARD, library_versions
+from .stages import adapter_stage, read_card, same_config, trained_or_reused
 
 
 @dataclass
@@ -127,23 +128,6 @@ def method_labels() -> dict[str, str]:
 # --- stages: each reused on a re-run when what it recorded matches ----------------------------------------------------
 
 
-def _adapter_stage(name: str, output: Path, key: dict[str, Any], build: Callable[[], Any]) -> tuple[Any, float, bool]:
-    """(adapter, build seconds, rebuilt?): reuse `output` when its card's bench key matches, else build and save."""
-    from .adapter import SafetyAdapter
-
-    card = read_card(output / "safegene.json")
-    if card and same_config((card.get("bench") or {}).get("key"), key):
-        print(f"[{name}] reusing {output}")
-        return SafetyAdapter.load(output), float(card["bench"]["seconds"]), False
-    print(f"[{name}] -> {output}")
-    t = time.perf_counter()
-    adapter = build()
-    seconds = round(time.perf_counter() - t, 1)
-    adapter.card["bench"] = {"key": key, "seconds": seconds}
-    adapter.save(output, overwrite=True)
-    return adapter, seconds, True
-
-
 def _defence_stage(method: Method, ctx: MethodContext, store: Path, key: dict[str, Any]) -> tuple[Defence, float, bool]:
     """(defence, build seconds, rebuilt?), reusing what an earlier run left: an update is stored as an adapter
     folder; a retrained model is reused by its build when the folder's own run card records the same config; a
@@ -151,7 +135,7 @@ def _defence_stage(method: Method, ctx: MethodContext, store: Path, key: dict[st
     `ctx.found`."""
     label = f"{method.name} {ctx.task}"
     if method.kind == "update":
-        update, seconds, fresh = _adapter_stage(label, store, key, lambda: method.build(ctx).update)
+        update, seconds, fresh = adapter_stage(label, store, key, lambda: method.build(ctx).update)
         return Defence(update=update, row={"layers": update.layers, "coefficients": {
             str(layer): round(update.coefficients[layer], 4) for layer in update.layers}}), seconds, fresh
     if method.kind == "retrain":
@@ -264,12 +248,12 @@ def _family(run: _Run, rows: list[ResultRow]) -> tuple[Any, Any]:
     rows.append(_tagged(run.evaluate("D", d_model, d_tok, over_refusal=False), None, "degraded"))
 
     ecfg = ExtractConfig(aligned=cfg.model, degraded=str(out / "degraded"), output=str(out / "adapter"))
-    adapter, timings["extract_s"], _ = _adapter_stage(
+    adapter, timings["extract_s"], _ = adapter_stage(
         "extract", out / "adapter", {"extract": to_dict(ecfg), "degraded_trained_s": timings["degrade_s"]},
         lambda: extract_adapter(ecfg, overwrite=True, save=False))
     scfg = SelectConfig(model=str(out / "degraded"), n_harmful=cfg.select_prompts, n_benign=cfg.select_prompts,
                         top_k=cfg.top_k, seed=cfg.seed)
-    selected, timings["select_s"], fresh_sel = _adapter_stage(
+    selected, timings["select_s"], fresh_sel = adapter_stage(
         "select", out / "adapter-selected", {"select": settings(scfg), "adapter": adapter.card.get("bench")},
         functools.partial(select_layers, adapter, scfg, model=d_model, tokenizer=d_tok))
     if fresh_sel:

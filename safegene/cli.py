@@ -237,6 +237,58 @@ def run_judge(cfg: Any, flags: argparse.Namespace) -> None:
         write_json(cfg.output, measured)
 
 
+def run_family_build(cfg: Any, flags: argparse.Namespace) -> None:
+    from .protect import build_family
+
+    family = build_family(cfg)
+    t = family["timings"]
+    print(f"family: wrote {cfg.output}: layers {family['selected_layers']} of {family['aligned']} "
+          f"(degrade {t['degrade_s']:.0f} s, extract {t['extract_s']:.0f} s, select {t['select_s']:.0f} s; "
+          f"this run {t['total_s']:.0f} s)")
+
+
+def _print_protect(results: dict[str, Any], output: str) -> int:
+    from .protect import LIMITS_FAILED
+
+    rows = results["rows"]
+    for judge in results["judges"]:
+        cells = [f"{r['harmful'][judge]['overall']['rate']:.3f} (n={r['harmful'][judge]['overall']['n']})"
+                 for r in rows]
+        print(f"  harmful, {judge}: " + " -> ".join(cells))
+    over = [r.get("over_refusal") for r in rows]
+    if all(over):
+        print("  over-refusal: " + " -> ".join(f"{o['rate']:.3f} (n={o['n']})" for o in over))
+    u = results.get("utility")
+    if u:
+        rates = [x for x in (u.get("before"), u.get("after")) if x]
+        print(f"  utility ({u['kind']}): " + " -> ".join(f"{x['rate']:.3f}" for x in rates) + f" (n={u['n']})"
+              + (f", response log-likelihood change {u['loglik_change']:+.3f}" if u.get("loglik_change") is not None
+                 else ""))
+    print(f"  report: {Path(output) / 'report.html'}  ({results['timings']['total_s']:.0f} s)")
+    limits = results.get("limits")
+    if limits and limits["failed"]:
+        print("safegene: limits failed: " + "; ".join(limits["failed"]), file=sys.stderr)
+        return LIMITS_FAILED
+    return 0
+
+
+def run_protect(cfg: Any, flags: argparse.Namespace) -> int:
+    from .protect import protect
+
+    results = protect(cfg, overwrite=flags.overwrite)
+    print(f"protect: wrote {cfg.output}: adapter" + (" + merged model" if results["merged"] else "")
+          + f", α {results['coefficients']}")
+    return _print_protect(results, cfg.output)
+
+
+def run_eval(cfg: Any, flags: argparse.Namespace) -> int:
+    from .protect import evaluate
+
+    results = evaluate(cfg, overwrite=flags.overwrite)
+    print(f"eval: wrote {cfg.output}")
+    return _print_protect(results, cfg.output)
+
+
 def run_demo(cfg: Any, flags: argparse.Namespace) -> None:
     from .demo import run_demo as demo
 
@@ -251,7 +303,7 @@ class Command:
     name: str
     help: str
     config: Callable[[], type]  # imported lazily: `safegene --help` must not import torch
-    run: Callable[[Any, argparse.Namespace], Any]
+    run: Callable[[Any, argparse.Namespace], int | None]  # returns an exit status, or None for 0
     required: tuple[str, ...] = ()  # config fields the command cannot do without
     output: str | None = None  # the config field naming the output folder (gets the run card)
     card_next_to: str | None = None  # or the field naming an output file (the card goes to FILE.run.json)
@@ -309,6 +361,16 @@ COMMANDS = [
             inputs=("adapter", "model"), overwrite=True),
     Command("serve", "OpenAI-compatible server with per-request safety adapters and hot swap",
             _cfg("safegene.serve.server", "ServeConfig"), run_serve, inputs=("model",), card_first=True),
+    Command("family build", "once per model family: degrade A, extract A - D, select layers -> a family folder",
+            _cfg("safegene.protect", "FamilyConfig"), run_family_build, required=("output",), output="output",
+            inputs=("aligned",)),
+    Command("protect", "after every fine-tune: recalibrate the family's adapter on T, measure before/after, write "
+            "adapter, report and model card", _cfg("safegene.protect", "ProtectConfig"), run_protect,
+            required=("model", "family", "task_data", "output"), output="output",
+            inputs=("model", "family", "task_data"), overwrite=True),
+    Command("eval", "measure any model (optionally with an adapter): harmful rate, over-refusal, utility, report",
+            _cfg("safegene.protect", "EvalConfig"), run_eval, required=("model", "output"), output="output",
+            inputs=("model", "adapter", "task_data"), overwrite=True),
     Command("demo", "the pipeline and benchmark end to end on the embedded default model",
             _cfg("safegene.demo", "DemoConfig"), run_demo, output="output", overwrite=True),
 ]
@@ -432,9 +494,17 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"safegene {__version__}")
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     sub = ap.add_subparsers(dest="command", required=True)
+    groups: dict[str, Any] = {}  # "family build": a command group with its own verbs
     for cmd in COMMANDS:
         cls = cmd.config()
-        p = sub.add_parser(cmd.name, help=cmd.help, description=(cls.__doc__ or cmd.help).strip())
+        where, name = sub, cmd.name
+        if " " in cmd.name:
+            group, name = cmd.name.split(" ", 1)
+            if group not in groups:
+                groups[group] = sub.add_parser(group, help=f"{group} commands").add_subparsers(
+                    dest=f"{group}_command", required=True)
+            where = groups[group]
+        p = where.add_parser(name, help=cmd.help, description=(cls.__doc__ or cmd.help).strip())
         if cmd.config_positional:
             p.add_argument("config_file", nargs="?", metavar="CONFIG.yaml", help="same as --config")
         p.add_argument("--config", help=f"YAML file with {cls.__name__} keys (flags override it)")
@@ -492,10 +562,10 @@ def run_command(args: argparse.Namespace) -> int:
             setattr(args, flag, False)
     if cmd.card_first:
         _write_cards(cmd, cfg, args, started, began_at, config_file)
-    cmd.run(cfg, args)
+    status = cmd.run(cfg, args) or 0  # a command may end with a status of its own (protect's failed limits)
     if not cmd.card_first:
         _write_cards(cmd, cfg, args, started, began_at, config_file)
-    return 0
+    return status
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,7 +7,6 @@ folder found on disk months later can be traced and reproduced.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -15,7 +14,7 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .config import to_dict
 
@@ -118,44 +117,3 @@ def write_run_card(path: str | os.PathLike, card: dict[str, Any], since: float |
                 "inputs": {**card.get("inputs", {}), **(existing.get("inputs") or {})}}
     write_json(path, card)
     return path
-
-
-# --- reuse: a stage whose recorded config matches is not run again ---------------------------------------------------
-
-
-def same_config(recorded: Any, cfg: Any) -> bool:
-    """Does a stage's recorded config equal `cfg`? A key the record lacks matches when `cfg` leaves it at its
-    default: an option added in a later version does not invalidate finished stages that never used it."""
-    current = json.loads(json.dumps(to_dict(cfg) if not isinstance(cfg, dict) else cfg))
-    defaults = json.loads(json.dumps(to_dict(type(cfg)()))) if dataclasses.is_dataclass(cfg) else {}
-    return match_recorded(recorded, current, defaults)
-
-
-def match_recorded(recorded: Any, current: Any, defaults: Any) -> bool:
-    if not (isinstance(recorded, dict) and isinstance(current, dict)):
-        return recorded == current
-    defaults = defaults if isinstance(defaults, dict) else {}
-    for key, value in current.items():
-        if key in recorded:
-            if not match_recorded(recorded[key], value, defaults.get(key)):
-                return False
-        elif key not in defaults or defaults[key] != value:
-            return False
-    return set(recorded) <= set(current)
-
-
-def read_card(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def trained_or_reused(name: str, output: Path, cfg: Any, fn: Callable) -> tuple[dict[str, Any], bool]:
-    """(run card, rebuilt?) of a training stage; a folder whose card records the same config is reused."""
-    card = read_card(output / RUN_CARD)
-    if card and same_config(card.get("config"), cfg):
-        print(f"[{name}] reusing {output}")
-        return card, False
-    print(f"[{name}] training -> {output}")
-    return fn(cfg, overwrite=True), True

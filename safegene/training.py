@@ -253,7 +253,7 @@ def train_lora(model: Any, tokenizer: Any, pairs: Sequence[PromptResponse], cfg:
     return peft_model, stats
 
 
-def _portable_ref(ref: str) -> str:
+def portable_ref(ref: str) -> str:
     """Record embedded models by short name, so an adapter's base resolves on any machine."""
     return ref if ref in EMBEDDED_MODELS else str(Path(ref).expanduser().resolve()) if Path(ref).exists() else ref
 
@@ -293,7 +293,7 @@ def _train_and_save(kind: str, cfg: Any, pairs: list[PromptResponse], extra: dic
     load_s = time.perf_counter() - t0
     peft_model, stats = train_lora(model, tokenizer, pairs, cfg.train, progress=progress)
     card = run_card(kind, cfg, inputs={"model": cfg.model}, started=t0, timings={"load_s": round(load_s, 2)},
-                    base_model=_portable_ref(cfg.model),
+                    base_model=portable_ref(cfg.model),
                     data={"n_pairs": len(pairs), "sha256": pairs_hash(pairs), **extra}, training=stats.to_dict(),
                     load_seconds=round(load_s, 2))
     with atomic_dir(out, overwrite=overwrite) as tmp:

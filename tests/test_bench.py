@@ -150,7 +150,7 @@ def test_bench_fails_early_on_unknown_task(tmp_path):
 
 def test_stage_config_match_tolerates_options_added_later_at_their_default():
     from safegene.config import to_dict
-    from safegene.runcard import same_config as _same
+    from safegene.stages import same_config as _same
     from safegene.training import FinetuneConfig
 
     cfg = FinetuneConfig(task="sst2", poison_ratio=0.1)
@@ -169,7 +169,7 @@ def test_stage_keys_leave_out_command_line_fields():
     stage keys, so a bench folder from before no longer matched and every method was rebuilt."""
     from safegene.config import settings
     from safegene.recalibration import RecalibrateConfig
-    from safegene.runcard import same_config
+    from safegene.stages import same_config
     from safegene.selection import SelectConfig
 
     # the keys an earlier version recorded: every field of the config as it was then

@@ -5,7 +5,7 @@ training's wall time."""
 from __future__ import annotations
 
 from ..config import to_dict
-from ..runcard import trained_or_reused
+from ..stages import trained_or_reused
 from ..training import FinetuneConfig, finetune
 from .registry import Defence, Method, MethodContext, register
 

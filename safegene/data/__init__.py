@@ -5,10 +5,11 @@ from .loaders import load_harmful_prompts, load_prompt_responses, read_rows
 from .records import HarmfulPrompt, PromptResponse, TaskExample
 from .tasks import TASKS, TaskSpec, get_task
 from .resolve import benign_prompts, harmful_prompt_texts, harmful_prompts, prompt_response_pairs, split_holdout
+from .user_task import MIN_TASK_ROWS, load_task_data, split_task_data, write_shots_jsonl
 
 __all__ = [
-    "DATASETS", "DatasetInfo", "HarmfulPrompt", "PromptResponse", "TASKS", "TaskExample", "TaskSpec",
+    "DATASETS", "MIN_TASK_ROWS", "DatasetInfo", "HarmfulPrompt", "PromptResponse", "TASKS", "TaskExample", "TaskSpec",
     "benign_prompts", "dataset_info", "get_task", "harmful_prompt_texts", "harmful_prompts", "load_builtin",
-    "load_harmful_prompts", "load_prompt_responses", "prompt_response_pairs", "read_rows", "shared_data_dir",
-    "split_holdout",
+    "load_harmful_prompts", "load_prompt_responses", "load_task_data", "prompt_response_pairs", "read_rows",
+    "shared_data_dir", "split_holdout", "split_task_data", "write_shots_jsonl",
 ]

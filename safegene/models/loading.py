@@ -204,7 +204,7 @@ def load_tokenizer(ref: str | os.PathLike, trust_remote_code: bool = False, padd
 
     path = resolve_model_path(ref)
     if (Path(path) / "adapter_config.json").is_file():
-        path = _adapter_base(Path(path))
+        path = adapter_base(Path(path))
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -237,7 +237,7 @@ def _portable_base(adapter_dir: Path) -> str | None:
     return None
 
 
-def _adapter_base(adapter_dir: Path) -> str:
+def adapter_base(adapter_dir: Path) -> str:
     """The local folder of an adapter's base. adapter_config.json names a local folder (so that peft, which reads it,
     never looks the name up on the hub); where that folder is not on this machine, the run card's portable name is
     resolved instead."""
@@ -263,7 +263,7 @@ def load_model(
     path = Path(resolve_model_path(ref))
     adapter = None
     if (path / "adapter_config.json").is_file():
-        adapter, path = path, Path(_adapter_base(path))
+        adapter, path = path, Path(adapter_base(path))
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(path), dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True
