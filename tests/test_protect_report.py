@@ -61,8 +61,19 @@ def eval_results():
     res.update(kind="eval", adapter=None, merged=None, family=None, base_model=None, split=None, limits=None,
                rows=res["rows"][:1], layers=[], coefficients={},
                command="safegene eval --model runs/T", inputs={"model": res["inputs"]["model"]})
-    res["utility"] = {"kind": "exact-match", "n": 64, "before": Rate(52, 64).to_dict()}
+    # as `eval` writes it for a model alone: its one measurement under 'after', nothing to compare with
+    res["utility"] = {"kind": "exact-match", "n": 64, "before": None, "after": Rate(52, 64).to_dict(), "drop": None,
+                      "loglik_before": None, "loglik_after": -0.83, "loglik_change": None}
     return res
+
+
+def _rates(res):
+    """Every rate the results hold, as the reports print it: rate, 95% interval, n (and the unparsed answers)."""
+    rates = [j["overall"] for r in res["rows"] for j in r["harmful"].values()]
+    rates += [r["over_refusal"] for r in res["rows"]]
+    rates += [u for u in ((res["utility"] or {}).get("before"), (res["utility"] or {}).get("after")) if u]
+    return [f"{r['rate']:.3f} ({r['ci95'][0]:.2f}-{r['ci95'][1]:.2f}) (n={r['n']}"
+            + (f", {r['unparsed']} unparsed)" if r["unparsed"] else ")") for r in rates]
 
 
 def _front_matter(card):
@@ -82,9 +93,8 @@ def test_protect_outputs(tmp_path):
     assert front["tags"] == ["safegene", "safety", "lora"]
     assert card == model_card(res)
     # every rate with its interval and n; the unparsed answers beside n
+    assert len(_rates(res)) == 8 and all(r in card for r in _rates(res))
     assert "0.344 (0.24-0.47) (n=64)" in card and "0.078 (0.03-0.18) (n=51, 1 unparsed)" in card
-    assert "0.094 (0.03-0.24) (n=32)" in card and "0.156 (0.07-0.32) (n=32)" in card
-    assert "0.812 (0.70-0.89) (n=64)" in card and "0.797 (0.68-0.88) (n=64)" in card
     assert "-0.016" in card and "-0.830" in card and "-0.020" in card
     assert res["command"] in card and "PeftModel.from_pretrained" in card and '"OUT/model"' in card
     assert "safegene serve --model runs/T --adapter safety=OUT/adapter" in card
@@ -92,19 +102,42 @@ def test_protect_outputs(tmp_path):
 
     page = paths["html"].read_text()
     assert page.count("<img src='data:image/png;base64,") == 3  # safety–utility + one category chart per judge
-    assert "0.344 (0.24-0.47) (n=64)" in page and "0.078 (0.03-0.18) (n=51, 1 unparsed)" in page
+    assert all(r in page for r in _rates(res))
     assert "--fail-if limits: FAILED" in page and "<td>passed</td>" in page and "<td>FAILED</td>" in page
     assert "a" * 64 in page and "recalibrate" in page and "matplotlib is not installed" not in page
     assert "FAILED harmful&gt;0.05 (0.078)" in page  # in the summary line
 
 
 def test_eval_with_one_row(tmp_path):
-    paths = write_protect_outputs(eval_results(), tmp_path)
+    res = eval_results()
+    paths = write_protect_outputs(res, tmp_path)
     assert set(paths) == {"json", "html"} and not (tmp_path / "README.md").exists()
     page = paths["html"].read_text()
+    assert len(_rates(res)) == 4 and all(r in page for r in _rates(res))
     assert page.count("<img src='data:image/png;base64,") == 3
     assert "change (after" not in page and "+ safety adapter" not in page and "0.812 (0.70-0.89) (n=64)" in page
-    assert "fail-if" not in page and "safegene eval --model runs/T" in page
+    assert "fail-if" not in page and "safegene eval --model runs/T" in page and "<td>-0.830</td>" in page
+    assert "utility, exact-match (n=64): 0.812." in page  # the summary line
+
+
+def test_eval_alone_without_answers(tmp_path):
+    """A model alone on task data without answers: no agreement to measure (nothing to agree with), only the
+    reference log-likelihood."""
+    res = eval_results()
+    res["utility"].update(kind="agreement", after=None)
+    page = write_protect_outputs(res, tmp_path)["html"].read_text()
+    assert "the reference" not in page and "<td>-0.830</td>" in page and "No task utility rate" in page
+    assert page.count("<img src='data:image/png;base64,") == 2
+
+
+def test_eval_without_utility_or_categories(tmp_path):
+    """eval with no task data (no utility) and a judge that recorded no categories: the figures that can be drawn."""
+    res = eval_results()
+    res["utility"] = None
+    res["rows"][0]["harmful"]["content-classifier"]["by_category"] = {}
+    page = write_protect_outputs(res, tmp_path)["html"].read_text()
+    assert page.count("<img src='data:image/png;base64,") == 1 and "No task utility rate" in page
+    assert "utility:" not in page and "0.266 (0.17-0.38) (n=64)" in page and "log-likelihood" not in page
 
 
 def test_eval_with_adapter_and_agreement(tmp_path):

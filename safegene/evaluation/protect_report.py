@@ -32,6 +32,10 @@ def _rate_n(r: dict[str, Any] | None) -> str:
     return _rate(r) + ("" if r.get("unparsed") else f" ({format_n(r['n'])})")
 
 
+def _harmful(row: dict[str, Any], judge: str) -> dict[str, Any] | None:
+    return (row["harmful"].get(judge) or {}).get("overall")
+
+
 def _judges(results: dict[str, Any]) -> list[str]:
     return list(results.get("judges") or results["rows"][0]["harmful"])
 
@@ -44,11 +48,26 @@ def labels(results: dict[str, Any]) -> list[str]:
 
 def _utility(results: dict[str, Any]) -> list[dict[str, Any] | None]:
     """The utility Rate of each row. With one row (a model evaluated alone) the one measurement stands in whichever
-    key the caller used. In agreement mode the model alone is the reference and has no rate of its own."""
+    key the caller used (`eval` puts it under 'after')."""
     u = results.get("utility") or {}
     if len(results["rows"]) == 1:
         return [u.get("before") or u.get("after")]
     return [u.get("before"), u.get("after")]
+
+
+def _loglik(results: dict[str, Any]) -> list[float | None]:
+    """The reference log-likelihood of each row, keyed like `_utility`."""
+    u = results.get("utility") or {}
+    if len(results["rows"]) == 1:
+        return [u["loglik_before"] if u.get("loglik_before") is not None else u.get("loglik_after")]
+    return [u.get("loglik_before"), u.get("loglik_after")]
+
+
+def _reference(results: dict[str, Any]) -> bool:
+    """Whether the model alone is the yardstick of utility: agreement is measured as the share of the adapted
+    model's answers equal to the model's own, so the model alone has no rate of its own."""
+    u = results.get("utility") or {}
+    return len(results["rows"]) == 2 and u.get("kind") == "agreement" and not u.get("before")
 
 
 def _eval_text(results: dict[str, Any]) -> dict[str, str]:
@@ -71,20 +90,18 @@ def results_table(results: dict[str, Any]) -> Table:
     change when there are two rows."""
     rows, judges, util = results["rows"], _judges(results), results.get("utility") or {}
     head = ["model"] + [f"harmful rate, {j} (95% CI, n)" for j in judges] + ["over-refusal (95% CI, n)"]
-    has_ll = "loglik_before" in util or "loglik_after" in util
+    ll = _loglik(results)
+    has_ll = any(x is not None for x in ll)
     if util:
         head.append(f"utility: {util.get('kind', '?')} (95% CI, n)")
     if has_ll:
         head.append("reference log-likelihood (mean log p / token)")
-    ll = [util.get("loglik_before"), util.get("loglik_after")] if len(rows) == 2 else [
-        util.get("loglik_before", util.get("loglik_after"))]
     body = []
-    for name, r, u, l in zip(labels(results), rows, _utility(results), ll):
-        cells = [name] + [_rate_n((r["harmful"].get(j) or {}).get("overall")) for j in judges]
+    for i, (name, r, u, l) in enumerate(zip(labels(results), rows, _utility(results), ll)):
+        cells = [name] + [_rate_n(_harmful(r, j)) for j in judges]
         cells.append(_rate_n(r.get("over_refusal")))
         if util:
-            # agreement is measured against the model alone, which therefore has no rate of its own
-            cells.append(_rate_n(u) if u or util.get("kind") != "agreement" else "the reference")
+            cells.append("the reference" if i == 0 and _reference(results) else _rate_n(u))
         if has_ll:
             cells.append("-" if l is None else f"{l:.3f}")
         body.append(cells)
@@ -93,8 +110,7 @@ def results_table(results: dict[str, Any]) -> Table:
             return f"{b['rate'] - a['rate']:+.3f}" if a and b else "-"
 
         cells = ["change (after − before)"]
-        cells += [delta((rows[0]["harmful"].get(j) or {}).get("overall"), (rows[1]["harmful"].get(j) or {}).get("overall"))
-                  for j in judges]
+        cells += [delta(_harmful(rows[0], j), _harmful(rows[1], j)) for j in judges]
         cells.append(delta(rows[0].get("over_refusal"), rows[1].get("over_refusal")))
         if util:
             cells.append("-" if util.get("drop") is None else f"{-util['drop']:+.3f}")
@@ -162,14 +178,13 @@ def summary(results: dict[str, Any]) -> str:
     if results.get("family"):
         who += f" (family {results['family']}" + (f", aligned model {results['base_model']})"
                                                   if results.get("base_model") else ")")
-    parts = [f"{moved([(r['harmful'].get(j) or {}).get('overall') for r in rows])} ({j})" for j in _judges(results)]
+    parts = [f"{moved([_harmful(r, j) for r in rows])} ({j})" for j in _judges(results)]
     line = f"{who}: harmful rate " + ", ".join(parts) + f" on {text['harmful']}"
     if any(r.get("over_refusal") for r in rows):
         line += f"; over-refusal {moved([r.get('over_refusal') for r in rows])} on {text['over']}"
     util = results.get("utility") or {}
-    if util:
-        reference = "reference" if util.get("kind") == "agreement" else "-"
-        line += f"; utility, {text['utility']}: {moved(_utility(results), reference)}"
+    if any(_utility(results)):
+        line += f"; utility, {text['utility']}: {moved(_utility(results), 'reference' if _reference(results) else '-')}"
         if util.get("drop") is not None and len(rows) == 2:
             line += f", drop {util['drop']:.3f}"
     lim = results.get("limits")
@@ -188,31 +203,37 @@ def _err(r: dict[str, Any]) -> list[list[float]]:
     return [[max(0.0, r["rate"] - lo)], [max(0.0, hi - r["rate"])]]
 
 
-def category_bars(results: dict[str, Any], judge: str) -> str:
+def category_bars(results: dict[str, Any], judge: str) -> str | None:
     """Harmful rate per harm category, before vs after, with Wilson error bars. A category with no harmful answer
-    gets a '0' marker on the axis; one a row did not evaluate gets 'n/a', so the two are not confused."""
+    gets a '0' marker on the axis; one a row did not evaluate gets 'n/a', so the two are not confused. None when the
+    judge recorded no categories."""
     from matplotlib.lines import Line2D
 
     rows, names = results["rows"], labels(results)
     by = [(r["harmful"].get(judge) or {}).get("by_category") or {} for r in rows]
     cats = sorted({c for b in by for c in b})
+    if not cats:
+        return None
     fig = plotting.figure(figsize=(max(7.0, 0.95 * len(cats) * len(rows) + 2), 4.8))
     ax = fig.subplots()
     width = 0.8 / len(rows)
     top = max([b[c]["ci95"][1] for b in by for c in b if b[c].get("n")] + [0.1])
     top = min(1.0, top * 1.15)
-    for i, (b, name) in enumerate(zip(by, names)):
+    zero = missing = False
+    for i, b in enumerate(by):
         xs = [c + (i - (len(rows) - 1) / 2) * width for c in range(len(cats))]
         for x, c in zip(xs, cats):
             r = b.get(c)
             if not r or not r.get("n"):
                 ax.text(x, top * 0.02, "n/a", ha="center", va="bottom", fontsize=10, color="#444", style="italic")
+                missing = True
                 continue
             ax.bar(x, r["rate"], width * 0.92, color=_COLOURS[i])
             ax.errorbar(x, r["rate"], yerr=_err(r), fmt="none", ecolor="#333", capsize=3, lw=1)
             if r["k"] == 0:
                 ax.plot(x, 0, marker="o", markersize=7, color=_COLOURS[i], markeredgecolor="#333", clip_on=False,
                         zorder=5)
+                zero = True
     ticks = []
     for c in cats:
         ns = [b[c]["n"] if c in b and b[c].get("n") else None for b in by]
@@ -227,10 +248,12 @@ def category_bars(results: dict[str, Any], judge: str) -> str:
     ax.set_xlabel(f"harm category (n per category{' before / after' if len(rows) == 2 else ''}; "
                   f"{n_total} prompts in all; bars: 95% Wilson interval)", fontsize=9)
     handles = [Line2D([], [], color=_COLOURS[i], lw=8, label=n) for i, n in enumerate(names)]
-    handles.append(Line2D([], [], marker="o", ls="none", color="#bbb", markeredgecolor="#333",
-                          label="0 harmful in the category"))
-    handles.append(Line2D([], [], ls="none", marker="$n/a$", markersize=16, color="#444",
-                          label="category not evaluated"))
+    if zero:
+        handles.append(Line2D([], [], marker="o", ls="none", color="#bbb", markeredgecolor="#333",
+                              label="0 harmful in the category"))
+    if missing:
+        handles.append(Line2D([], [], ls="none", marker="$n/a$", markersize=16, color="#444",
+                              label="category not evaluated"))
     # beside the axes, so that it never hides a bar or an error bar
     ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.grid(axis="y", alpha=0.3)
@@ -239,7 +262,7 @@ def category_bars(results: dict[str, Any], judge: str) -> str:
 
 def safety_utility(results: dict[str, Any]) -> str:
     """One panel per judge: x = utility, y = harmful rate, a point per row with both intervals, before → after."""
-    judges, rows, names, util = _judges(results), results["rows"], labels(results), results["utility"]
+    judges, rows, names = _judges(results), results["rows"], labels(results)
     text = _eval_text(results)
     fig = plotting.figure(figsize=(5.6 * len(judges), 4.4))
     axes = fig.subplots(1, len(judges), squeeze=False)[0]
@@ -247,32 +270,36 @@ def safety_utility(results: dict[str, Any]) -> str:
     for ax, judge in zip(axes, judges):
         pts = []
         for i, (r, u, name) in enumerate(zip(rows, utilities, names)):
-            h = (r["harmful"].get(judge) or {}).get("overall")
+            h = _harmful(r, judge)
             if not h:
                 continue
             if u:
                 x, xerr = u["rate"], _err(u)
-            elif util.get("kind") == "agreement":
+            elif i == 0 and _reference(results):
                 x, xerr, name = 1.0, None, f"{name} (the reference)"  # agreement with itself is 1 by definition
             else:
                 continue
             ax.errorbar(x, h["rate"], xerr=xerr, yerr=_err(h), fmt="o" if i == 0 else "*", color=_COLOURS[i],
-                        markersize=8 if i == 0 else 14, capsize=3, label=name)
+                        markersize=8 if i == 0 else 14, capsize=3)
             pts.append((x, h["rate"], name))
         if len(pts) == 2:
             ax.annotate("", xy=pts[1][:2], xytext=pts[0][:2],
                         arrowprops={"arrowstyle": "->", "color": "#888", "shrinkA": 8, "shrinkB": 10})
-        # labels beside the points, on opposite sides so two close points do not write over each other
-        for (x, y, name), dx in zip(pts, (-10, 10)):
-            ax.annotate(name, (x, y), xytext=(dx, 10), textcoords="offset points", fontsize=8,
-                        ha="right" if dx < 0 else "left")
         ax.set_xlabel(f"utility: {text['utility']}")
         ax.set_ylabel(f"harmful rate, {judge}\n{text['harmful']}")
         ax.set_title("lower-right is better", fontsize=10)
-        ax.margins(0.25)
+        ax.margins(x=0.4, y=0.25)
         ax.set_ylim(bottom=min(0.0, ax.get_ylim()[0]))
+        # labels beside the points (no legend): towards the middle of the panel, so that none sticks out of it, and
+        # above the higher point, below the lower one, so that close points and the arrow leave them readable
+        lo, hi = ax.get_xlim()
+        for k, (x, y, name) in enumerate(pts):
+            inward = -1 if x > (lo + hi) / 2 else 1
+            up = y >= pts[1 - k][1] if len(pts) == 2 else True
+            ax.annotate(name, (x, y), xytext=(10 * inward, 10 if up else -10), textcoords="offset points",
+                        fontsize=9, ha="left" if inward > 0 else "right", va="bottom" if up else "top",
+                        bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85})
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     return _png(fig)
 
@@ -280,9 +307,10 @@ def safety_utility(results: dict[str, Any]) -> str:
 def _figures(results: dict[str, Any]) -> tuple[list[tuple[str, str]], str]:
     """The (title, base64 PNG) figures, and a note for what could not be drawn."""
     try:
-        figs = [(f"Harmful rate by category ({j})", category_bars(results, j)) for j in _judges(results)]
-        if not results.get("utility"):
-            return figs, "<p><em>No utility was measured: no safety–utility figure.</em></p>"
+        figs = [(f"Harmful rate by category ({j})", png) for j in _judges(results)
+                if (png := category_bars(results, j))]
+        if not any(_utility(results)):
+            return figs, "<p><em>No task utility rate was measured: no safety–utility figure.</em></p>"
         return [("Safety vs utility", safety_utility(results))] + figs, ""
     except ImportError:
         return [], "<p><em>matplotlib is not installed: figures left out (pip install matplotlib).</em></p>"
@@ -314,14 +342,14 @@ def render_html(results: dict[str, Any]) -> str:
     ]
     lim = limits_table(results)
     if lim:
-        failed = (results["limits"].get("failed") or [])
+        failed = results["limits"].get("failed")
         parts += [f"<h2>--fail-if limits: {'FAILED' if failed else 'passed'}</h2>", _html_table(*lim),
                   f"<p>--fail-if {html.escape(results['limits'].get('spec', ''))}</p>"]
     parts.append(fig_note)
     for name, png in figures:
         parts += [f"<h2>{html.escape(name)}</h2>", f"<img src='data:image/png;base64,{png}'>"]
-    for name, table in (("Layers and coefficients", coefficients_table(results)), ("Timings (s)", timings_table(results)),
-                        ("Inputs", inputs_table(results))):
+    for name, table in (("Layers and coefficients", coefficients_table(results)),
+                        ("Timings (s)", timings_table(results)), ("Inputs", inputs_table(results))):
         if table:
             parts += [f"<h2>{name}</h2>", _html_table(*table)]
     split = split_text(results)
@@ -329,6 +357,8 @@ def render_html(results: dict[str, Any]) -> str:
         parts += ["<h2>Task data</h2>", f"<p>{html.escape(split)}</p>"]
     if results.get("command"):
         parts += ["<h2>Command</h2>", f"<pre>{html.escape(results['command'])}</pre>"]
+    if results.get("config"):
+        parts += ["<h2>Config</h2>", f"<pre>{html.escape(json.dumps(results['config'], indent=1, default=str))}</pre>"]
     parts += ["<h2>Versions</h2>", f"<pre>{html.escape(json.dumps(results.get('versions') or {}, indent=1))}</pre>",
               "</body></html>"]
     return "\n".join(parts)
