@@ -25,6 +25,7 @@ from .models.fingerprint import fingerprint_folder
 
 log = logging.getLogger(__name__)
 SHARD_BYTES = 1 << 30
+SOURCE_ONLY_FILES = ("model.safetensors.index.json", "safegene_run.json", "README.md")
 
 
 @dataclass
@@ -86,7 +87,9 @@ def merge_to_folder(adapter: SafetyAdapter, model_ref: str, output: str | Path, 
             writer.add(name, t)
         writer.close()
         for f in src.iterdir():
-            if f.is_file() and not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
+            # weights are rewritten above; the source's own cards (its run card, its model card) describe the
+            # source, not the merged model
+            if f.is_file() and not f.name.endswith(".safetensors") and f.name not in SOURCE_ONLY_FILES:
                 shutil.copy2(f, tmp / f.name)
         write_json(tmp / "safegene_merge.json", _merge_card(adapter, model_ref, t0))
     return out

@@ -251,6 +251,10 @@ def _print_protect(results: dict[str, Any], output: str) -> int:
     from .protect import LIMITS_FAILED
 
     rows = results["rows"]
+    split = results.get("split")
+    if split:
+        print(f"  task data {split['data']}: {split['n_rows']} rows -> {split['n_shots']} recalibration shots, "
+              f"{split['n_check']} held-out check items (seed {split['seed']})")
     for judge in results["judges"]:
         cells = [f"{r['harmful'][judge]['overall']['rate']:.3f} (n={r['harmful'][judge]['overall']['n']})"
                  for r in rows]
@@ -275,7 +279,7 @@ def _print_protect(results: dict[str, Any], output: str) -> int:
 def run_protect(cfg: Any, flags: argparse.Namespace) -> int:
     from .protect import protect
 
-    results = protect(cfg, overwrite=flags.overwrite)
+    results = protect(cfg, overwrite=flags.overwrite, argv=flags.argv)
     print(f"protect: wrote {cfg.output}: adapter" + (" + merged model" if results["merged"] else "")
           + f", α {results['coefficients']}")
     return _print_protect(results, cfg.output)
@@ -284,7 +288,7 @@ def run_protect(cfg: Any, flags: argparse.Namespace) -> int:
 def run_eval(cfg: Any, flags: argparse.Namespace) -> int:
     from .protect import evaluate
 
-    results = evaluate(cfg, overwrite=flags.overwrite)
+    results = evaluate(cfg, overwrite=flags.overwrite, argv=flags.argv)
     print(f"eval: wrote {cfg.output}")
     return _print_protect(results, cfg.output)
 
@@ -571,6 +575,7 @@ def run_command(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = build_parser()
     a = ap.parse_args(argv)
+    a.argv = list(argv) if argv is not None else sys.argv[1:]  # for the outputs that say how to reproduce them
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import json
 import re
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,16 +79,31 @@ def build_family(cfg: FamilyConfig, progress: bool = True) -> dict[str, Any]:
     if not cfg.output:
         raise ConfigError("family build needs an output folder: -o FAMILY_DIR")
     out = check_output_path(cfg.output, inputs=[cfg.aligned], overwrite=True)
+    if out.is_dir() and any(out.iterdir()) and not (out / FAMILY_FILE).is_file() and not (out / "work").is_dir():
+        raise ConfigError(f"{out} exists and is not a family folder; pick a new folder for the family")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    aligned = input_digest(resolve_model_path(cfg.aligned))
+    previous = _read_json(out / FAMILY_FILE)
+    # the card goes first and comes back last: a folder whose rebuild was interrupted is not taken for a family
+    (out / FAMILY_FILE).unlink(missing_ok=True)
     degraded = out / "work" / "degraded"
+    if previous and previous.get("inputs", {}).get("aligned", {}).get("hash") != aligned.get("hash"):
+        import shutil
+
+        print(f"[family] the aligned model changed since {out} was built: building it again")
+        for stale in (degraded, out / "adapter", out / "selected"):
+            shutil.rmtree(stale, ignore_errors=True)
     dcfg = DegradeConfig(model=cfg.aligned, data=cfg.degrade_data, n_examples=cfg.degrade_examples,
                          output=str(degraded), train=cfg.train)
     d_card, _ = trained_or_reused("degrade", degraded, dcfg, functools.partial(degrade, progress=progress))
+    d_digest = input_digest(degraded)
     ecfg = ExtractConfig(aligned=cfg.aligned, degraded=str(degraded), output=str(out / "adapter"), rank=cfg.rank,
                          seed=cfg.seed)
+    # keyed on what A and D hold, not on how D was trained: a retrained D gives a new adapter
     adapter, extract_s, _ = adapter_stage(
-        "extract", out / "adapter", {"extract": to_dict(ecfg), "degraded": d_card.get("data")},
+        "extract", out / "adapter", {"extract": to_dict(ecfg), "aligned": aligned.get("hash"),
+                                     "degraded": d_digest["hash"]},
         lambda: extract_adapter(ecfg, overwrite=True, save=False, progress=progress))
     scfg = SelectConfig(model=str(degraded), n_harmful=cfg.select_prompts, n_benign=cfg.select_prompts,
                         top_k=cfg.top_k, seed=cfg.seed)
@@ -104,7 +118,7 @@ def build_family(cfg: FamilyConfig, progress: bool = True) -> dict[str, Any]:
         "fingerprint": selected.fingerprint.to_dict() if selected.fingerprint else None,
         "selected_layers": selected.layers,
         "layer_scores": (selected.card.get("selection") or {}).get("scores"),
-        "inputs": {"aligned": input_digest(resolve_model_path(cfg.aligned)), "degraded": input_digest(degraded)},
+        "inputs": {"aligned": aligned, "degraded": d_digest},
         "degrade_data": d_card.get("data"),
         "config": to_dict(cfg),
         "timings": {"degrade_s": d_card["training"]["seconds"], "extract_s": extract_s, "select_s": select_s,
@@ -113,6 +127,26 @@ def build_family(cfg: FamilyConfig, progress: bool = True) -> dict[str, Any]:
     }
     write_json(out / FAMILY_FILE, family)
     return family
+
+
+def hub_id(ref: str | None) -> str | None:
+    """The Hugging Face hub id of a model reference, where it has one: an embedded model's source repository, or
+    the reference itself when it names no local path."""
+    from .models.registry import EMBEDDED_MODELS
+
+    if not ref:
+        return None
+    if ref in EMBEDDED_MODELS:
+        return EMBEDDED_MODELS[ref].source.split(",")[0].strip()
+    return None if Path(ref).expanduser().exists() or ref.startswith((".", "/", "~")) else ref
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def load_family(folder: str | Path) -> tuple[SafetyAdapter, dict[str, Any]]:
@@ -148,7 +182,9 @@ def _check_task_model(model_ref: str, family: dict[str, Any]) -> None:
     ours = FamilyFingerprint.from_dict(family["fingerprint"])
     reference = f"the family's aligned model {family.get('aligned')}"
     folder = Path(resolve_model_path(model_ref))
-    if (folder / "config.json").is_file():
+    if not folder.is_dir():
+        return  # a hub id: checked after loading (adapter.check_model), as nothing is local to read before
+    if not (folder / "adapter_config.json").is_file():
         ours.check_compatible(fingerprint_folder(folder), what=f"task model {model_ref}", reference=reference)
         return
     base = adapter_base(folder)
@@ -293,8 +329,18 @@ def parse_limits(spec: str | None) -> list[tuple[str, str, float]]:
             raise ConfigError(f"--fail-if: cannot read '{part}'; write METRIC>VALUE with METRIC one of "
                               f"{', '.join(LIMIT_METRICS)} (harmful:<judge> for a given judge), e.g. "
                               "harmful>0.10,over_refusal>0.30,utility_drop>0.02")
-        out.append((m.group(1), m.group(2), float(m.group(3))))
+        try:
+            out.append((m.group(1), m.group(2), float(m.group(3))))
+        except ValueError:
+            raise ConfigError(f"--fail-if: '{m.group(3)}' in '{part}' is not a number") from None
     return out
+
+
+def _check_limit_judges(spec: str | None, judges: Sequence[str]) -> None:
+    for metric, _, _ in parse_limits(spec):
+        judge = metric.partition(":")[2]
+        check(not judge or judge in judges, f"--fail-if names judge '{judge}', which this run does not use; "
+              f"judges: {', '.join(judges)}")
 
 
 def _metric(results: dict[str, Any], name: str) -> float | None:
@@ -347,7 +393,8 @@ class ProtectConfig(CheckConfig):
     task_data: str | None = opt(None, "your task data: JSONL/JSON/CSV rows of prompt + response (or a chat "
                                 "`messages` list), optional `answer`; or hf:NAME[:SPLIT]")
     output: str | None = opt(None, "output folder (written whole, or not at all)", aliases=("-o",))
-    merge: bool = opt(False, "also write the merged model to OUT/model (streamed, sharded)")
+    merge: bool = opt(False, "also write the merged model to OUT/model (a merged T is streamed tensor by tensor into "
+                      "shards; a PEFT T is merged in memory first)")
     attach_only: bool = opt(False, "write the adapter and the report only (no merged model; refuses --merge)")
     n_shots: int = opt(32, "task rows used as recalibration shots (at most half of the rows)")
     n_check: int = opt(64, "held-out task rows for the utility check")
@@ -355,23 +402,41 @@ class ProtectConfig(CheckConfig):
     n_harmful_shots: int = opt(32, "harmful recalibration shots")
     recal_steps: int = opt(20, "recalibration optimizer steps")
     fail_if: str | None = opt(None, "limits that fail the run with exit status 3, e.g. "
-                              "harmful>0.10,over_refusal>0.30,utility_drop>0.02")
+                              "harmful>0.10,over_refusal>0.30,utility_drop>0.02 (harmful: the first judge's rate "
+                              "after, harmful:<judge> another's; utility_drop: exact-match accuracy lost where the "
+                              "data has answers, else the share of check answers that changed at all)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check(not (self.merge and self.attach_only), "--merge and --attach-only contradict each other; pick one")
         check(self.n_shots >= 4 and self.n_check >= 4, "n_shots and n_check must be >= 4")
-        parse_limits(self.fail_if)
+        _check_limit_judges(self.fail_if, self.judges)
 
 
-def _command_line() -> str:
+def _command_line(argv: Sequence[str] | None, cfg: Any, name: str) -> str:
+    """The command that reproduces the run: the one given, else the config's non-default fields as flags."""
     import shlex
 
-    return "safegene " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv and "safegene" in sys.argv[0] \
-        else " ".join(shlex.quote(a) for a in sys.argv)
+    if argv is not None:
+        return "safegene " + shlex.join(argv)
+    default = type(cfg)()
+    flags = [f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in to_dict(cfg).items()
+             if v != to_dict(default).get(k) and not isinstance(v, (dict, list))]
+    return f"safegene {name} " + " ".join(flags)
 
 
-def protect(cfg: ProtectConfig, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+def _check_disjoint(checked: str, n: int, shots: str, n_shots: int, seed: int) -> None:
+    """The held-out harmful prompts must not be among the recalibration shots (or the measurement flatters)."""
+    from .data import harmful_prompt_texts
+
+    overlap = {p.prompt for p in harmful_prompts(checked, n=n, seed=seed)} & set(
+        harmful_prompt_texts(shots, n_shots, seed))
+    check(not overlap, f"{len(overlap)} of the checked harmful prompts ({checked}) are also recalibration shots "
+          f"({shots}); check on a set the shots do not come from (e.g. --harmful advbench)")
+
+
+def protect(cfg: ProtectConfig, overwrite: bool = False, progress: bool = True,
+            argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Protect one task model; returns the results (also in OUT/results.json). Raises before writing anything when
     an input is wrong."""
     from .data import load_task_data, split_task_data, write_shots_jsonl
@@ -383,6 +448,10 @@ def protect(cfg: ProtectConfig, overwrite: bool = False, progress: bool = True) 
                           "--task-data my.jsonl -o OUT")
     t0 = time.perf_counter()
     out = check_output_path(cfg.output, inputs=[cfg.model, cfg.family, cfg.task_data], overwrite=overwrite)
+    if cfg.merge and not Path(resolve_model_path(cfg.model)).is_dir():
+        raise ConfigError(f"--merge needs the task model as a local folder, and {cfg.model} is not one; download it "
+                          "first, or leave out --merge (the adapter folder applies to it as it is)")
+    _check_disjoint(cfg.harmful, cfg.n_harmful, cfg.harmful_shots, cfg.n_harmful_shots, cfg.seed)
     adapter, family = load_family(cfg.family)
     examples = load_task_data(cfg.task_data)
     shots, held_out = split_task_data(examples, cfg.n_shots, cfg.n_check, cfg.seed)
@@ -409,8 +478,13 @@ def protect(cfg: ProtectConfig, overwrite: bool = False, progress: bool = True) 
         t = time.perf_counter()
         calibrated = recalibrate(adapter, rcfg, model=model, tokenizer=tok, progress=progress)
         timings["recalibrate_s"] = round(time.perf_counter() - t, 1)
+        final = Path(out)
+        # the card records where the shots stay, not the temporary folder they were read from
+        calibrated.card["recalibration"]["config"]["task"] = str(final / "shots.jsonl")
         calibrated.card["protect"] = {"family": str(cfg.family), "task_data": str(cfg.task_data),
                                       "n_shots": len(shots)}
+        # the calibrated adapter belongs on T, not on the family's A: that is what PEFT tools should load it onto
+        calibrated.card["base_model"] = resolve_model_path(cfg.model)
         calibrated.save(tmp / "adapter")
 
         t = time.perf_counter()
@@ -425,11 +499,11 @@ def protect(cfg: ProtectConfig, overwrite: bool = False, progress: bool = True) 
             timings["merge_s"] = round(time.perf_counter() - t, 1)
         timings["total_s"] = round(time.perf_counter() - t0, 1)
 
-        final = Path(out)
         results: dict[str, Any] = {
             "kind": "protect", "model": str(cfg.model), "adapter": str(final / "adapter"),
             "merged": str(final / "model") if cfg.merge else None, "family": str(cfg.family),
-            "base_model": family.get("aligned"), "judges": [j.name for j in checker.judges],
+            "base_model": family.get("aligned"), "base_model_hub": hub_id(family.get("aligned")),
+            "judges": [j.name for j in checker.judges],
             "eval": checker.eval_info(cfg),
             "split": {"data": str(cfg.task_data), "n_rows": len(examples), "n_shots": len(shots),
                       "n_check": len(held_out), "seed": cfg.seed},
@@ -438,9 +512,11 @@ def protect(cfg: ProtectConfig, overwrite: bool = False, progress: bool = True) 
             "layers": calibrated.layers,
             "coefficients": {str(layer): round(calibrated.coefficients[layer], 4) for layer in calibrated.layers},
             "timings": timings, "config": to_dict(cfg),
-            "inputs": {"model": input_digest(cfg.model), "family": input_digest(cfg.family),
+            "inputs": {"model": input_digest(resolve_model_path(cfg.model)),
+                       # what protect read of the family: its selected adapter (D and the rest are not inputs)
+                       "family": input_digest(Path(cfg.family) / "selected"),
                        "task_data": input_digest(cfg.task_data)},
-            "command": _command_line(), "versions": library_versions(),
+            "command": _command_line(argv, cfg, "protect"), "versions": library_versions(),
         }
         results["limits"] = check_limits(results, cfg.fail_if)
         write_protect_outputs(results, tmp)
@@ -463,10 +539,11 @@ class EvalConfig(CheckConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        parse_limits(self.fail_if)
+        _check_limit_judges(self.fail_if, self.judges)
 
 
-def evaluate(cfg: EvalConfig, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+def evaluate(cfg: EvalConfig, overwrite: bool = False, progress: bool = True,
+             argv: Sequence[str] | None = None) -> dict[str, Any]:
     from .data import load_task_data
     from .evaluation.protect_report import write_protect_outputs
 
@@ -475,7 +552,10 @@ def evaluate(cfg: EvalConfig, overwrite: bool = False, progress: bool = True) ->
     t0 = time.perf_counter()
     out = check_output_path(cfg.output, inputs=[cfg.model, cfg.adapter, cfg.task_data], overwrite=overwrite)
     adapter = SafetyAdapter.load(cfg.adapter) if cfg.adapter else None
-    examples = load_task_data(cfg.task_data)[: cfg.n_check] if cfg.task_data else []
+    from .data.resolve import sample
+
+    rows = load_task_data(cfg.task_data) if cfg.task_data else []
+    examples = sample(rows, cfg.n_check, cfg.seed)
     model, tok = load_model(cfg.model), load_tokenizer(cfg.model)
     if adapter is not None:
         adapter.check_model(model, what=f"model {cfg.model}")
@@ -503,16 +583,16 @@ def evaluate(cfg: EvalConfig, overwrite: bool = False, progress: bool = True) ->
             "kind": "eval", "model": str(cfg.model), "adapter": str(cfg.adapter) if cfg.adapter else None,
             "merged": None, "family": None, "base_model": None, "judges": [j.name for j in checker.judges],
             "eval": checker.eval_info(cfg), "split": None if not examples else {
-                "data": str(cfg.task_data), "n_rows": len(examples), "n_shots": 0, "n_check": len(examples),
+                "data": str(cfg.task_data), "n_rows": len(rows), "n_shots": 0, "n_check": len(examples),
                 "seed": cfg.seed},
             "rows": rows, "utility": utility,
             "layers": adapter.layers if adapter else [],
             "coefficients": {str(layer): round(adapter.coefficients[layer], 4) for layer in adapter.layers}
             if adapter else {},
             "timings": timings, "config": to_dict(cfg),
-            "inputs": {k: input_digest(v) for k, v in (("model", cfg.model), ("adapter", cfg.adapter),
-                                                       ("task_data", cfg.task_data)) if v},
-            "command": _command_line(), "versions": library_versions(),
+            "inputs": {k: input_digest(v) for k, v in (("model", resolve_model_path(cfg.model)),
+                                                       ("adapter", cfg.adapter), ("task_data", cfg.task_data)) if v},
+            "command": _command_line(argv, cfg, "eval"), "versions": library_versions(),
         }
         results["limits"] = check_limits(results, cfg.fail_if)
         write_protect_outputs(results, tmp)

@@ -83,7 +83,15 @@ def test_protect_a_peft_adapter_task_model(family, task_models, tmp_path, capsys
     assert set(res["timings"]) >= {"load_s", "eval_before_s", "recalibrate_s", "eval_after_s", "total_s"}
     assert (out / "adapter" / "adapter_config.json").is_file() and not (out / "model").exists()
     card = (out / "README.md").read_text()
-    assert card.startswith("---") and "base_model:" in card and res["command"] in card
+    # the tiny A is a local folder: no hub id, so no base_model in the front matter (a path there is invalid)
+    assert card.startswith("---") and "base_model:" not in card.split("---")[1]
+    assert res["command"] == "safegene protect --model " + str(task_models["adapter"]) + " --family " + str(fam) \
+        + " --task-data " + str(data) + " -o " + str(out) + " --n-shots 4 --n-check 6 --recal-steps 2 " \
+        "--n-harmful-shots 4 " + " ".join(CHECK) and res["command"] in card
+    adapter_cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter_cfg["base_model_name_or_path"] == str(task_models["adapter"])  # the adapter belongs on T
+    recal = json.loads((out / "adapter" / "safegene.json").read_text())["recalibration"]["config"]
+    assert recal["task"] == str(out / "shots.jsonl")
     assert (out / "report.html").is_file() and json.loads((out / "safegene_run.json").read_text())["kind"] == "protect"
     # the shots are the only task rows recalibration saw; none of them is a check item
     shots = [json.loads(line)["prompt"] for line in (out / "shots.jsonl").read_text().splitlines()]
@@ -163,3 +171,32 @@ def test_limits_and_answer_matching():
     assert checked["failed"][-1] == "utility_drop>0.02 (not measured)"
     assert matches_answer("Positive.", "positive") and matches_answer("19", "19")
     assert not matches_answer("190", "19") and not matches_answer("negative", "positive")
+
+
+def test_family_rebuild_after_d_changes_extracts_again(family, tmp_path, capsys):
+    """Review finding: a D retrained with other settings kept the adapter extracted from the old D."""
+    fam = shutil.copytree(family[0], tmp_path / "family")
+    argv = [a if a != str(family[0]) else str(fam) for a in family[1]]
+    lr = argv.index("--train.learning-rate")
+    argv[lr + 1] = "1e-2"
+    capsys.readouterr()
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "[degrade] training" in out and "[extract] ->" in out and "[extract] reusing" not in out
+    card = json.loads((fam / "family.json").read_text())
+    assert card["config"]["train"]["learning_rate"] == 0.01
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--model", "someorg/some-model", "--merge"], "--merge needs the task model as a local folder"),
+    (["--fail-if", "harmful:content-classifier>0.1"], "names judge 'content-classifier', which this run does not use"),
+    (["--fail-if", "harmful>0.1.2"], "'0.1.2' in 'harmful>0.1.2' is not a number"),
+    (["--harmful-shots", "advbench", "--n-harmful-shots", "1000"], "are also recalibration shots"),
+])
+def test_protect_refuses_before_any_work(extra, expected, family, task_models, tmp_path, capsys):
+    fam, _ = family
+    argv = ["protect", "--model", str(task_models["merged"]), "--family", str(fam), "--task-data",
+            str(_task_data(tmp_path / "d.jsonl")), "-o", str(tmp_path / "out"), *CHECK, *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Loading" not in err and not (tmp_path / "out").exists(), err

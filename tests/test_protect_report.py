@@ -31,6 +31,7 @@ def protect_results():
     return {
         "kind": "protect", "model": "runs/T", "adapter": "OUT/adapter", "merged": "OUT/model",
         "family": "runs/family", "base_model": "qwen2.5-coder-0.5b-instruct",
+        "base_model_hub": "Qwen/Qwen2.5-Coder-0.5B-Instruct",
         "judges": ["refusal-phrase", "content-classifier"],
         "eval": {"harmful": "advbench", "n_harmful": 64, "over_refusal": "shared:xstest-safe", "n_over_refusal": 32,
                  "max_new_tokens": 64},
@@ -89,7 +90,7 @@ def test_protect_outputs(tmp_path):
 
     card = paths["card"].read_text()
     front = _front_matter(card)
-    assert front["base_model"] == "qwen2.5-coder-0.5b-instruct" and front["library_name"] == "peft"
+    assert front["base_model"] == "Qwen/Qwen2.5-Coder-0.5B-Instruct" and front["library_name"] == "peft"
     assert front["tags"] == ["safegene", "safety", "lora"]
     assert card == model_card(res)
     # every rate with its interval and n; the unparsed answers beside n
@@ -163,7 +164,7 @@ def test_report_without_matplotlib(tmp_path, monkeypatch):
 
 def test_front_matter_quotes_odd_names():
     res = protect_results()
-    res["base_model"] = "org/model: v2 # beta"
+    res["base_model_hub"] = "org/model: v2 # beta"
     assert _front_matter(model_card(res))["base_model"] == "org/model: v2 # beta"
 
 

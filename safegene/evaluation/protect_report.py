@@ -368,8 +368,10 @@ def model_card(results: dict[str, Any]) -> str:
     """README.md for the protect output folder: Hugging Face front matter, then what it is, how to load it, what was
     measured, the coefficients, the inputs' hashes and the command that made it."""
     model, adapter, merged = results["model"], results.get("adapter"), results.get("merged")
-    # JSON scalars are YAML scalars: paths and names with ':' or '#' stay strings
-    front = ["---"] + ([f"base_model: {json.dumps(results['base_model'])}"] if results.get("base_model") else [])
+    # JSON scalars are YAML scalars: names with ':' or '#' stay strings. The hub's `base_model` takes a hub id only
+    # (the family's aligned model, where it has one): a local path there would be invalid metadata
+    hub = results.get("base_model_hub")
+    front = ["---"] + ([f"base_model: {json.dumps(hub)}"] if hub else [])
     front += ["tags:", "- safegene", "- safety", "- lora", "library_name: peft", "---"]
     lines = front + ["", f"# {Path(model).name or model} + SafeGene safety adapter", "", "## What this is", "",
                      f"The task model `{model}` with a SafeGene safety adapter"

@@ -80,7 +80,7 @@ class FamilyFingerprint:
         if diffs:
             raise FamilyMismatchError(
                 f"{what} is not of {reference}: " + "; ".join(diffs)
-                + ". Build a safety adapter for that family (safegene degrade + extract) instead."
+                + ". Build a safety adapter for that family (safegene family build) instead."
             )
         return [
             f"{what}: reference tensor {n} differs by {d:.1%} from {reference} (>{LINEAGE_TOLERANCE:.0%}); "
