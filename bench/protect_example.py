@@ -36,14 +36,22 @@ def export_task_data(task: str, path: Path, n: int) -> Path:
 
 
 def summary(out: Path) -> dict:
+    from safegene.protect import _Checker, paired_tests
+
     res = json.loads((out / "results.json").read_text())
+    # recomputed from the stored verdicts and answers, so that outputs of an earlier version get them too
+    stored = _Checker(sets=None, judges=[], gen=None, responses=out / "responses")
+    names = [r["name"] for r in res["rows"]]
+    res["paired"] = paired_tests(res["rows"][0], res["rows"][-1], res["utility"],
+                                 (stored.refusals(names[0]), stored.refusals(names[-1])))
     rows = {r["method"]: r for r in res["rows"]}
     pick = {j: {m: {k: r["harmful"][j]["overall"][k] for k in ("rate", "n", "ci95", "unparsed")}
                 for m, r in rows.items()} for j in res["judges"]}
     return {"harmful": pick,
             "over_refusal": {m: {k: r["over_refusal"][k] for k in ("rate", "n", "ci95")} for m, r in rows.items()},
             "utility": {k: res["utility"][k] for k in ("kind", "n", "before", "after", "drop", "loglik_change")},
-            "coefficients": res["coefficients"], "timings": res["timings"], "eval": res["eval"],
+            "paired": res["paired"], "coefficients": res["coefficients"], "timings": res["timings"],
+            "eval": res["eval"],
             "split": res["split"], "limits": res["limits"]}
 
 
@@ -83,8 +91,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", default="runs/protect-example", help="working folder (models, family, outputs)")
     ap.add_argument("--out", default="bench/results/protect_example.json", help="where the figures go")
+    ap.add_argument("--summarise-only", action="store_true", help="re-read finished outputs into --out (no run)")
     a = ap.parse_args()
-    figures = run(Path(a.work))
+    if a.summarise_only:
+        figures = json.loads(Path(a.out).read_text())
+        for task, entry in figures["results"].items():
+            entry.update(summary(Path(a.work) / f"protected-{task}"))
+    else:
+        figures = run(Path(a.work))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(figures, indent=1) + "\n")
     print(json.dumps(figures["steps"], indent=1))

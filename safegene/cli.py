@@ -523,6 +523,17 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def command_parsers(parser: argparse.ArgumentParser, prefix: str = "") -> dict[str, argparse.ArgumentParser]:
+    """Every command's parser by its full name ("family build" included)."""
+    out = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                nested = command_parsers(sub, f"{prefix}{name} ")
+                out.update(nested or {f"{prefix}{name}": sub})
+    return out
+
+
 def _card_paths(cmd: Command, cfg: Any, args: argparse.Namespace) -> list[Path]:
     paths = []
     if cmd.output and getattr(cfg, cmd.output, None) and Path(getattr(cfg, cmd.output)).is_dir():

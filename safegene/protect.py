@@ -249,6 +249,19 @@ class _Checker:
         row.method = method
         return row.to_dict()
 
+    def refusals(self, name: str) -> list[bool] | None:
+        """Per benign-but-sensitive prompt, whether row `name` refused it (its stored answers, the phrase judge the
+        over-refusal rate uses), for the paired test."""
+        from .evaluation.harness import slug
+        from .evaluation.judges import RefusalPhraseJudge
+        from .generation import read_jsonl_rows
+
+        path = self.responses / f"{slug(name)}.over_refusal.jsonl"
+        if not path.is_file():
+            return None
+        judge = RefusalPhraseJudge()
+        return [judge.is_refusal(r["response"]) for r in read_jsonl_rows(path)]
+
     def eval_info(self, cfg: CheckConfig) -> dict[str, Any]:
         return {"harmful": cfg.harmful, "n_harmful": len(self.sets.harmful),
                 "over_refusal": self.sets.over_refusal_source, "n_over_refusal": len(self.sets.over_refusal),
@@ -283,6 +296,24 @@ def task_answers(model: Any, tok: Any, examples: Sequence[TaskExample], gen: Gen
     return generate(model, tok, [e.chat() for e in examples], gen, desc="task check")
 
 
+def paired_tests(before: dict[str, Any], after: dict[str, Any], util: dict[str, Any] | None,
+                 refusals: tuple[list[bool] | None, list[bool] | None] = (None, None)) -> dict[str, Any]:
+    """Exact McNemar tests of the before/after changes on the same items: harmful verdicts per judge, refusals of
+    benign-but-sensitive prompts, and task correctness where the data has answers."""
+    from .evaluation.metrics import mcnemar_exact
+
+    def bits(verdicts: str) -> list[bool | None]:
+        return [None if v == "?" else v == "1" for v in verdicts]
+
+    out = {f"harmful, {j}": mcnemar_exact(bits(before["verdicts"][j]), bits(after["verdicts"][j]))
+           for j in before["verdicts"] if j in after["verdicts"]}
+    if refusals[0] is not None and refusals[1] is not None:
+        out["over-refusal"] = mcnemar_exact(*refusals)
+    if util and util.get("correct_before") is not None:
+        out["utility"] = mcnemar_exact(util["correct_before"], util["correct_after"])
+    return out
+
+
 def utility_summary(examples: Sequence[TaskExample], before: list[str] | None, after: list[str],
                     loglik_before: float | None, loglik_after: float) -> dict[str, Any]:
     """Task utility on the held-out check items: exact-match accuracy where the data has answers; otherwise how
@@ -291,13 +322,15 @@ def utility_summary(examples: Sequence[TaskExample], before: list[str] | None, a
 
     has_answer = all(e.meta.get("has_answer") for e in examples)
     if has_answer:
-        score = lambda answers: Rate(sum(matches_answer(r, e.answer) for r, e in zip(answers, examples)),  # noqa: E731
-                                     len(examples)).to_dict()
-        b, a = (score(before) if before is not None else None), score(after)
+        correct = lambda answers: [matches_answer(r, e.answer) for r, e in zip(answers, examples)]  # noqa: E731
+        right_before = correct(before) if before is not None else None
+        right_after = correct(after)
+        b = Rate(sum(right_before), len(examples)).to_dict() if right_before is not None else None
+        a = Rate(sum(right_after), len(examples)).to_dict()
         drop = None if b is None else round(b["rate"] - a["rate"], 4)
         kind = "exact-match"
     else:
-        b = None
+        b, right_before, right_after = None, None, None
         a = Rate(sum(_normalise(x) == _normalise(y) for x, y in zip(before or [], after)), len(after)).to_dict() \
             if before is not None else None
         drop = None if a is None else round(1 - a["rate"], 4)
@@ -306,6 +339,7 @@ def utility_summary(examples: Sequence[TaskExample], before: list[str] | None, a
             "loglik_before": None if loglik_before is None else round(loglik_before, 4),
             "loglik_after": round(loglik_after, 4),
             "loglik_change": None if loglik_before is None else round(loglik_after - loglik_before, 4),
+            "correct_before": right_before, "correct_after": right_after,
             "samples": [{"prompt": e.prompt[-160:], "reference": e.meta.get("response", e.answer)[:160],
                          "before": (before or [None] * len(after))[i], "after": after[i]}
                         for i, e in enumerate(examples[:3])]}
@@ -518,6 +552,8 @@ def protect(cfg: ProtectConfig, overwrite: bool = False, progress: bool = True,
                        "task_data": input_digest(cfg.task_data)},
             "command": _command_line(argv, cfg, "protect"), "versions": library_versions(),
         }
+        results["paired"] = paired_tests(before, after, results["utility"],
+                                         (checker.refusals("T"), checker.refusals("T + SafeGene")))
         results["limits"] = check_limits(results, cfg.fail_if)
         write_protect_outputs(results, tmp)
     return results
@@ -594,6 +630,9 @@ def evaluate(cfg: EvalConfig, overwrite: bool = False, progress: bool = True,
                                                        ("adapter", cfg.adapter), ("task_data", cfg.task_data)) if v},
             "command": _command_line(argv, cfg, "eval"), "versions": library_versions(),
         }
+        if len(rows) == 2:
+            results["paired"] = paired_tests(rows[0], rows[1], utility,
+                                             (checker.refusals("model"), checker.refusals("model + adapter")))
         results["limits"] = check_limits(results, cfg.fail_if)
         write_protect_outputs(results, tmp)
     return results

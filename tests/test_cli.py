@@ -69,10 +69,10 @@ def test_every_command_is_generated_from_its_config():
     """Each config field is a flag with the field's help text; --config, --set and --run-card are everywhere."""
     import dataclasses
 
-    from safegene.cli import COMMANDS, _flags, build_parser
+    from safegene.cli import COMMANDS, _flags, build_parser, command_parsers
 
-    parser = build_parser()
-    subparsers = next(a for a in parser._actions if a.dest == "command").choices
+    subparsers = command_parsers(build_parser())
+    assert set(subparsers) == {cmd.name for cmd in COMMANDS}
     for cmd in COMMANDS:
         sub = subparsers[cmd.name]
         options = {s: a for a in sub._actions for s in a.option_strings}
@@ -161,11 +161,12 @@ def test_run_card_of_an_earlier_command_is_replaced_not_merged(tmp_path):
 
 
 def test_overwrite_is_offered_only_where_it_is_honoured():
-    from safegene.cli import build_parser
+    from safegene.cli import build_parser, command_parsers
 
-    subparsers = next(a for a in build_parser()._actions if a.dest == "command").choices
-    offered = {name for name, sub in subparsers.items() if any("--overwrite" in a.option_strings for a in sub._actions)}
-    assert offered == {"degrade", "finetune", "extract", "select", "recalibrate", "apply", "gate", "demo"}
+    offered = {name for name, sub in command_parsers(build_parser()).items()
+               if any("--overwrite" in a.option_strings for a in sub._actions)}
+    assert offered == {"degrade", "finetune", "extract", "select", "recalibrate", "apply", "gate", "demo", "protect",
+                       "eval"}
 
 
 def test_bench_refuses_a_max_steps_it_would_ignore(capsys):

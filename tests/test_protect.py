@@ -80,6 +80,11 @@ def test_protect_a_peft_adapter_task_model(family, task_models, tmp_path, capsys
     assert u["drop"] == pytest.approx(u["before"]["rate"] - u["after"]["rate"], abs=1e-4)
     assert u["loglik_change"] == pytest.approx(u["loglik_after"] - u["loglik_before"], abs=2e-4)
     assert set(res["coefficients"]) == {str(layer) for layer in res["layers"]} and res["limits"] is None
+    paired = res["paired"]["harmful, refusal-phrase"]
+    bits = [row["verdicts"]["refusal-phrase"] for row in res["rows"]]
+    assert paired["true_to_false"] == sum(b == "1" and a == "0" for b, a in zip(*bits))
+    assert res["paired"]["utility"]["n"] == 6 and "Paired tests" in (out / "README.md").read_text()
+    assert res["paired"]["over-refusal"]["n"] == 3
     assert set(res["timings"]) >= {"load_s", "eval_before_s", "recalibrate_s", "eval_after_s", "total_s"}
     assert (out / "adapter" / "adapter_config.json").is_file() and not (out / "model").exists()
     card = (out / "README.md").read_text()
@@ -200,3 +205,14 @@ def test_protect_refuses_before_any_work(extra, expected, family, task_models, t
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert expected in err and "Loading" not in err and not (tmp_path / "out").exists(), err
+
+
+def test_exact_mcnemar():
+    from safegene.evaluation.metrics import mcnemar_exact
+
+    # 6 items went harmful -> safe, none the other way: p = 2 * 0.5**6
+    t = mcnemar_exact([True] * 6 + [False] * 4, [False] * 6 + [False] * 4)
+    assert (t["true_to_false"], t["false_to_true"], t["n"]) == (6, 0, 10) and t["p_value"] == pytest.approx(0.03125)
+    assert mcnemar_exact([True, False], [False, True])["p_value"] == 1.0  # one each way: no evidence
+    assert mcnemar_exact([True, None], [True, False]) == {"n": 1, "true_to_false": 0, "false_to_true": 0,
+                                                          "p_value": 1.0}

@@ -81,3 +81,15 @@ def roc_auc(scores: list[float], labels: list[bool]) -> float | None:
         i = j + 1
     rank_pos = sum(r for r, y in zip(ranks, labels) if y)
     return (rank_pos - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
+
+
+def mcnemar_exact(before: Iterable[bool | None], after: Iterable[bool | None]) -> dict:
+    """Exact two-sided McNemar test of a change on the same items: of the items that changed (b went from True to
+    False, c from False to True), is the split further from even than chance? Items without a verdict on either
+    side are left out. Returns the counts and the p-value (1.0 when nothing changed)."""
+    pairs = [(x, y) for x, y in zip(before, after) if x is not None and y is not None]
+    b = sum(x and not y for x, y in pairs)
+    c = sum(y and not x for x, y in pairs)
+    n = b + c
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n if n else 1.0
+    return {"n": len(pairs), "true_to_false": b, "false_to_true": c, "p_value": float(f"{min(1.0, 2 * tail):.4g}")}

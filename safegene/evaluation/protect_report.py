@@ -129,6 +129,16 @@ def coefficients_table(results: dict[str, Any]) -> Table | None:
                                       for l in layers]
 
 
+def paired_table(results: dict[str, Any]) -> Table | None:
+    """The before/after changes on the same items, each with its exact McNemar p-value."""
+    paired = results.get("paired") or {}
+    if not paired:
+        return None
+    body = [[name, str(t["n"]), str(t["true_to_false"]), str(t["false_to_true"]), f"{t['p_value']:.3g}",
+             "yes" if t["p_value"] < 0.05 else "not significant"] for name, t in paired.items()]
+    return ["figure", "items", "true → false", "false → true", "p (exact McNemar)", "significant at 0.05"], body
+
+
 def limits_table(results: dict[str, Any]) -> Table | None:
     lim = results.get("limits")
     if not lim:
@@ -340,6 +350,9 @@ def render_html(results: dict[str, Any]) -> str:
         f"<p>{html.escape(_eval_settings(results))}. Rates with their 95% Wilson interval and n; judge answers that "
         "could not be read are left out of n and counted beside it.</p>",
     ]
+    paired = paired_table(results)
+    if paired:
+        parts += ["<h2>Paired tests (same prompts before and after)</h2>", _html_table(*paired)]
     lim = limits_table(results)
     if lim:
         failed = results["limits"].get("failed")
@@ -400,6 +413,9 @@ def model_card(results: dict[str, Any]) -> str:
     lines += ["", "## Measured", "", summary(results)]
     lines += _md_table(_eval_settings(results) + ". Rates with their 95% Wilson interval and n; judge answers that "
                        "could not be read are left out of n and counted beside it.", results_table(results))
+    paired = paired_table(results)
+    if paired:
+        lines += _md_table("Paired tests of the changes (same items before and after, exact McNemar):", paired)
     lim = limits_table(results)
     if lim:
         lines += _md_table(f"Limits (`--fail-if {results['limits'].get('spec', '')}`):", lim)
