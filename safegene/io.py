@@ -55,12 +55,20 @@ def check_output_path(
     return out
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_dir(output: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that becomes `output` only if the block finishes without error."""
     out = _resolve(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    # mkdtemp makes a private (0700) folder; the output is an ordinary folder, readable as the umask allows
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
         if out.exists():
@@ -83,6 +91,7 @@ def atomic_file(output: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
     out = _resolve(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    os.chmod(tmp, 0o666 & ~_umask())  # as for atomic_dir: mkstemp's 0600 is for secrets, not outputs
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f

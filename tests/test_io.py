@@ -48,3 +48,20 @@ def test_output_may_not_overlap_an_input(tmp_path):
     with pytest.raises(OutputExistsError, match="already exists"):
         check_output_path(existing, inputs=[src])
     assert check_output_path(existing, inputs=[src], overwrite=True) == existing.resolve()
+
+
+def test_atomic_outputs_get_ordinary_permissions(tmp_path):
+    """Review finding: outputs came out 0700/0600 (tempfile's private modes), unreadable to the user's group."""
+    import os
+    import stat
+
+    from safegene.io import atomic_dir, write_json
+
+    old = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "out") as tmp:
+            write_json(tmp / "a.json", {"x": 1})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "out" / "a.json").stat().st_mode) == 0o644

@@ -105,7 +105,8 @@ def test_protect_a_peft_adapter_task_model(family, task_models, tmp_path, capsys
 
 
 def test_protect_a_merged_task_model_with_merge_and_a_failing_limit(family, task_models, tmp_path, capsys):
-    fam, _ = family
+    # the family folder is self-contained: a copy without D (work/) elsewhere is all protect needs
+    fam = shutil.copytree(family[0], tmp_path / "moved-family", ignore=shutil.ignore_patterns("work"))
     data = _task_data(tmp_path / "mine.jsonl", n=12, answers=False)
     out = tmp_path / "protected"
     rc = main(["protect", "--model", str(task_models["merged"]), "--family", str(fam), "--task-data", str(data),
