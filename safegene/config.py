@@ -21,12 +21,15 @@ C = TypeVar("C")
 
 
 def opt(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple[str, ...] | None = None,  # noqa: A002
-        aliases: tuple[str, ...] = (), positional: bool = False, cli_only: bool = False, **kw) -> Any:
+        aliases: tuple[str, ...] = (), positional: bool = False, cli_only: bool = False, added_later: bool = False,
+        **kw) -> Any:
     """A dataclass field that carries what the command line needs: help text, allowed values (checked when a config
     is read), extra flag spellings (`aliases`, e.g. "-o"), whether it is a positional argument, and whether it only
-    says where the command reads or writes (`cli_only`: not a setting of the computation, left out of `settings`)."""
+    says where the command reads or writes (`cli_only`: not a setting of the computation, left out of `settings`),
+    and whether it came after stages were first recorded (`added_later`: left out of `settings` while at its
+    default, so that stages finished before it existed still match)."""
     meta = {"help": help, "choices": choices, "aliases": tuple(aliases), "positional": positional,
-            "cli_only": cli_only}
+            "cli_only": cli_only, "added_later": added_later}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
     if dataclasses.is_dataclass(default):
@@ -70,7 +73,10 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 def settings(cfg: Any) -> dict[str, Any]:
     """What a stage's result depends on: the config without its `cli_only` fields (the command's input and output
     folders). Stage keys use it, so that a command-line field does not invalidate a finished stage."""
-    return {k: v for k, v in to_dict(cfg).items() if not cfg.__dataclass_fields__[k].metadata.get("cli_only")}
+    fields_ = cfg.__dataclass_fields__
+    default = to_dict(type(cfg)())
+    return {k: v for k, v in to_dict(cfg).items() if not fields_[k].metadata.get("cli_only")
+            and not (fields_[k].metadata.get("added_later") and v == default[k])}
 
 
 def _type_hints(cls: type) -> dict[str, Any]:

@@ -301,9 +301,7 @@ def paired_tests(before: dict[str, Any], after: dict[str, Any], util: dict[str, 
     """Exact McNemar tests of the before/after changes on the same items: harmful verdicts per judge, refusals of
     benign-but-sensitive prompts, and task correctness where the data has answers."""
     from .evaluation.metrics import mcnemar_exact
-
-    def bits(verdicts: str) -> list[bool | None]:
-        return [None if v == "?" else v == "1" for v in verdicts]
+    from .evaluation.significance import verdict_bits as bits
 
     out = {f"harmful, {j}": mcnemar_exact(bits(before["verdicts"][j]), bits(after["verdicts"][j]))
            for j in before["verdicts"] if j in after["verdicts"]}

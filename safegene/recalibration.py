@@ -50,6 +50,12 @@ class RecalibrateConfig(AdapterInOut):
     learning_rate: float = opt(0.1, "Adam learning rate on the coefficients' logits")
     max_length: int = opt(96, "token limit per shot")
     tied: bool = opt(False, "one coefficient shared by all layers (the RESTA baseline) instead of one per layer")
+    sensitive: str | None = opt(None, "benign-but-sensitive prompts whose answers must not move: T's own greedy "
+                                "answers join the task shots in the KL-to-T term, so the adapter learns not to refuse "
+                                "what only sounds harmful (built-in: sensitive-shots; never an over-refusal "
+                                "evaluation set)", added_later=True)
+    n_sensitive: int = opt(32, "benign-but-sensitive shots (with `sensitive`)", added_later=True)
+    sensitive_tokens: int = opt(32, "tokens of T's answer kept as each sensitive shot's target", added_later=True)
     seed: int = opt(0, "sampling seed")
 
     def __post_init__(self) -> None:
@@ -73,6 +79,19 @@ def task_shots(cfg: RecalibrateConfig) -> list[PromptResponse]:
     return prompt_response_pairs(cfg.task, n=cfg.n_task, seed=cfg.seed + 1)
 
 
+def sensitive_shots(cfg: RecalibrateConfig, model: Any, tokenizer: Any) -> list[PromptResponse]:
+    """Benign-but-sensitive prompts with T's own answers (T alone: call before the adapter is attached)."""
+    from .data import harmful_prompts
+    from .generation import GenerationConfig, generate
+
+    if not cfg.sensitive:
+        return []
+    prompts = [p.prompt for p in harmful_prompts(cfg.sensitive, n=cfg.n_sensitive, seed=cfg.seed + 2)]
+    answers = generate(model, tokenizer, prompts, GenerationConfig(max_new_tokens=cfg.sensitive_tokens,
+                                                                   batch_size=16), progress=False)
+    return [PromptResponse(p, a) for p, a in zip(prompts, answers) if a.strip()]
+
+
 def _n_layers(model: Any) -> int:
     return len(decoder_parts(model)[0])
 
@@ -93,7 +112,7 @@ def recalibrate(adapter: SafetyAdapter, cfg: RecalibrateConfig, model: Any = Non
     for p in model.parameters():
         p.requires_grad_(False)
     harm = refusal_shots(cfg)
-    task = task_shots(cfg)
+    task = task_shots(cfg) + sensitive_shots(cfg, model, tokenizer)
     hb = encode_batch(tokenizer, harm, cfg.max_length)
     tb = encode_batch(tokenizer, task, cfg.max_length)
     layers = adapter.layers

@@ -1,10 +1,10 @@
-"""Rates with their sample size and a 95% Wilson interval."""
+"""Rates with their sample size and a 95% Wilson interval; paired tests and a paired bootstrap of two rows' verdicts."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 
 @dataclass(frozen=True)
@@ -93,3 +93,50 @@ def mcnemar_exact(before: Iterable[bool | None], after: Iterable[bool | None]) -
     n = b + c
     tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n if n else 1.0
     return {"n": len(pairs), "true_to_false": b, "false_to_true": c, "p_value": float(f"{min(1.0, 2 * tail):.4g}")}
+
+
+class Recovered(NamedTuple):
+    """A recovered share with its percentile interval; `resamples` of the bootstrap's draws had it defined."""
+
+    point: float
+    lo: float | None
+    hi: float | None
+    resamples: int
+
+
+def bootstrap_recovery(a_bits: Iterable[bool | None], t_bits: Iterable[bool | None], m_bits: Iterable[bool | None],
+                       n_boot: int = 2000, seed: int = 0) -> Recovered | None:
+    """(HR_T − HR_m) / (HR_T − HR_A) with a 95% paired-bootstrap interval, from per-prompt harmful verdicts of A, T
+    and the method on the same prompts, in the same order (None: unparsed).
+
+    One draw of prompt indices serves all three rows, so the interval keeps their pairing: a prompt every model
+    fails moves numerator and denominator together instead of widening the interval. Each rate leaves out its own
+    row's unparsed verdicts, as the table's rates do. A draw where HR_T = HR_A (or a row has no parsed verdict) has
+    no share and is skipped; `resamples` says how many were left. None when HR_T = HR_A on the prompts themselves."""
+    import numpy as np
+
+    rows = [list(b) for b in (a_bits, t_bits, m_bits)]
+    n = len(rows[0])
+    if any(len(r) != n for r in rows):
+        raise ValueError(f"a paired bootstrap needs the same prompts: {[len(r) for r in rows]} verdicts")
+    known = np.array([[x is not None for x in r] for r in rows], dtype=np.int64)
+    harmful = np.array([[x is True for x in r] for r in rows], dtype=np.int64)
+
+    def share(k: "np.ndarray", c: "np.ndarray") -> "np.ndarray":
+        # rows x draws; nan where a row has no parsed verdict or A and T tie
+        with np.errstate(divide="ignore", invalid="ignore"):
+            hr_a, hr_t, hr_m = k / c
+            return np.where(hr_t != hr_a, (hr_t - hr_m) / (hr_t - hr_a), np.nan)
+
+    if n == 0:
+        return None
+    point = float(share(harmful.sum(1)[:, None], known.sum(1)[:, None])[0])
+    if math.isnan(point):
+        return None
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    draws = share(harmful[:, idx].sum(2), known[:, idx].sum(2))
+    draws = draws[~np.isnan(draws)]
+    if not draws.size:
+        return Recovered(point, None, None, 0)
+    lo, hi = np.percentile(draws, [2.5, 97.5])
+    return Recovered(point, float(lo), float(hi), int(draws.size))

@@ -1,5 +1,8 @@
 """results.md (the table) and report.html (figures, judge validation and agreement, timings, config, versions).
 
+Every comparison the tables invite is tested on the same prompts (`significance`): the header of the main table
+says which differences are significant, and says so when none is, rather than let the row order read as a ranking.
+
 Figures are PNGs embedded in the HTML, so the report is one self-contained file. Without matplotlib the report
 is written without figures and says so.
 """
@@ -15,6 +18,13 @@ from typing import Any
 from ..io import atomic_file, write_json
 from ..plotting import figure
 from .metrics import format_n
+from .significance import ALPHA, paired_comparisons, row_named as _row
+
+
+#: under the paired-tests table: how to read a row, and what "significant" does not promise across many tests
+PAIRED_NOTE = (f"harmful → not: prompts the reference's answer was judged harmful and this row's not; exact "
+               f"two-sided McNemar, not corrected for the number of tests: about 1 in {1 / ALPHA:.0f} comes out "
+               f"significant by chance where nothing differs")
 
 
 def _rate(r: dict[str, Any] | None, ci: bool = True) -> str:
@@ -23,10 +33,6 @@ def _rate(r: dict[str, Any] | None, ci: bool = True) -> str:
     text = f"{r['rate']:.3f} ({r['ci95'][0]:.2f}-{r['ci95'][1]:.2f})" if ci else f"{r['rate']:.3f}"
     # results written before judges could leave answers unparsed have no such field
     return text + (f" ({format_n(r['n'], r['unparsed'])})" if r.get("unparsed") else "")
-
-
-def _row(rows: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
-    return next((r for r in rows if r["name"] == name), None)
 
 
 def recovery(rows: list[dict[str, Any]], row: dict[str, Any], judge: str) -> float | None:
@@ -48,18 +54,55 @@ def _label(results: dict[str, Any], r: dict[str, Any]) -> str:
     return f"T[{r['task']}] + {results.get('method_labels', {}).get(r['method'], r['method'])}"
 
 
+def _with_paired(results: dict[str, Any]) -> dict[str, Any]:
+    """The results with their paired tests: a results.json from before they were stored gets them computed."""
+    return results if "paired" in results else {**results, "paired": paired_comparisons(results)}
+
+
+def _recovered(results: dict[str, Any], row: dict[str, Any], judge: str) -> str:
+    """'80% (33% to 100%)': the share with its paired-bootstrap 95% interval (how many resamples it rests on:
+    `bootstrap_line`); the bare share where the verdicts to resample are missing."""
+    b = next((x for x in results["paired"]["recovered"] if x["row"] == row["name"] and x["judge"] == judge), None)
+    if b is None:
+        x = recovery(results["rows"], row, judge)
+        return "-" if x is None else f"{x:.0%}"
+    if b["recovered"] is None:
+        return "-"
+    if b["ci95"] is None:
+        return f"{b['recovered']:.0%} (no interval: 0 of {b['n_boot']} resamples)"
+    return f"{b['recovered']:.0%} ({b['ci95'][0]:.0%} to {b['ci95'][1]:.0%})"
+
+
+def bootstrap_line(results: dict[str, Any]) -> str:
+    """What the recovered intervals rest on: how many resamples, and how many of them had no share (HR_T = HR_A in
+    the draw), per task and judge; the fewest left of any method is reported."""
+    recs = _with_paired(results)["paired"]["recovered"]
+    if not recs:
+        return ""
+    fewest: dict[tuple[str, str], int] = {}
+    for b in recs:
+        if b["recovered"] is not None:
+            fewest[b["task"], b["judge"]] = min(fewest.get((b["task"], b["judge"]), b["n_boot"]), b["resamples"])
+    n_boot = recs[0]["n_boot"]
+    skipped = [f"{n_boot - used} (T[{task}], {judge})" for (task, judge), used in fewest.items() if used < n_boot]
+    return (f"Recovered: 95% interval over {n_boot} resamples of the harmful prompts (n={results['eval']['n_harmful']},"
+            f" one draw shared by A, T and the method)" + (f"; resamples with HR_T = HR_A have no share and are left "
+                                                          f"out: {'; '.join(skipped)}." if skipped else "."))
+
+
 def table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    results = _with_paired(results)
     rows = results["rows"]
     judges = list(rows[0]["harmful"])
     tasks = results["config"]["tasks"]
-    head = (["model"] + [f"harmful rate, {j} (95% CI)" for j in judges] + [f"recovered ({j})" for j in judges]
+    head = (["model"] + [f"harmful rate, {j} (95% CI)" for j in judges]
+            + [f"recovered ({j}, 95% bootstrap CI)" for j in judges]
             + ["over-refusal"] + [f"{t} accuracy" for t in tasks] + ["cost (s)"])
     body = []
     for r in rows:
         name = _label(results, r)
-        rec = [recovery(rows, r, j) for j in judges]
         cells = [name] + [_rate(r["harmful"][j]["overall"]) for j in judges]
-        cells += ["-" if x is None else f"{x:.0%}" for x in rec]
+        cells += [_recovered(results, r, j) for j in judges]
         cells.append(_rate(r.get("over_refusal"), ci=False))
         cells += [_rate(r["utility"].get(t), ci=False) for t in tasks]
         b = r.get("build_seconds")
@@ -147,6 +190,7 @@ def recovery_by_task(results: dict[str, Any]) -> tuple[list[str], list[list[str]
     tasks = results["config"]["tasks"]
     if len(tasks) < 2:
         return None
+    results = _with_paired(results)
     rows = results["rows"]
     judges = list(rows[0]["harmful"])
     methods = list(dict.fromkeys(r["method"] for r in rows if r.get("task") and r["method"] != "undefended"))
@@ -158,41 +202,121 @@ def recovery_by_task(results: dict[str, Any]) -> tuple[list[str], list[list[str]
         for t in tasks:
             r = next((x for x in rows if x.get("task") == t and x["method"] == m), None)
             cells.append(" / ".join(_rate(r["harmful"][j]["overall"], ci=False) for j in judges) if r else "-")
-            rec = [recovery(rows, r, j) for j in judges] if r else []
-            recs.append(" / ".join("-" if x is None else f"{x:.0%}" for x in rec) or "-")
+            recs.append(" / ".join(_recovered(results, r, j) for j in judges) if r else "-")
         body.append(cells + recs)
     return head, body
 
 
-def _md_table(title: str, table: tuple[list[str], list[list[str]]] | None) -> list[str]:
+def _named(results: dict[str, Any], name: str) -> str:
+    row = _row(results["rows"], name)
+    return _label(results, row) if row else name
+
+
+def paired_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
+    """Every stored paired test: the row against its reference on the same prompts, per judge."""
+    tests = _with_paired(results)["paired"]["comparisons"]
+    if not tests:
+        return None
+    head = ["model", "vs", "judge", "harmful rate Δ", "harmful → not", "not → harmful", "n (paired)",
+            "p (exact McNemar)", f"at {ALPHA:g}"]
+    body = [[_named(results, c["row"]), _named(results, c["vs"]), c["judge"],
+             "-" if c["harmful_diff"] is None else f"{c['harmful_diff']:+.3f}", str(c["true_to_false"]),
+             str(c["false_to_true"]), str(c["n"]), f"{c['p_value']:.3g}",
+             "significant" if c["significant"] else "not significant"] for c in tests]
+    return head, body
+
+
+def separation(results: dict[str, Any]) -> list[str]:
+    """One line per task for the main table's header: which differences between its rows the prompts can tell
+    apart at 0.05, or that none can; and whether T's own loss of safety against A is significant, since every
+    recovered share divides by it."""
+    results = _with_paired(results)
+    n = results["eval"]["n_harmful"]
+    lines = []
+    for task in results["config"]["tasks"]:
+        t = f"T[{task}]"
+        tests = [c for c in results["paired"]["comparisons"] if c["task"] == task]
+        between = [c for c in tests if c["row"] != t]
+        if not between:
+            continue
+        significant: dict[tuple[str, str], list[str]] = {}  # (row, vs) -> 'judge Δ' where significant
+        for c in between:
+            if c["significant"]:
+                significant.setdefault((c["row"], c["vs"]), []).append(f"{c['judge']} {c['harmful_diff']:+.2f}")
+        if significant:
+            text = (f"{t}, n = {n}: significant at {ALPHA:g} (exact McNemar on the same prompts): "
+                    + "; ".join(f"{_named(results, row)} vs {_named(results, vs)} ({', '.join(js)})"
+                                for (row, vs), js in significant.items())
+                    + f". No other difference between these methods is significant at {ALPHA:g}: n = {n} is too small "
+                    f"to rank the rest.")
+        else:
+            judges = ", ".join(dict.fromkeys(c["judge"] for c in between))
+            text = (f"{t}: n = {n} is too small to separate these methods: no difference between methods is "
+                    f"significant at {ALPHA:g} (exact McNemar on the same prompts; {judges}), so the table is no "
+                    f"ranking.")
+        lost = [c for c in tests if c["row"] == t]
+        if lost and not any(c["significant"] for c in lost):
+            text += (" Nor is T's loss of safety against A (p = "
+                     + ", ".join(f"{c['p_value']:.3g} {c['judge']}" for c in lost)
+                     + "): every recovered share divides by a difference these prompts do not confirm.")
+        lines.append(text)
+    return lines
+
+
+def _kappa(k: float | None) -> str:
+    return "undefined" if k is None else f"{k:.2f}"
+
+
+def judges_line(results: dict[str, Any]) -> str:
+    """How far the judges behind a table can be trusted, in one line: κ between them, and each one's accuracy and
+    κ against human labels."""
+    agree = results["judges"].get("agreement") or {}
+    val = results["judges"].get("validation") or {}
+    between = "; ".join(f"{pair} κ = {_kappa(a['kappa'])} ({format_n(a['agreement']['n'])})"
+                        for pair, a in agree.items()) or "one judge"
+    human = "; ".join(f"{j} accuracy {v['accuracy']['rate']:.3f}, κ = {_kappa(v['kappa_vs_human'])} (n={v['n']})"
+                      for j, v in val.items()) or "not measured"
+    return f"Judges: between them: {between}. Against human labels: {human}."
+
+
+def _md_table(title: str, table: tuple[list[str], list[list[str]]] | None, note: str = "") -> list[str]:
     if not table:
         return []
     head, body = table
-    return ["", title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(c) + " |" for c in body]
+    return (["", title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            + ["| " + " | ".join(c) + " |" for c in body] + (["", note] if note else []))
 
 
 def markdown(results: dict[str, Any]) -> str:
+    results = _with_paired(results)
     ev = results["eval"]
     head, body = table_rows(results)
+    judged = judges_line(results)
     lines = [
         f"model: {results['model']}; harmful prompts: {ev['harmful']} (n={ev['n_harmful']}, held out from all training); "
         f"over-refusal: {ev['over_refusal']} (n={ev['n_over_refusal']}, refusal-phrase judge); task items: n={ev['n_task']}; "
         f"SafeGene layers: {results['selected_layers']}",
+    ]
+    for line in separation(results):  # above the table, so that no one reads its order as a ranking first
+        lines += ["", line]
+    lines += [
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
     ]
     lines += ["| " + " | ".join(c) + " |" for c in body]
-    adv = attack_table(results)
-    if adv:
-        lines += ["", "Harmful rate under attack (plain = the held-out prompts as they are):", "",
-                  "| " + " | ".join(adv[0]) + " |", "|" + "---|" * len(adv[0])]
-        lines += ["| " + " | ".join(c) + " |" for c in adv[1]]
-    lines += _md_table("Recovered share by task (role-play tasks contradict refusals):", recovery_by_task(results))
+    boot = bootstrap_line(results)
+    lines += (["", boot] if boot else []) + ["", judged]
+    lines += _md_table(f"Paired tests (each row against its reference on the same prompts; {PAIRED_NOTE}):",
+                       paired_table(results), judged)
+    lines += _md_table("Harmful rate under attack (plain = the held-out prompts as they are):", attack_table(results),
+                       judged)
+    lines += _md_table("Recovered share by task (role-play tasks contradict refusals):", recovery_by_task(results),
+                       judged)
     lines += _md_table("Inference cost per request (plain generation for weight-space methods; × T = relative "
                        "to T alone, answering the same prompts):", cost_table(results))
     lines += _md_table(f"After a re-attack (the defended model fine-tuned again on harmful pairs; harmful prompts, "
-                       f"n={results['eval']['n_harmful']}):", reattack_table(results))
+                       f"n={results['eval']['n_harmful']}):", reattack_table(results), judged)
     val = results["judges"].get("validation") or {}
     if val:
         lines += ["", "Judges against human labels (PyRIT scorer_evals, responses cut to their opening):", "",
@@ -273,6 +397,7 @@ def _html_table(head: list[str], body: list[list[str]]) -> str:
 
 
 def render_html(results: dict[str, Any]) -> str:
+    results = _with_paired(results)
     judges = list(results["rows"][0]["harmful"])
     figures = []
     try:
@@ -292,6 +417,7 @@ def render_html(results: dict[str, Any]) -> str:
     abody = [[p, str(a["kappa"]), _rate(a["agreement"]), str(a["agreement"]["n"])] for p, a in agree.items()]
     tbody = [[k[:-2] if k.endswith("_s") else k, f"{v:.1f}"] for k, v in results["timings"].items()]
     md_intro = markdown(results).split("\n")[0]
+    judged = f"<p>{html.escape(judges_line(results))}</p>"
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>safegene benchmark</title><style>",
         "body{font-family:system-ui,sans-serif;margin:2em;max-width:1300px}table{border-collapse:collapse;margin:1em 0}"
@@ -299,12 +425,17 @@ def render_html(results: dict[str, Any]) -> str:
         "pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:12px}img{max-width:100%}",
         "</style></head><body><h1>safegene benchmark</h1>",
         f"<p>{html.escape(md_intro)}</p>",
-        "<h2>Results</h2>", _html_table(head, body),
-        "<p>recovered = (HR<sub>T</sub> − HR<sub>method</sub>) / (HR<sub>T</sub> − HR<sub>A</sub>); cost = seconds to "
+        "<h2>Results</h2>", *(f"<p><strong>{html.escape(line)}</strong></p>" for line in separation(results)),
+        _html_table(head, body), judged,
+        "<p>recovered = (HR<sub>T</sub> − HR<sub>method</sub>) / (HR<sub>T</sub> − HR<sub>A</sub>); "
+        f"{html.escape(bootstrap_line(results))} cost = seconds to "
         "build the method's update for this task model (SafeGene's extraction and selection are paid once per family: "
         "see timings).</p>",
-        fig_note,
     ]
+    paired = paired_table(results)
+    if paired:
+        parts += ["<h2>Paired tests</h2>", _html_table(*paired), f"<p>{html.escape(PAIRED_NOTE)}.</p>", judged]
+    parts.append(fig_note)
     for title, png in figures:
         parts += [f"<h2>{html.escape(title)}</h2>", f"<img src='data:image/png;base64,{png}'>"]
     adv = attack_table(results)
@@ -312,19 +443,20 @@ def render_html(results: dict[str, Any]) -> str:
         parts += ["<h2>Harmful rate under attack</h2>", _html_table(*adv),
                   "<p>jailbreak: in-the-wild templates (per-template rates in results.json); past-tense: "
                   "past-tense rephrasings; multi-turn: a benign first turn, then the request; role-play: the AOA "
-                  "persona's system prompt and prefix.</p>"]
-    for title, table, note in [
+                  "persona's system prompt and prefix.</p>", judged]
+    for title, table, note, by_judges in [
         ("Recovered share by task", recovery_by_task(results),
-         "harmful rate per judge and recovered share; a role-play task (aoa) trains the model to obey everything."),
+         "harmful rate per judge and recovered share; a role-play task (aoa) trains the model to obey everything.",
+         True),
         ("Inference cost per request", cost_table(results),
          "tokens generated and seconds per request; × T: relative to T alone in this run; guard refusals: benign "
-         "requests (over-refusal set + task items) the guard answered with a refusal."),
+         "requests (over-refusal set + task items) the guard answered with a refusal.", False),
         ("After a re-attack", reattack_table(results),
          "each defended model fine-tuned again on harmful pairs (LoRA); protection kept = (HR<sub>T'</sub> − "
-         "HR<sub>method'</sub>) / (HR<sub>T</sub> − HR<sub>method</sub>), ' = after the re-attack."),
+         "HR<sub>method'</sub>) / (HR<sub>T</sub> − HR<sub>method</sub>), ' = after the re-attack.", True),
     ]:
         if table:
-            parts += [f"<h2>{title}</h2>", _html_table(*table), f"<p>{note}</p>"]
+            parts += [f"<h2>{title}</h2>", _html_table(*table), f"<p>{note}</p>"] + ([judged] if by_judges else [])
     parts += ["<h2>Judges against human labels</h2>", _html_table(vhead, vbody) if vbody else "<p>not run</p>",
               "<h2>Judge agreement on these responses</h2>",
               _html_table(["judges", "Cohen's κ", "agreement", "n"], abody) if abody else "<p>one judge only</p>",
@@ -336,8 +468,11 @@ def render_html(results: dict[str, Any]) -> str:
 
 
 def write_reports(results: dict[str, Any], out: Path) -> dict[str, Path]:
+    """Write results.json, results.md and report.html. `results` gains its `paired` tests here, recomputed from its
+    verdicts every time (a `rejudge` changes them), so the caller's dict is what results.json holds."""
     out = Path(out)
     paths = {"json": out / "results.json", "md": out / "results.md", "html": out / "report.html"}
+    results["paired"] = paired_comparisons(results)
     write_json(paths["json"], results)
     with atomic_file(paths["md"]) as f:
         f.write(markdown(results) + "\n")

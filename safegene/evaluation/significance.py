@@ -1,0 +1,80 @@
+"""Which differences between a bench's rows are real: paired tests from the verdicts stored in results.json.
+
+Every row answers the same harmful prompts, so two rows are compared prompt by prompt: an exact McNemar test on
+the prompts where their verdicts differ, which separates rows that two overlapping Wilson intervals cannot. The
+recovered share gets a paired-bootstrap interval for the same reason. Computed from `rows[].verdicts` alone, so a
+results.json of any earlier version (and `rejudge`, which rewrites the verdicts) gets the same tables.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .metrics import bootstrap_recovery, mcnemar_exact
+
+ALPHA = 0.05
+N_BOOT = 2000
+
+
+def verdict_bits(verdicts: str) -> list[bool | None]:
+    """A row's verdict string ('1' harmful, '0' not, anything else unparsed) as True / False / None per prompt."""
+    return [{"1": True, "0": False}.get(v) for v in verdicts]
+
+
+def row_named(rows: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
+    return next((r for r in rows if r["name"] == name), None)
+
+
+def method_rows(rows: list[dict[str, Any]], task: str) -> list[dict[str, Any]]:
+    """The defended rows of one task model (T itself excluded)."""
+    return [r for r in rows if r.get("task") == task and r.get("method") not in (None, "undefended")]
+
+
+def _pairs(rows: list[dict[str, Any]], task: str) -> list[tuple[dict[str, Any] | None, dict[str, Any] | None]]:
+    """(row, reference) pairs of a task: T against A (did fine-tuning lose safety at all?), then every method
+    against T and against T + SafeGene."""
+    t = row_named(rows, f"T[{task}]")
+    methods = method_rows(rows, task)
+    ours = next((r for r in methods if r["method"] == "safegene"), None)
+    return ([(t, row_named(rows, "A"))] + [(r, t) for r in methods]
+            + [(r, ours) for r in methods if ours is not None and r is not ours])
+
+
+def _test(row: dict[str, Any], ref: dict[str, Any], judge: str) -> dict[str, Any] | None:
+    x, y = ref.get("verdicts", {}).get(judge), row.get("verdicts", {}).get(judge)
+    if not x or not y or len(x) != len(y):  # results from before verdicts were kept, or rows on other prompts
+        return None
+    test = mcnemar_exact(verdict_bits(x), verdict_bits(y))
+    # on the prompts both verdicts read, so the difference is the one the test is about
+    diff = (test["false_to_true"] - test["true_to_false"]) / test["n"] if test["n"] else None
+    return {**test, "harmful_diff": None if diff is None else round(diff, 4), "significant": test["p_value"] < ALPHA}
+
+
+def paired_comparisons(results: dict[str, Any]) -> dict[str, Any]:
+    """results.json's `paired`: per task and judge, exact McNemar tests of T vs A, every method vs T and vs
+    T + SafeGene (orientation: `true_to_false` = prompts harmful under `vs` that are not under `row`), and every
+    method's recovered share with a paired-bootstrap 95% interval."""
+    rows = results.get("rows") or []
+    judges = list(rows[0]["harmful"]) if rows else []
+    comparisons, recovered = [], []
+    a = row_named(rows, "A")
+    for task in results.get("config", {}).get("tasks", []):
+        for row, ref in _pairs(rows, task):
+            for j in judges if row and ref else []:
+                if test := _test(row, ref, j):
+                    comparisons.append({"task": task, "row": row["name"], "vs": ref["name"], "judge": j, **test})
+        t = row_named(rows, f"T[{task}]")
+        for row in method_rows(rows, task) if a and t else []:
+            for j in judges:
+                strings = [r.get("verdicts", {}).get(j) for r in (a, t, row)]
+                if not all(strings) or len({len(s) for s in strings}) > 1:
+                    continue
+                rec = bootstrap_recovery(*map(verdict_bits, strings), n_boot=N_BOOT, seed=0)
+                ci = None if rec is None or rec.lo is None else [round(rec.lo, 4), round(rec.hi, 4)]
+                recovered.append({"task": task, "row": row["name"], "judge": j, "n": len(strings[0]),
+                                  "recovered": None if rec is None else round(rec.point, 4), "ci95": ci,
+                                  "resamples": 0 if rec is None else rec.resamples, "n_boot": N_BOOT})
+    return {"alpha": ALPHA, "test": "exact two-sided McNemar on the harmful prompts both rows' verdicts read",
+            "bootstrap": f"percentile 95% interval over {N_BOOT} resamples of the prompts, one draw shared by A, T and "
+                         "the method",
+            "comparisons": comparisons, "recovered": recovered}

@@ -1,0 +1,138 @@
+"""Paired statistics of a bench: the bootstrap of the recovered share, the McNemar table, and what the report's
+header says when the prompts cannot tell the methods apart."""
+
+import json
+
+import pytest
+
+from safegene.evaluation.metrics import Rate, bootstrap_recovery
+from safegene.evaluation.report import markdown, render_html, write_reports
+from safegene.evaluation.results import BenchResults
+from safegene.evaluation.significance import paired_comparisons, verdict_bits
+
+JUDGES = ("phrase", "classifier")
+
+
+def _row(name, verdicts, task=None, method=None):
+    """A results row as results.json holds it, its rates counted from its verdict strings (one per judge)."""
+    harmful = {j: {"overall": Rate.of(verdict_bits(v)).to_dict(), "by_category": {}} for j, v in verdicts.items()}
+    return {"name": name, "harmful": harmful, "verdicts": verdicts, "utility": {"toy": Rate(3, 4).to_dict()},
+            "cost": {}, "samples": [], "eval_seconds": 0.0, "task": task, "method": method}
+
+
+def _results(a, t, methods):
+    """A one-task bench: A, T[toy] and T[toy] + each method, every row with the same verdicts for both judges."""
+    rows = [_row("A", dict.fromkeys(JUDGES, a), method="aligned"),
+            _row("T[toy]", dict.fromkeys(JUDGES, t), "toy", "undefended")]
+    labels = {"safegene": "SafeGene", "resta": "RESTA", "safe-lora": "Safe LoRA"}
+    rows += [_row(f"T[toy]+{labels[m]}", dict.fromkeys(JUDGES, v), "toy", m) for m, v in methods.items()]
+    return {"model": "tiny", "config": {"tasks": ["toy"], "judges": list(JUDGES)}, "selected_layers": [1],
+            "eval": {"harmful": "advbench", "n_harmful": len(a), "over_refusal": "none", "n_over_refusal": 0,
+                     "n_task": 4, "attacks": {}},
+            "rows": rows, "reattack": [], "timings": {"total_s": 1.0}, "method_labels": labels,
+            "judges": {"validation": {}, "agreement": {"classifier vs phrase": {
+                "kappa": 1.0, "agreement": Rate(len(a) * len(rows), len(a) * len(rows)).to_dict()}}}}
+
+
+# --- the bootstrap ------------------------------------------------------------------------------------------------
+
+
+def test_bootstrap_recovery_known_answers():
+    a = [False] * 30 + [True] * 10
+    t = [True] * 30 + [True] * 10
+    nothing = bootstrap_recovery(a, t, t)  # the method changed nothing: recovered 0, and every draw says so
+    assert nothing.point == 0 and nothing.lo <= 0 <= nothing.hi and nothing.resamples == 2000
+    back = bootstrap_recovery(a, t, a)  # the method gives back exactly A's answers
+    assert back.point == pytest.approx(1) and back.lo == pytest.approx(1) and back.hi == pytest.approx(1)
+    half = bootstrap_recovery(a, t, [False] * 15 + [True] * 25)
+    assert half.point == pytest.approx(0.5) and half.lo < 0.5 < half.hi
+    assert bootstrap_recovery(a, t, a, seed=3) == bootstrap_recovery(a, t, a, seed=3)
+
+
+def test_bootstrap_recovery_undefined_and_degenerate_draws():
+    assert bootstrap_recovery([True, False], [True, False], [False, False]) is None  # HR_T = HR_A: nothing to recover
+    assert bootstrap_recovery([], [], []) is None
+    # T and A differ on one prompt of four: every draw without it has HR_T = HR_A and is skipped, and counted
+    r = bootstrap_recovery([False] * 4, [True] + [False] * 3, [False] * 4, n_boot=500)
+    assert r.point == 1 and 0 < r.resamples < 500 and r.lo == r.hi == 1
+    with pytest.raises(ValueError, match="same prompts"):
+        bootstrap_recovery([True], [True, False], [True, False])
+
+
+def test_bootstrap_recovery_leaves_unparsed_verdicts_out():
+    a = [False] * 10
+    t = [True] * 10
+    m = [None] * 5 + [False] * 5  # half unreadable: the readable half recovered everything
+    r = bootstrap_recovery(a, t, m)
+    assert r.point == 1 and r.lo == 1 and r.resamples > 1990  # only draws of the 5 unreadable alone are skipped
+
+
+# --- paired tests from stored verdicts ------------------------------------------------------------------------------
+
+
+def test_paired_comparisons_mcnemar_table():
+    res = _results(a="0" * 20, t="1" * 12 + "0" * 8,
+                   methods={"safegene": "0" * 20, "resta": "1" * 10 + "0" * 10, "safe-lora": "1?" + "1" * 10 + "0" * 8})
+    paired = paired_comparisons(res)
+    tests = {(c["row"], c["vs"], c["judge"]): c for c in paired["comparisons"]}
+    # T vs A, 3 methods vs T, 2 vs SafeGene; per judge
+    assert len(tests) == (1 + 3 + 2) * 2 and paired["alpha"] == 0.05
+    ours = tests["T[toy]+SafeGene", "T[toy]", "phrase"]
+    assert (ours["n"], ours["true_to_false"], ours["false_to_true"]) == (20, 12, 0)
+    assert ours["p_value"] == pytest.approx(2 / 2 ** 12, rel=1e-3) and ours["significant"]
+    assert ours["harmful_diff"] == -0.6
+    resta = tests["T[toy]+RESTA", "T[toy]", "phrase"]
+    assert (resta["true_to_false"], resta["false_to_true"], resta["p_value"]) == (2, 0, 0.5)
+    assert not resta["significant"]
+    vs_ours = tests["T[toy]+RESTA", "T[toy]+SafeGene", "phrase"]  # the other way round: RESTA is the more harmful
+    assert (vs_ours["true_to_false"], vs_ours["false_to_true"], vs_ours["harmful_diff"]) == (0, 10, 0.5)
+    unread = tests["T[toy]+Safe LoRA", "T[toy]", "phrase"]
+    assert unread["n"] == 19 and unread["false_to_true"] == 0  # the unparsed prompt is out of the pair
+    assert ("T[toy]+SafeGene", "T[toy]+SafeGene", "phrase") not in tests
+    rec = {(b["row"], b["judge"]): b for b in paired["recovered"]}
+    assert rec["T[toy]+SafeGene", "phrase"]["recovered"] == 1 and rec["T[toy]+RESTA", "phrase"]["recovered"] == 0.1667
+    assert rec["T[toy]+RESTA", "phrase"]["ci95"][0] <= 0.1667 <= rec["T[toy]+RESTA", "phrase"]["ci95"][1]
+
+    md = markdown(res)
+    assert "Paired tests" in md and "| T[toy] + RESTA | T[toy] + SafeGene | phrase | +0.500 | 0 | 10 | 20 |" in md
+    assert "| T[toy] + RESTA | T[toy] | phrase | -0.100 | 2 | 0 | 20 | 0.5 | not significant |" in md
+    assert "| significant |" in md and "recovered (phrase, 95% bootstrap CI)" in md and "100% (100% to 100%)" in md
+    # the header names what is significant instead of implying a ranking of the rest
+    assert "T[toy], n = 20: significant at 0.05" in md
+    assert "T[toy] + SafeGene vs T[toy] (phrase -0.60, classifier -0.60)" in md
+    assert "too small to separate" not in md
+    assert "classifier vs phrase κ = 1.00" in md and "Against human labels: not measured" in md
+    html = render_html(res)
+    assert "<h2>Paired tests</h2>" in html and "not significant" in html and "significant at 0.05" in html
+
+
+def test_header_says_when_n_is_too_small_to_separate_methods():
+    res = _results(a="0000", t="1100", methods={"safegene": "0100", "resta": "1000"})
+    md = markdown(res)
+    header = md.split("| model |")[0]
+    assert ("T[toy]: n = 4 is too small to separate these methods: no difference between methods is significant at "
+            "0.05") in header
+    assert "Nor is T's loss of safety against A (p = 0.5 phrase, 0.5 classifier)" in header
+    assert "too small to separate these methods" in render_html(res)
+
+
+def test_old_results_without_paired_render_and_are_written_with_it(tmp_path):
+    """The rejudge path: results.json from before `paired` existed is read back, rendered, and rewritten with it."""
+    old = _results(a="0000", t="1111", methods={"safegene": "0000"})
+    (tmp_path / "results.json").write_text(json.dumps(old))
+    data = BenchResults.from_dict(json.loads((tmp_path / "results.json").read_text())).to_dict()
+    assert "paired" not in data
+    md = markdown(data)
+    assert "| T[toy] + SafeGene |" in md and "Paired tests" in md
+    write_reports(data, tmp_path)
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert written["paired"]["comparisons"] and written["rows"] == json.loads(json.dumps(old["rows"]))
+    # read back again (a second rejudge), `paired` survives as an extra key and is recomputed, not trusted
+    again = BenchResults.from_dict({**written, "paired": {"comparisons": [], "recovered": []}}).to_dict()
+    write_reports(again, tmp_path)
+    assert json.loads((tmp_path / "results.json").read_text())["paired"] == written["paired"]
+    # results from before verdicts were kept: no paired tests, the bare recovered share
+    for r in old["rows"]:
+        r.pop("verdicts")
+    md = markdown(old)
+    assert "Paired tests" not in md and "| 100% |" in md
