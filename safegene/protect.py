@@ -433,6 +433,10 @@ class ProtectConfig(CheckConfig):
     harmful_shots: str = opt("harmful-pairs", "harmful prompts of the recalibration shots (disjoint from `harmful`)")
     n_harmful_shots: int = opt(32, "harmful recalibration shots")
     recal_steps: int = opt(20, "recalibration optimizer steps")
+    sensitive: str | None = opt(None, "benign-but-sensitive prompts whose answers recalibration keeps (T's own), "
+                                "against over-refusal: sensitive-shots (built in) or a prompt file; never an "
+                                "over-refusal evaluation set")
+    n_sensitive: int = opt(32, "benign-but-sensitive shots (with --sensitive)")
     fail_if: str | None = opt(None, "limits that fail the run with exit status 3, e.g. "
                               "harmful>0.10,over_refusal>0.30,utility_drop>0.02 (harmful: the first judge's rate "
                               "after, harmful:<judge> another's; utility_drop: exact-match accuracy lost where the "
@@ -506,7 +510,7 @@ def protect(cfg: ProtectConfig, overwrite: bool = False, progress: bool = True,
         write_shots_jsonl(shots, shots_file)
         rcfg = RecalibrateConfig(task_model=cfg.model, harmful=cfg.harmful_shots, task=str(shots_file),
                                  n_harmful=cfg.n_harmful_shots, n_task=len(shots), steps=cfg.recal_steps,
-                                 seed=cfg.seed)
+                                 sensitive=cfg.sensitive, n_sensitive=cfg.n_sensitive, seed=cfg.seed)
         t = time.perf_counter()
         calibrated = recalibrate(adapter, rcfg, model=model, tokenizer=tok, progress=progress)
         timings["recalibrate_s"] = round(time.perf_counter() - t, 1)

