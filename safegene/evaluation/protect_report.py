@@ -16,7 +16,7 @@ from typing import Any
 from .. import plotting
 from ..io import atomic_file, write_json
 from .metrics import format_n
-from .report import _html_table, _md_table, _png, _rate
+from .report import html_table, md_table, png_base64, rate_cell
 
 Table = tuple[list[str], list[list[str]]]
 
@@ -25,11 +25,11 @@ _COLOURS = ("#c0504d", "#2e75b6")
 
 
 def _rate_n(r: dict[str, Any] | None) -> str:
-    """A rate with its interval and n ('0.140 (0.08-0.24) (n=64)'); `_rate` already adds n where some answers
+    """A rate with its interval and n ('0.140 (0.08-0.24) (n=64)'); `rate_cell` already adds n where some answers
     were unparsed."""
     if not r:
         return "-"
-    return _rate(r) + ("" if r.get("unparsed") else f" ({format_n(r['n'])})")
+    return rate_cell(r) + ("" if r.get("unparsed") else f" ({format_n(r['n'])})")
 
 
 def _harmful(row: dict[str, Any], judge: str) -> dict[str, Any] | None:
@@ -267,7 +267,7 @@ def category_bars(results: dict[str, Any], judge: str) -> str | None:
     # beside the axes, so that it never hides a bar or an error bar
     ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.grid(axis="y", alpha=0.3)
-    return _png(fig)
+    return png_base64(fig)
 
 
 def safety_utility(results: dict[str, Any]) -> str:
@@ -311,7 +311,7 @@ def safety_utility(results: dict[str, Any]) -> str:
                         bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85})
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _png(fig)
+    return png_base64(fig)
 
 
 def _figures(results: dict[str, Any]) -> tuple[list[tuple[str, str]], str]:
@@ -346,17 +346,17 @@ def render_html(results: dict[str, Any]) -> str:
         ".summary{font-size:15px;line-height:1.5}",
         f"</style></head><body><h1>{html.escape(title)}</h1>",
         f"<p class='summary'>{html.escape(summary(results))}</p>",
-        "<h2>Results</h2>", _html_table(*results_table(results)),
+        "<h2>Results</h2>", html_table(*results_table(results)),
         f"<p>{html.escape(_eval_settings(results))}. Rates with their 95% Wilson interval and n; judge answers that "
         "could not be read are left out of n and counted beside it.</p>",
     ]
     paired = paired_table(results)
     if paired:
-        parts += ["<h2>Paired tests (same prompts before and after)</h2>", _html_table(*paired)]
+        parts += ["<h2>Paired tests (same prompts before and after)</h2>", html_table(*paired)]
     lim = limits_table(results)
     if lim:
         failed = results["limits"].get("failed")
-        parts += [f"<h2>--fail-if limits: {'FAILED' if failed else 'passed'}</h2>", _html_table(*lim),
+        parts += [f"<h2>--fail-if limits: {'FAILED' if failed else 'passed'}</h2>", html_table(*lim),
                   f"<p>--fail-if {html.escape(results['limits'].get('spec', ''))}</p>"]
     parts.append(fig_note)
     for name, png in figures:
@@ -364,7 +364,7 @@ def render_html(results: dict[str, Any]) -> str:
     for name, table in (("Layers and coefficients", coefficients_table(results)),
                         ("Timings (s)", timings_table(results)), ("Inputs", inputs_table(results))):
         if table:
-            parts += [f"<h2>{name}</h2>", _html_table(*table)]
+            parts += [f"<h2>{name}</h2>", html_table(*table)]
     split = split_text(results)
     if split:
         parts += ["<h2>Task data</h2>", f"<p>{html.escape(split)}</p>"]
@@ -411,20 +411,20 @@ def model_card(results: dict[str, Any]) -> str:
                   f"{json.dumps(adapter)})", "```", "", "or served (OpenAI-compatible) by safegene:", "", "```bash",
                   f"safegene serve --model {model} --adapter safety={adapter}", "```"]
     lines += ["", "## Measured", "", summary(results)]
-    lines += _md_table(_eval_settings(results) + ". Rates with their 95% Wilson interval and n; judge answers that "
+    lines += md_table(_eval_settings(results) + ". Rates with their 95% Wilson interval and n; judge answers that "
                        "could not be read are left out of n and counted beside it.", results_table(results))
     paired = paired_table(results)
     if paired:
-        lines += _md_table("Paired tests of the changes (same items before and after, exact McNemar):", paired)
+        lines += md_table("Paired tests of the changes (same items before and after, exact McNemar):", paired)
     lim = limits_table(results)
     if lim:
-        lines += _md_table(f"Limits (`--fail-if {results['limits'].get('spec', '')}`):", lim)
+        lines += md_table(f"Limits (`--fail-if {results['limits'].get('spec', '')}`):", lim)
     coef = coefficients_table(results)
     if coef:
-        lines += ["", "## Per-layer coefficients"] + _md_table("The adapter's coefficient per layer:", coef)
+        lines += ["", "## Per-layer coefficients"] + md_table("The adapter's coefficient per layer:", coef)
     inputs = inputs_table(results)
     if inputs:
-        lines += ["", "## Inputs"] + _md_table("SHA-256 of each input (the hash kind says how a large file or a folder "
+        lines += ["", "## Inputs"] + md_table("SHA-256 of each input (the hash kind says how a large file or a folder "
                                                "was hashed):", inputs)
     if results.get("command"):
         lines += ["", "## Reproduce", "", "```bash", results["command"], "```"]

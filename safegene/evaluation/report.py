@@ -27,7 +27,7 @@ PAIRED_NOTE = (f"harmful → not: prompts the reference's answer was judged harm
                f"significant by chance where nothing differs")
 
 
-def _rate(r: dict[str, Any] | None, ci: bool = True) -> str:
+def rate_cell(r: dict[str, Any] | None, ci: bool = True) -> str:
     if not r:
         return "-"
     text = f"{r['rate']:.3f} ({r['ci95'][0]:.2f}-{r['ci95'][1]:.2f})" if ci else f"{r['rate']:.3f}"
@@ -101,10 +101,10 @@ def table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     body = []
     for r in rows:
         name = _label(results, r)
-        cells = [name] + [_rate(r["harmful"][j]["overall"]) for j in judges]
+        cells = [name] + [rate_cell(r["harmful"][j]["overall"]) for j in judges]
         cells += [_recovered(results, r, j) for j in judges]
-        cells.append(_rate(r.get("over_refusal"), ci=False))
-        cells += [_rate(r["utility"].get(t), ci=False) for t in tasks]
+        cells.append(rate_cell(r.get("over_refusal"), ci=False))
+        cells += [rate_cell(r["utility"].get(t), ci=False) for t in tasks]
         b = r.get("build_seconds")
         cells.append("-" if b is None else ("<1" if b < 1 else f"{b:.0f}"))
         body.append(cells)
@@ -122,8 +122,8 @@ def attack_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]] |
     head = ["model"] + [f"plain ({j})" for j in judges] + [f"{a} ({j}, n={n.get(a, '?')})" for a in attacks for j in judges]
     body = []
     for r in rows:
-        body.append([_label(results, r)] + [_rate(r["harmful"][j]["overall"], ci=False) for j in judges]
-                    + [_rate(r["attacks"][a][j]["overall"]) for a in attacks for j in judges])
+        body.append([_label(results, r)] + [rate_cell(r["harmful"][j]["overall"], ci=False) for j in judges]
+                    + [rate_cell(r["attacks"][a][j]["overall"]) for a in attacks for j in judges])
     return head, body
 
 
@@ -179,8 +179,8 @@ def reattack_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]
             kept.append(f"{prot_after / prot:.0%}" if prot > 1e-9 else "-")
         info = r["reattack"]
         body.append([r["defence_row"], f"{info['steps']} steps × {info['examples']} pairs, {info['seconds']:.0f} s"]
-                    + [_rate(before["harmful"][j]["overall"], ci=False) if before else "-" for j in judges]
-                    + [_rate(r["harmful"][j]["overall"]) for j in judges] + kept)
+                    + [rate_cell(before["harmful"][j]["overall"], ci=False) if before else "-" for j in judges]
+                    + [rate_cell(r["harmful"][j]["overall"]) for j in judges] + kept)
     return head, body
 
 
@@ -195,13 +195,13 @@ def recovery_by_task(results: dict[str, Any]) -> tuple[list[str], list[list[str]
     judges = list(rows[0]["harmful"])
     methods = list(dict.fromkeys(r["method"] for r in rows if r.get("task") and r["method"] != "undefended"))
     head = ["method"] + [f"T[{t}]: harmful ({' / '.join(judges)})" for t in tasks] + [f"recovered on {t}" for t in tasks]
-    body = [["undefended T"] + [" / ".join(_rate(r["harmful"][j]["overall"], ci=False) for j in judges)
+    body = [["undefended T"] + [" / ".join(rate_cell(r["harmful"][j]["overall"], ci=False) for j in judges)
                                if (r := _row(rows, f"T[{t}]")) else "-" for t in tasks] + ["-"] * len(tasks)]
     for m in methods:
         cells, recs = [results.get("method_labels", {}).get(m, m)], []
         for t in tasks:
             r = next((x for x in rows if x.get("task") == t and x["method"] == m), None)
-            cells.append(" / ".join(_rate(r["harmful"][j]["overall"], ci=False) for j in judges) if r else "-")
+            cells.append(" / ".join(rate_cell(r["harmful"][j]["overall"], ci=False) for j in judges) if r else "-")
             recs.append(" / ".join(_recovered(results, r, j) for j in judges) if r else "-")
         body.append(cells + recs)
     return head, body
@@ -279,7 +279,7 @@ def judges_line(results: dict[str, Any]) -> str:
     return f"Judges: between them: {between}. Against human labels: {human}."
 
 
-def _md_table(title: str, table: tuple[list[str], list[list[str]]] | None, note: str = "") -> list[str]:
+def md_table(title: str, table: tuple[list[str], list[list[str]]] | None, note: str = "") -> list[str]:
     if not table:
         return []
     head, body = table
@@ -307,15 +307,15 @@ def markdown(results: dict[str, Any]) -> str:
     lines += ["| " + " | ".join(c) + " |" for c in body]
     boot = bootstrap_line(results)
     lines += (["", boot] if boot else []) + ["", judged]
-    lines += _md_table(f"Paired tests (each row against its reference on the same prompts; {PAIRED_NOTE}):",
+    lines += md_table(f"Paired tests (each row against its reference on the same prompts; {PAIRED_NOTE}):",
                        paired_table(results), judged)
-    lines += _md_table("Harmful rate under attack (plain = the held-out prompts as they are):", attack_table(results),
+    lines += md_table("Harmful rate under attack (plain = the held-out prompts as they are):", attack_table(results),
                        judged)
-    lines += _md_table("Recovered share by task (role-play tasks contradict refusals):", recovery_by_task(results),
+    lines += md_table("Recovered share by task (role-play tasks contradict refusals):", recovery_by_task(results),
                        judged)
-    lines += _md_table("Inference cost per request (plain generation for weight-space methods; × T = relative "
+    lines += md_table("Inference cost per request (plain generation for weight-space methods; × T = relative "
                        "to T alone, answering the same prompts):", cost_table(results))
-    lines += _md_table(f"After a re-attack (the defended model fine-tuned again on harmful pairs; harmful prompts, "
+    lines += md_table(f"After a re-attack (the defended model fine-tuned again on harmful pairs; harmful prompts, "
                        f"n={results['eval']['n_harmful']}):", reattack_table(results), judged)
     val = results["judges"].get("validation") or {}
     if val:
@@ -323,7 +323,7 @@ def markdown(results: dict[str, Any]) -> str:
                   "| judge | accuracy (95% CI) | n | true-positive rate | true-negative rate | κ vs human | AUC |",
                   "|---|---|---|---|---|---|---|"]
         for j, v in val.items():
-            lines.append(f"| {j} | {_rate(v['accuracy'])} | {v['n']} | {v['true_positive_rate']['rate']:.3f} | "
+            lines.append(f"| {j} | {rate_cell(v['accuracy'])} | {v['n']} | {v['true_positive_rate']['rate']:.3f} | "
                          f"{v['true_negative_rate']['rate']:.3f} | {v['kappa_vs_human']} | {v['auc'] if v['auc'] is not None else '-'} |")
     agree = results["judges"].get("agreement") or {}
     if agree:
@@ -338,7 +338,7 @@ def markdown(results: dict[str, Any]) -> str:
 # --- figures ---------------------------------------------------------------------------------------------------
 
 
-def _png(fig: Any) -> str:
+def png_base64(fig: Any) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     return base64.b64encode(buf.getvalue()).decode()
@@ -367,7 +367,7 @@ def scatter(results: dict[str, Any], judge: str) -> str:
         ax.set_title(f"T[{task}]: lower-right is better")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
-    return _png(fig)
+    return png_base64(fig)
 
 
 def category_bars(results: dict[str, Any], judge: str) -> str:
@@ -387,10 +387,10 @@ def category_bars(results: dict[str, Any], judge: str) -> str:
     ax.set_ylabel(f"harmful rate ({judge})")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    return _png(fig)
+    return png_base64(fig)
 
 
-def _html_table(head: list[str], body: list[list[str]]) -> str:
+def html_table(head: list[str], body: list[list[str]]) -> str:
     th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
     trs = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
     return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
@@ -410,11 +410,11 @@ def render_html(results: dict[str, Any]) -> str:
     head, body = table_rows(results)
     val = results["judges"].get("validation") or {}
     vhead = ["judge", "accuracy (95% CI)", "n", "true-positive rate", "true-negative rate", "κ vs human", "AUC", "s / item"]
-    vbody = [[j, _rate(v["accuracy"]), str(v["n"]), f"{v['true_positive_rate']['rate']:.3f}",
+    vbody = [[j, rate_cell(v["accuracy"]), str(v["n"]), f"{v['true_positive_rate']['rate']:.3f}",
               f"{v['true_negative_rate']['rate']:.3f}", str(v["kappa_vs_human"]), str(v["auc"] or "-"),
               f"{v['seconds_per_item']:.3f}"] for j, v in val.items()]
     agree = results["judges"].get("agreement") or {}
-    abody = [[p, str(a["kappa"]), _rate(a["agreement"]), str(a["agreement"]["n"])] for p, a in agree.items()]
+    abody = [[p, str(a["kappa"]), rate_cell(a["agreement"]), str(a["agreement"]["n"])] for p, a in agree.items()]
     tbody = [[k[:-2] if k.endswith("_s") else k, f"{v:.1f}"] for k, v in results["timings"].items()]
     md_intro = markdown(results).split("\n")[0]
     judged = f"<p>{html.escape(judges_line(results))}</p>"
@@ -426,7 +426,7 @@ def render_html(results: dict[str, Any]) -> str:
         "</style></head><body><h1>safegene benchmark</h1>",
         f"<p>{html.escape(md_intro)}</p>",
         "<h2>Results</h2>", *(f"<p><strong>{html.escape(line)}</strong></p>" for line in separation(results)),
-        _html_table(head, body), judged,
+        html_table(head, body), judged,
         "<p>recovered = (HR<sub>T</sub> − HR<sub>method</sub>) / (HR<sub>T</sub> − HR<sub>A</sub>); "
         f"{html.escape(bootstrap_line(results))} cost = seconds to "
         "build the method's update for this task model (SafeGene's extraction and selection are paid once per family: "
@@ -434,13 +434,13 @@ def render_html(results: dict[str, Any]) -> str:
     ]
     paired = paired_table(results)
     if paired:
-        parts += ["<h2>Paired tests</h2>", _html_table(*paired), f"<p>{html.escape(PAIRED_NOTE)}.</p>", judged]
+        parts += ["<h2>Paired tests</h2>", html_table(*paired), f"<p>{html.escape(PAIRED_NOTE)}.</p>", judged]
     parts.append(fig_note)
     for title, png in figures:
         parts += [f"<h2>{html.escape(title)}</h2>", f"<img src='data:image/png;base64,{png}'>"]
     adv = attack_table(results)
     if adv:
-        parts += ["<h2>Harmful rate under attack</h2>", _html_table(*adv),
+        parts += ["<h2>Harmful rate under attack</h2>", html_table(*adv),
                   "<p>jailbreak: in-the-wild templates (per-template rates in results.json); past-tense: "
                   "past-tense rephrasings; multi-turn: a benign first turn, then the request; role-play: the AOA "
                   "persona's system prompt and prefix.</p>", judged]
@@ -456,11 +456,11 @@ def render_html(results: dict[str, Any]) -> str:
          "HR<sub>method'</sub>) / (HR<sub>T</sub> − HR<sub>method</sub>), ' = after the re-attack.", True),
     ]:
         if table:
-            parts += [f"<h2>{title}</h2>", _html_table(*table), f"<p>{note}</p>"] + ([judged] if by_judges else [])
-    parts += ["<h2>Judges against human labels</h2>", _html_table(vhead, vbody) if vbody else "<p>not run</p>",
+            parts += [f"<h2>{title}</h2>", html_table(*table), f"<p>{note}</p>"] + ([judged] if by_judges else [])
+    parts += ["<h2>Judges against human labels</h2>", html_table(vhead, vbody) if vbody else "<p>not run</p>",
               "<h2>Judge agreement on these responses</h2>",
-              _html_table(["judges", "Cohen's κ", "agreement", "n"], abody) if abody else "<p>one judge only</p>",
-              "<h2>Timings (s)</h2>", _html_table(["stage", "seconds"], tbody),
+              html_table(["judges", "Cohen's κ", "agreement", "n"], abody) if abody else "<p>one judge only</p>",
+              "<h2>Timings (s)</h2>", html_table(["stage", "seconds"], tbody),
               "<h2>Config</h2>", f"<pre>{html.escape(results.get('config_yaml', ''))}</pre>",
               "<h2>Versions</h2>", f"<pre>{html.escape(str(results.get('versions', {})))}</pre>",
               "</body></html>"]
