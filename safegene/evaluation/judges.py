@@ -383,7 +383,8 @@ class EndpointJudge:
         return out
 
 
-JUDGE_NAMES = ("refusal-phrase", "content-classifier", "llm:<model>[?threshold=<log-odds>]", "endpoint:<url>?model=<name>")
+JUDGE_NAMES = ("refusal-phrase", "content-classifier", "minilm-judge", "llm:<model>[?threshold=<log-odds>]",
+               "endpoint:<url>?model=<name>")
 
 
 def get_judge(spec: str) -> Any:
@@ -392,6 +393,10 @@ def get_judge(spec: str) -> Any:
         return RefusalPhraseJudge()
     if spec == "content-classifier":
         return ContentClassifierJudge()
+    if spec == "minilm-judge":
+        from .minilm_judge import MiniLMJudge
+
+        return MiniLMJudge()
     if spec.startswith("llm:") and len(spec) > 4:
         model, _, query = spec[4:].partition("?")
         opts = dict(urllib.parse.parse_qsl(query))
