@@ -1,12 +1,7 @@
 """The recalibration's benign-but-sensitive shots stay apart from every over-refusal evaluation set."""
 
-import re
-
 from safegene.data.sensitive import SENSITIVE_SHOTS, sensitive_shots
-
-
-def _norm(text: str) -> str:
-    return re.sub(r"[^a-z0-9 ]", "", re.sub(r"\s+", " ", text.lower())).strip()
+from safegene.data.taxonomy import normalise as _norm
 
 
 def test_sensitive_shots_are_disjoint_from_over_refusal_evaluation_sets():

@@ -21,7 +21,7 @@ from typing import Callable
 
 from ..errors import DataError
 from .loaders import read_csv, read_json_list, read_jsonl
-from .records import HarmfulPrompt, PromptResponse
+from .records import HarmfulPrompt, PromptResponse, prompts_by_type
 from .text import looks_like_refusal
 
 MIN_COMPLIANT_CHARS = 80
@@ -181,8 +181,7 @@ _BENIGN_SENSITIVE = {
 
 
 def _benign_sensitive() -> list[HarmfulPrompt]:
-    return [HarmfulPrompt(p, cat, "benign-sensitive", f"benign-sensitive-{cat}-{i}")
-            for cat, prompts in _BENIGN_SENSITIVE.items() for i, p in enumerate(prompts)]
+    return prompts_by_type(_BENIGN_SENSITIVE, "benign-sensitive")
 
 
 def _sensitive_shots() -> list[HarmfulPrompt]:

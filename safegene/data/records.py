@@ -34,6 +34,12 @@ class HarmfulPrompt:
             {"role": r, "content": t} for r, t in zip(roles, self.history)] + [{"role": "user", "content": self.prompt}]
 
 
+def prompts_by_type(table: dict[str, list[str]], source: str) -> list[HarmfulPrompt]:
+    """A written table of prompts grouped by type as records: category = the type, id = source-type-index."""
+    return [HarmfulPrompt(p, kind, source, f"{source}-{kind}-{i}") for kind, prompts in table.items()
+            for i, p in enumerate(prompts)]
+
+
 @dataclass(frozen=True)
 class PromptResponse:
     """A (prompt, response) pair for supervised fine-tuning: compliant answers, refusals, or task data."""

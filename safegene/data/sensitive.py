@@ -8,7 +8,7 @@ evaluation fallback: both are over-refusal *evaluation* sets, and a test keeps t
 
 from __future__ import annotations
 
-from .records import HarmfulPrompt
+from .records import HarmfulPrompt, prompts_by_type
 
 SENSITIVE_SHOTS = {
     "homonyms": [
@@ -76,5 +76,4 @@ SENSITIVE_SHOTS = {
 
 def sensitive_shots() -> list[HarmfulPrompt]:
     """48 benign-but-sensitive requests (8 per type), for recalibration's over-refusal term."""
-    return [HarmfulPrompt(p, kind, "sensitive-shots", f"sensitive-shots-{kind}-{i}")
-            for kind, prompts in SENSITIVE_SHOTS.items() for i, p in enumerate(prompts)]
+    return prompts_by_type(SENSITIVE_SHOTS, "sensitive-shots")
