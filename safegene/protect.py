@@ -35,7 +35,7 @@ from .models import DEFAULT_MODEL, load_model, load_tokenizer, resolve_model_pat
 from .recalibration import RecalibrateConfig, recalibrate
 from .runcard import input_digest, library_versions
 from .selection import SelectConfig, plot_layer_scores, select_layers
-from .stages import adapter_stage, trained_or_reused
+from .stages import adapter_stage, read_card, trained_or_reused
 from .training import DegradeConfig, LoraTrainConfig, degrade
 
 FAMILY_FORMAT = 1
@@ -84,7 +84,7 @@ def build_family(cfg: FamilyConfig, progress: bool = True) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     aligned = input_digest(resolve_model_path(cfg.aligned))
-    previous = _read_json(out / FAMILY_FILE)
+    previous = read_card(out / FAMILY_FILE)
     # the card goes first and comes back last: a folder whose rebuild was interrupted is not taken for a family
     (out / FAMILY_FILE).unlink(missing_ok=True)
     degraded = out / "work" / "degraded"
@@ -139,14 +139,6 @@ def hub_id(ref: str | None) -> str | None:
     if ref in EMBEDDED_MODELS:
         return EMBEDDED_MODELS[ref].source.split(",")[0].strip()
     return None if Path(ref).expanduser().exists() or ref.startswith((".", "/", "~")) else ref
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def load_family(folder: str | Path) -> tuple[SafetyAdapter, dict[str, Any]]:

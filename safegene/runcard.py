@@ -43,13 +43,13 @@ def library_versions() -> dict[str, str]:
 
 
 def _file_digest(path: Path) -> tuple[str, str]:
+    from .io import sha256_file
+
     size = path.stat().st_size
+    if size <= _WHOLE_HASH_LIMIT:
+        return sha256_file(path), "sha256"
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        if size <= _WHOLE_HASH_LIMIT:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-            return h.hexdigest(), "sha256"
         h.update(str(size).encode())
         h.update(f.read(_EDGE))
         f.seek(size - _EDGE)

@@ -39,10 +39,13 @@ def match_recorded(recorded: Any, current: Any, defaults: Any) -> bool:
 
 
 def read_card(path: Path) -> dict[str, Any] | None:
+    """The JSON object stored at `path`, or None when it is missing, unreadable or not an object (a stage with no
+    usable record runs again)."""
     try:
-        return json.loads(path.read_text())
+        card = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    return card if isinstance(card, dict) else None
 
 
 def trained_or_reused(name: str, output: Path, cfg: Any, fn: Callable) -> tuple[dict[str, Any], bool]:

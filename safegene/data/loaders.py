@@ -77,10 +77,14 @@ def read_csv(path: str | Path, required: Sequence[str] = ()) -> list[dict[str, A
     return rows
 
 
+def given(v: Any) -> bool:
+    """A field counts as given unless absent, null or blank (a CSV's empty cell)."""
+    return v is not None and not (isinstance(v, str) and not v.strip())
+
+
 def _check_fields(obj: dict[str, Any], required: Iterable[str], where: str) -> None:
     for k in required:
-        v = obj.get(k)
-        if v is None or (isinstance(v, str) and not v.strip()):
+        if not given(obj.get(k)):
             raise DataError(f"{where}: field '{k}' is missing or empty (fields present: {sorted(obj)})")
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from ..errors import DataError
-from .loaders import read_rows
+from .loaders import given, read_rows
 from .records import TaskExample
 
 MIN_TASK_ROWS = 8
@@ -63,14 +63,9 @@ def _locations(path: str | Path, n_rows: int) -> list[tuple[str, int]]:
     return [(f"{s}:{n}", n) for n in lines]
 
 
-def _given(v: Any) -> bool:
-    """A field counts as given unless absent, null or blank (a CSV's empty cell)."""
-    return v is not None and not (isinstance(v, str) and not v.strip())
-
-
 def _text(row: dict[str, Any], key: str, where: str, required: bool = True) -> str | None:
     v = row.get(key)
-    if not _given(v):
+    if not given(v):
         if required:
             raise DataError(f"{where}: field '{key}' is missing or empty (fields present: {sorted(row)}); "
                             f"give every row a non-empty '{key}'")
@@ -103,17 +98,17 @@ def _from_messages(msgs: Any, where: str) -> tuple[str, str, str | None]:
     for i, m in enumerate(msgs, 1 if system is not None else 0):
         if not m["content"].strip():
             raise DataError(f"{where}: messages[{i}] ({m['role']}) has empty content; give it the text")
-    return msgs[0]["content"], msgs[1]["content"], system if _given(system) else None
+    return msgs[0]["content"], msgs[1]["content"], system if given(system) else None
 
 
 def _parse(row: dict[str, Any], where: str) -> tuple[str, str, str | None]:
-    if _given(row.get("messages")):
-        mixed = [k for k in ("prompt", "response", "system") if _given(row.get(k))]
+    if given(row.get("messages")):
+        mixed = [k for k in ("prompt", "response", "system") if given(row.get(k))]
         if mixed:
             raise DataError(f"{where}: the row has both 'messages' and {', '.join(repr(k) for k in mixed)}; "
                             "use either a messages list or prompt/response fields, not both")
         return _from_messages(row["messages"], where)
-    if not _given(row.get("prompt")) and not _given(row.get("response")):
+    if not given(row.get("prompt")) and not given(row.get("response")):
         raise DataError(f"{where}: the row has neither 'messages' nor 'prompt'/'response' (fields present: "
                         f"{sorted(row)}); give it a prompt and a response, or a messages list")
     prompt, response = _text(row, "prompt", where), _text(row, "response", where)
