@@ -491,7 +491,17 @@ def overrides_from(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     return out
 
 
-def build_parser() -> argparse.ArgumentParser:
+def command_named(argv: Sequence[str]) -> str:
+    """The command an argument list runs ("" when it names none): global options take no value, so the first words
+    that are not options name it."""
+    words = [a for a in argv if not a.startswith("-")][:2]
+    names = {cmd.name for cmd in COMMANDS}
+    return next((n for n in (" ".join(words), words[0] if words else "") if n in names), "")
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with `only`, flags for that command alone (the others are listed by name), so that
+    running one command does not import every stage's module (the server's config alone pulls in FastAPI)."""
     from . import __version__
 
     ap = argparse.ArgumentParser(prog="safegene", description="Reusable safety adapters for fine-tuned LLMs.")
@@ -500,7 +510,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     groups: dict[str, Any] = {}  # "family build": a command group with its own verbs
     for cmd in COMMANDS:
-        cls = cmd.config()
         where, name = sub, cmd.name
         if " " in cmd.name:
             group, name = cmd.name.split(" ", 1)
@@ -508,6 +517,10 @@ def build_parser() -> argparse.ArgumentParser:
                 groups[group] = sub.add_parser(group, help=f"{group} commands").add_subparsers(
                     dest=f"{group}_command", required=True)
             where = groups[group]
+        if only is not None and cmd.name != only:
+            where.add_parser(name, help=cmd.help)
+            continue
+        cls = cmd.config()
         p = where.add_parser(name, help=cmd.help, description=(cls.__doc__ or cmd.help).strip())
         if cmd.config_positional:
             p.add_argument("config_file", nargs="?", metavar="CONFIG.yaml", help="same as --config")
@@ -584,9 +597,10 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = build_parser()
-    a = ap.parse_args(argv)
-    a.argv = list(argv) if argv is not None else sys.argv[1:]  # for the outputs that say how to reproduce them
+    args = list(argv) if argv is not None else sys.argv[1:]
+    ap = build_parser(only=command_named(args))
+    a = ap.parse_args(args)
+    a.argv = args  # for the outputs that say how to reproduce them
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

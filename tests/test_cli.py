@@ -172,3 +172,16 @@ def test_overwrite_is_offered_only_where_it_is_honoured():
 def test_bench_refuses_a_max_steps_it_would_ignore(capsys):
     assert main(["bench", "--max-steps", "5"]) == 2
     assert "train.max_steps is not used by the bench" in capsys.readouterr().err
+
+
+def test_running_one_command_imports_only_its_own_config():
+    """Building every command's flags imported every stage module, the server's (and with it FastAPI) included,
+    for a `data list`."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from safegene.cli import main; main(['data', 'list']); "
+            "print(sorted(m for m in ('safegene.serve.server', 'fastapi', 'safegene.protect', 'safegene.bench') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
