@@ -159,3 +159,14 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return bool(torch.equal(a, b))
+
+
+def test_pyrit_reference_scorers_are_read_from_the_shipped_metrics_file():
+    from safegene.evaluation.judge_validation import pyrit_reference_scorers
+
+    ref = pyrit_reference_scorers()
+    assert len(ref) >= 10
+    assert [r["accuracy"] for r in ref] == sorted((r["accuracy"] for r in ref), reverse=True)
+    assert all(r["n"] in (376, 395) and 0.5 < r["accuracy"] < 1 for r in ref)
+    # the best published scorer calls a hosted model; it is the yardstick quoted in README and judges.json
+    assert ref[0]["models"] and ref[0]["accuracy"] == 0.8962

@@ -88,3 +88,27 @@ def validate_judge(judge: Any, items: list[LabelledResponse]) -> dict[str, Any]:
         "seconds_per_item": round(seconds_per_item, 4),
         "data": "pyrit scorer_evals/objective (human labels), responses cut to their opening",
     }
+
+
+def pyrit_reference_scorers() -> list[dict[str, Any]]:
+    """How PyRIT's own LLM scorers did on the same human labels, as PyRIT publishes it
+    (`scorer_evals/objective/objective_achieved_metrics.jsonl`, shipped in the package): the scorer's class, the
+    models it called, n and accuracy. The yardstick for what a judge can reach on this set: hosted GPT-4o / GPT-5.4
+    scorers, not anything run here."""
+    import json
+    import re
+
+    path = package_dir("pyrit") / "datasets" / "scorer_evals" / "objective" / "objective_achieved_metrics.jsonl"
+    if not path.is_file():
+        raise DataError(f"{path}: not found; reinstall pyrit (pip install --no-deps pyrit==1.1.0)")
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        entry = json.loads(line)
+        metrics = entry.get("metrics") or {}
+        models = sorted(set(re.findall(r'"model_name": "([^"]+)"', json.dumps(entry.get("children") or {}))))
+        out.append({"scorer": entry.get("class_name"), "models": models, "n": metrics.get("num_responses"),
+                    "accuracy": round(float(metrics["accuracy"]), 4), "f1": round(float(metrics.get("f1_score", 0)), 4),
+                    "pyrit_version": entry.get("pyrit_version"), "eval_hash": entry.get("eval_hash")})
+    return sorted(out, key=lambda r: -r["accuracy"])
