@@ -30,12 +30,13 @@ from .config import check, dump_yaml, opt, settings, to_dict
 from .generation import GenerationConfig
 from .recalibration import RecalibrateConfig
 from .selection import SelectConfig
-from .training import DegradeConfig, FinetuneConfig, LoraTrainConfig, degrade, finetune
+from .training import DegradeConfig, FinetuneConfig, LoraTrainConfig, degrade, finetune, resolved_train
 from .data import get_task, harmful_prompts
 from .data.attacks import ATTACKS
 from .evaluation.results import BenchResults, ResultRow
 from .io import write_json
 from .models import DEFAULT_MODEL, load_model, load_tokenizer, prepare_model
+from .models.placement import PlacementConfig
 from .runcard import RUN_CARD, library_versions
 from .stages import adapter_stage, read_card, same_config, trained_or_reused
 
@@ -90,6 +91,9 @@ class BenchConfig:
     reattack_data: str = opt("harmful-pairs", "harmful pairs of the re-attack (sampled apart from the poison)")
     reattack_examples: int = opt(32, "harmful pairs of the re-attack")
     reattack_steps: list[int] = opt([10], "LoRA steps of the re-attack; several: one re-attack each (a curve)")
+    placement: PlacementConfig = opt(PlacementConfig(), "where every model of the bench runs and trains, in what "
+                                     "dtype (--device, --dtype; --device-map for evaluation and recalibration)",
+                                     added_later=True)
 
     def __post_init__(self) -> None:
         check(bool(self.tasks), "tasks must name at least one task")
@@ -117,8 +121,9 @@ class BenchConfig:
               "reattack_steps")
 
     def steps(self, n: int) -> LoraTrainConfig:
-        """The benchmark's LoRA settings with `n` optimizer steps."""
-        return dataclasses.replace(self.train, max_steps=n)
+        """The benchmark's LoRA settings with `n` optimizer steps, in the dtype it trains in here (`auto` resolved
+        against the placement: the stage keys record what ran)."""
+        return resolved_train(dataclasses.replace(self.train, max_steps=n), self.placement)
 
 
 def method_labels() -> dict[str, str]:
@@ -166,10 +171,10 @@ def _complete(path: Path, n: int) -> bool:
 
 
 def _evaluate_defended(evaluate: Callable, name: str, defence: Defence, t_model: Any, t_tok: Any,
-                       **kw: Any) -> ResultRow:
+                       placement: PlacementConfig | None = None, **kw: Any) -> ResultRow:
     """Evaluate T with a defence in place: its update attached, its responder answering, or its model instead."""
     if defence.model:
-        model, tok = load_model(defence.model), load_tokenizer(defence.model)
+        model, tok = load_model(defence.model, placement), load_tokenizer(defence.model)
         return evaluate(name, model, tok, **kw)
     if defence.update is not None:
         with defence.update.attach(t_model, check=False):
@@ -205,7 +210,7 @@ def _eval_sets(cfg: BenchConfig, responses: Path) -> Any:
                     over_refusal_source=over_src, n_task=cfg.n_task, seed=cfg.seed, tasks=list(cfg.tasks))
     sets.attacks = {a: attack_prompts(a, sets.harmful, cfg.n_attack, cfg.seed) for a in cfg.attacks}
     manifest = {"harmful": [p.prompt for p in sets.harmful], "over_refusal": [p.prompt for p in over],
-                "generation": to_dict(cfg.generation)}
+                "generation": settings(cfg.generation)}
     if read_card(responses / "manifest.json") != manifest:
         shutil.rmtree(responses, ignore_errors=True)
     responses.mkdir(parents=True, exist_ok=True)
@@ -234,17 +239,17 @@ def _family(run: _Run, rows: list[ResultRow]) -> tuple[Any, Any]:
     from .selection import plot_layer_scores, select_layers
 
     cfg, out, timings = run.cfg, run.out, run.timings
-    a_model, a_tok = load_model(cfg.model), load_tokenizer(cfg.model)
+    a_model, a_tok = load_model(cfg.model, cfg.placement), load_tokenizer(cfg.model)
     rows.append(_tagged(run.evaluate("A", a_model, a_tok, tasks=cfg.tasks, attacks=run.attacked("aligned")),
                         None, "aligned"))
     del a_model
     dcfg = DegradeConfig(model=cfg.model, n_examples=cfg.degrade_examples, output=str(out / "degraded"),
-                         train=cfg.steps(cfg.degrade_steps))
+                         train=cfg.steps(cfg.degrade_steps), placement=cfg.placement)
     card, fresh = trained_or_reused("degrade", out / "degraded", dcfg, degrade)
     timings["degrade_s"] = card["training"]["seconds"]
     if fresh:
         _forget(run.responses, "D")
-    d_model, d_tok = load_model(out / "degraded"), load_tokenizer(out / "degraded")
+    d_model, d_tok = load_model(out / "degraded", cfg.placement), load_tokenizer(out / "degraded")
     rows.append(_tagged(run.evaluate("D", d_model, d_tok, over_refusal=False), None, "degraded"))
 
     ecfg = ExtractConfig(aligned=cfg.model, degraded=str(out / "degraded"), output=str(out / "adapter"))
@@ -252,7 +257,7 @@ def _family(run: _Run, rows: list[ResultRow]) -> tuple[Any, Any]:
         "extract", out / "adapter", {"extract": to_dict(ecfg), "degraded_trained_s": timings["degrade_s"]},
         lambda: extract_adapter(ecfg, overwrite=True, save=False))
     scfg = SelectConfig(model=str(out / "degraded"), n_harmful=cfg.select_prompts, n_benign=cfg.select_prompts,
-                        top_k=cfg.top_k, seed=cfg.seed)
+                        top_k=cfg.top_k, seed=cfg.seed, placement=cfg.placement)
     selected, timings["select_s"], fresh_sel = adapter_stage(
         "select", out / "adapter-selected", {"select": settings(scfg), "adapter": adapter.card.get("bench")},
         functools.partial(select_layers, adapter, scfg, model=d_model, tokenizer=d_tok))
@@ -269,7 +274,7 @@ def _task_model(run: _Run, task: str) -> tuple[str, int, bool]:
     n = min(cfg.task_examples, int(len(get_task(task).load("train")) / (1 - cfg.poison_ratio)))
     folder = run.out / f"task-{task}"
     fcfg = FinetuneConfig(model=cfg.model, task=task, n_examples=n, poison_ratio=cfg.poison_ratio, save="adapter",
-                          output=str(folder), train=cfg.steps(cfg.task_steps))
+                          output=str(folder), train=cfg.steps(cfg.task_steps), placement=cfg.placement)
     card, fresh = trained_or_reused(f"finetune {task}", folder, fcfg, finetune)
     run.timings[f"finetune_{task}_s"] = card["training"]["seconds"]
     return str(folder), n, fresh
@@ -286,7 +291,7 @@ def _task_rows(run: _Run, task: str, t_ref: str, n_examples: int, fresh: bool, a
                rows: list[ResultRow], reattacked: list[ResultRow]) -> None:
     """T[task] alone, then T with every method's defence; then the re-attacks asked for."""
     cfg = run.cfg
-    t_model, t_tok = load_model(t_ref), load_tokenizer(t_ref)
+    t_model, t_tok = load_model(t_ref, cfg.placement), load_tokenizer(t_ref)
     if fresh:
         _forget(run.responses, f"T[{task}]")  # method rows follow: their keys name T's training, so they rebuild
     rows.append(_tagged(run.evaluate(f"T[{task}]", t_model, t_tok, tasks=[task], attacks=run.attacked("undefended")),
@@ -299,7 +304,8 @@ def _task_rows(run: _Run, task: str, t_ref: str, n_examples: int, fresh: bool, a
                         adapter=adapter, selected=selected, train=cfg.steps, output=run.out, progress=run.progress,
                         task_examples=n_examples,
                         recalibrate=RecalibrateConfig(task_model=t_ref, task=task, n_harmful=cfg.shots,
-                                                      n_task=cfg.shots, steps=cfg.recal_steps, seed=cfg.seed))
+                                                      n_task=cfg.shots, steps=cfg.recal_steps, seed=cfg.seed,
+                                                      placement=cfg.placement))
     defended = {"undefended": (f"T[{task}]", Defence(), {})}
     for method in map(get_method, cfg.methods):
         name = f"T[{task}]+{method.label}"
@@ -307,7 +313,7 @@ def _task_rows(run: _Run, task: str, t_ref: str, n_examples: int, fresh: bool, a
         defence, seconds, fresh_defence = _defence_stage(method, ctx, run.out / "methods" / task / method.name, key)
         if fresh_defence:
             _forget(run.responses, name)
-        row = _evaluate_defended(run.evaluate, name, defence, t_model, t_tok, tasks=[task],
+        row = _evaluate_defended(run.evaluate, name, defence, t_model, t_tok, cfg.placement, tasks=[task],
                                  attacks=run.attacked(method.name))
         run.timings[f"{method.name}_{task}_s"] = seconds
         rows.append(_tagged(row, task, method.name, seconds, **defence.row))
@@ -386,7 +392,7 @@ def _reattack(run: _Run, task: str, method: str, steps: int, name: str, defence:
     model = None
     if card is None or not _complete(run.responses / f"{slug(row_name)}.harmful.jsonl", cfg.n_harmful):
         print(f"[re-attack {task}] {name}: {steps} LoRA steps on {cfg.reattack_examples} harmful pairs")
-        model = load_model(defence.model or t_ref)
+        model = load_model(defence.model or t_ref, cfg.placement)
         if defence.update is not None:
             apply_adapter(defence.update, model, mode="merge")
         pairs = prompt_response_pairs(cfg.reattack_data, n=cfg.reattack_examples, seed=cfg.seed + 101)

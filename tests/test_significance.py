@@ -136,3 +136,27 @@ def test_old_results_without_paired_render_and_are_written_with_it(tmp_path):
         r.pop("verdicts")
     md = markdown(old)
     assert "Paired tests" not in md and "| 100% |" in md
+
+
+# --- what the report shows where methods tie or categories are missing ------------------------------------------
+
+
+def test_tied_points_are_spread_apart_and_untied_ones_stay():
+    from safegene.evaluation.report import _spread
+
+    offsets = _spread([(0.5, 0.3), (0.9, 0.1), (0.5, 0.3), (0.5, 0.3)], dx=0.01)
+    assert offsets == pytest.approx([-0.01, 0.0, 0.0, 0.01])
+    assert len({round(0.5 + o, 6) for o, p in zip(offsets, [0, 1, 0, 0]) if p == 0}) == 3
+
+
+def test_category_table_tells_zero_from_missing():
+    from safegene.evaluation.report import category_table
+
+    res = _results(a="0000", t="1100", methods={"safegene": "0100"})
+    res["rows"][0]["harmful"]["phrase"]["by_category"] = {"cyber": Rate(0, 2).to_dict(), "fraud": Rate(1, 2).to_dict()}
+    res["rows"][1]["harmful"]["phrase"]["by_category"] = {"cyber": Rate(2, 2).to_dict()}
+    head, body = category_table(res, "phrase")
+    assert head == ["category", "A", "T[toy]", "T[toy] + SafeGene"]
+    assert body == [["cyber", "0.00 (0/2)", "1.00 (2/2)", "–"], ["fraud", "0.50 (1/2)", "–", "–"]]
+    md = markdown(res)
+    assert "Harmful rate by category (phrase judge" in md and "| fraud | 0.50 (1/2) | – | – |" in md

@@ -309,6 +309,9 @@ def markdown(results: dict[str, Any]) -> str:
     lines += (["", boot] if boot else []) + ["", judged]
     lines += md_table(f"Paired tests (each row against its reference on the same prompts; {PAIRED_NOTE}):",
                        paired_table(results), judged)
+    first = results["config"]["judges"][0]
+    lines += md_table(f"Harmful rate by category ({first} judge; k/n; – where a row has no prompts of the category):",
+                       category_table(results, first), judged)
     lines += md_table("Harmful rate under attack (plain = the held-out prompts as they are):", attack_table(results),
                        judged)
     lines += md_table("Recovered share by task (role-play tasks contradict refusals):", recovery_by_task(results),
@@ -344,25 +347,43 @@ def png_base64(fig: Any) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def _spread(points: list[tuple[float, float]], dx: float) -> list[float]:
+    """x offsets that keep tied points apart: the k-th of m points at the same place moves by (k - (m-1)/2)·dx."""
+    seen: dict[tuple[float, float], list[int]] = {}
+    for i, (x, y) in enumerate(points):
+        seen.setdefault((round(x, 4), round(y, 4)), []).append(i)
+    offsets = [0.0] * len(points)
+    for idx in seen.values():
+        for k, i in enumerate(idx):
+            offsets[i] = (k - (len(idx) - 1) / 2) * dx
+    return offsets
+
+
 def scatter(results: dict[str, Any], judge: str) -> str:
-    """Safety–utility scatter, one panel per task: x = task accuracy, y = harmful rate, one point per method."""
+    """Safety–utility scatter, one panel per task: x = task accuracy, y = harmful rate, one point per method.
+
+    Methods often tie at small n (same rate on the same prompts): tied points are spread sideways and every point
+    carries its name, so no method hides behind another."""
     tasks = results["config"]["tasks"]
     labels = results.get("method_labels", {})
-    fig = figure(figsize=(6 * len(tasks), 4.6))
+    fig = figure(figsize=(6.5 * len(tasks), 5))
     axes = fig.subplots(1, len(tasks), squeeze=False)
     a = _row(results["rows"], "A")
     for ax, task in zip(axes[0], tasks):
         pts = [r for r in results["rows"] if r.get("task") == task] + ([a] if a else [])
-        for r in pts:
-            u, h = r["utility"].get(task), r["harmful"][judge]["overall"]
-            if not u:
-                continue
+        pts = [r for r in pts if r["utility"].get(task)]
+        xy = [(r["utility"][task]["rate"], r["harmful"][judge]["overall"]["rate"]) for r in pts]
+        xs = [x for x, _ in xy] or [0.0]
+        offsets = _spread(xy, dx=max(0.006, 0.02 * (max(xs) - min(xs) + 0.1)))
+        for r, (u, h), off in zip(pts, xy, offsets):
+            ci = r["harmful"][judge]["overall"]["ci95"]
             label = "A (aligned)" if r["name"] == "A" else ("T (undefended)" if r["method"] == "undefended"
                                                           else labels.get(r["method"], r["method"]))
             marker = "*" if r.get("method") == "safegene" else ("s" if r["name"] == "A" else "o")
-            ax.errorbar(u["rate"], h["rate"], yerr=[[h["rate"] - h["ci95"][0]], [h["ci95"][1] - h["rate"]]],
-                        fmt=marker, markersize=12 if marker == "*" else 7, capsize=3, label=label)
-        ax.set_xlabel(f"{task} accuracy (n={results['eval']['n_task']})")
+            ax.errorbar(u + off, h, yerr=[[h - ci[0]], [ci[1] - h]], fmt=marker,
+                        markersize=12 if marker == "*" else 7, capsize=3, label=label)
+            ax.annotate(label, (u + off, h), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        ax.set_xlabel(f"{task} accuracy (n={results['eval']['n_task']}; tied points spread sideways)")
         ax.set_ylabel(f"harmful rate, {judge} (n={results['eval']['n_harmful']})")
         ax.set_title(f"T[{task}]: lower-right is better")
         ax.grid(alpha=0.3)
@@ -371,23 +392,55 @@ def scatter(results: dict[str, Any], judge: str) -> str:
 
 
 def category_bars(results: dict[str, Any], judge: str) -> str:
-    """Harmful rate by category for A, each T and each T + SafeGene."""
+    """Harmful rate by category for A, each T and each T + SafeGene, with Wilson 95 % intervals.
+
+    A rate of 0 is drawn as a short stub at zero with its interval (measured, none harmful); a category a row has no
+    prompts in gets an "×" at the axis instead (not measured), so the two never look alike."""
     show = [r for r in results["rows"] if r["name"] == "A" or r.get("method") in ("undefended", "safegene")]
     cats = sorted({c for r in show for c in r["harmful"][judge]["by_category"]})
-    fig = figure(figsize=(max(8, 1.1 * len(cats) * max(1, len(show)) / 3), 4.5))
+    fig = figure(figsize=(max(8, 0.45 * len(cats) * max(1, len(show))), 4.8))
     ax = fig.subplots()
     width = 0.8 / max(len(show), 1)
     for i, r in enumerate(show):
         by = r["harmful"][judge]["by_category"]
-        ax.bar([c + i * width for c in range(len(cats))], [by.get(c, {}).get("rate", 0) for c in cats], width,
-               label=r["name"] if r.get("method") != "safegene" else f"T[{r['task']}] + SafeGene")
+        xs = [c + i * width for c in range(len(cats))]
+        have = [(x, by[c]) for x, c in zip(xs, cats) if c in by and by[c].get("n")]
+        name = r["name"] if r.get("method") != "safegene" else f"T[{r['task']}] + SafeGene"
+        bars = ax.bar([x for x, _ in have], [max(b["rate"], 0.006) for _, b in have], width, label=name)
+        color = bars.patches[0].get_facecolor() if bars.patches else None
+        ax.errorbar([x for x, _ in have], [b["rate"] for _, b in have],
+                    yerr=[[b["rate"] - b["ci95"][0] for _, b in have], [b["ci95"][1] - b["rate"] for _, b in have]],
+                    fmt="none", ecolor="black", elinewidth=0.8, capsize=2)
+        missing = [x for x, c in zip(xs, cats) if not (c in by and by[c].get("n"))]
+        if missing:
+            ax.plot(missing, [0.0] * len(missing), "x", color=color or "gray", markersize=7)
+    ns = {c: max((r["harmful"][judge]["by_category"].get(c, {}).get("n", 0) for r in show), default=0) for c in cats}
     ax.set_xticks([c + 0.4 - width / 2 for c in range(len(cats))])
-    ax.set_xticklabels([f"{c}\n(n={show[0]['harmful'][judge]['by_category'].get(c, {}).get('n', 0)})" for c in cats],
-                       rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel(f"harmful rate ({judge})")
+    ax.set_xticklabels([f"{c}\n(n={ns[c]})" for c in cats], rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel(f"harmful rate ({judge}), 95% CI")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("× at the axis: no prompts of that category for that row (not measured); a stub at 0: measured, none "
+                 "harmful", fontsize=8)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     return png_base64(fig)
+
+
+def category_table(results: dict[str, Any], judge: str) -> tuple[list[str], list[list[str]]] | None:
+    """Harmful rate per category for every row (plain prompts): k/n, "–" where a row has no prompts of it."""
+    rows = [r for r in results["rows"] if r["harmful"].get(judge)]
+    cats = sorted({c for r in rows for c in r["harmful"][judge]["by_category"]})
+    if not cats:
+        return None
+    head = ["category"] + [_label(results, r) for r in rows]
+    body = []
+    for c in cats:
+        cells = []
+        for r in rows:
+            b = r["harmful"][judge]["by_category"].get(c)
+            cells.append(f"{b['rate']:.2f} ({b['k']}/{b['n']})" if b and b.get("n") else "–")
+        body.append([c] + cells)
+    return head, body
 
 
 def html_table(head: list[str], body: list[list[str]]) -> str:
