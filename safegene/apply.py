@@ -22,6 +22,7 @@ from .errors import SafegeneError
 from .io import atomic_dir, check_output_path, write_json
 from .models import resolve_model_path
 from .models.fingerprint import fingerprint_folder
+from .models.placement import PlacementConfig
 
 log = logging.getLogger(__name__)
 SHARD_BYTES = 1 << 30
@@ -36,6 +37,9 @@ class ApplyConfig:
     model: str | None = opt(None, "task model T: HF folder, PEFT adapter folder on its base, or embedded name")
     output: str | None = opt(None, "output folder of the merged model", aliases=("-o",))
     shard_mb: int = opt(1024, "largest output shard, in MB (merging holds about one shard in memory)")
+    placement: PlacementConfig = opt(PlacementConfig(), "where a PEFT task model is merged in memory (--device, "
+                                     "--dtype); a merged folder is streamed tensor by tensor and keeps its dtype",
+                                     added_later=True)
 
 
 def apply_adapter(adapter: SafetyAdapter, model: Any, mode: str = "merge") -> Any:
@@ -51,7 +55,8 @@ def apply_adapter(adapter: SafetyAdapter, model: Any, mode: str = "merge") -> An
 
 
 def merge_to_folder(adapter: SafetyAdapter, model_ref: str, output: str | Path, overwrite: bool = False,
-                    shard_bytes: int = SHARD_BYTES, progress: bool = True) -> Path:
+                    shard_bytes: int = SHARD_BYTES, progress: bool = True,
+                    placement: PlacementConfig | None = None) -> Path:
     """Write task model + adapter as a new HF folder (safetensors shards), reading one tensor at a time."""
     from tqdm.auto import tqdm
 
@@ -62,7 +67,10 @@ def merge_to_folder(adapter: SafetyAdapter, model_ref: str, output: str | Path, 
         # base + PEFT task adapter: merge the task adapter in memory first
         from .models import load_model, load_tokenizer
 
-        model = load_model(src)
+        if placement is not None and placement.device_map is not None:
+            raise SafegeneError("a PEFT task model is merged in memory, which a device_map cannot spread: leave out "
+                                "--device-map (merge it on one device) or merge its adapter into its base first")
+        model = load_model(src, placement)
         apply_adapter(adapter, model, "merge")
         with atomic_dir(out, overwrite=overwrite) as tmp:
             model.save_pretrained(str(tmp), safe_serialization=True)

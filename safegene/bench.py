@@ -63,6 +63,9 @@ class BenchConfig:
     over_refusal: str = opt("auto", "benign-but-sensitive prompts; auto: shared:xstest-safe when present, else "
                             "benign-sensitive")
     n_over_refusal: int = opt(32, "benign-sensitive prompts per model")
+    over_refusal_tokens: int | None = opt(None, "new tokens per over-refusal answer; None: generation.max_new_tokens "
+                                          "(the refusal-phrase judge that scores them reads only the opening ~200 "
+                                          "characters, ~48 tokens)", added_later=True)
     n_task: int = opt(64, "test items per task")
     seed: int = opt(0, "seed of every sample")
     generation: GenerationConfig = opt(GenerationConfig(max_new_tokens=32, batch_size=32), "decoding settings")
@@ -201,21 +204,39 @@ class _Run:
 
 
 def _eval_sets(cfg: BenchConfig, responses: Path) -> Any:
-    """The prompts every row is measured on; a change in prompts or decoding invalidates every stored generation."""
+    """The prompts every row is measured on. Stored answers of a kind (harmful and its attacks, over-refusal) are
+    dropped when that kind's prompts or decoding changed, and only those: a shorter over-refusal limit keeps an hour
+    of harmful answers. (Task answers carry their own tag in their file names.)"""
     from .data.attacks import attack_prompts
     from .evaluation.harness import EvalSets, over_refusal_prompts
 
     over, over_src = over_refusal_prompts(cfg.over_refusal, cfg.n_over_refusal, cfg.seed)
     sets = EvalSets(harmful=harmful_prompts(cfg.harmful, n=cfg.n_harmful, seed=cfg.seed), over_refusal=over,
-                    over_refusal_source=over_src, n_task=cfg.n_task, seed=cfg.seed, tasks=list(cfg.tasks))
+                    over_refusal_source=over_src, n_task=cfg.n_task, seed=cfg.seed, tasks=list(cfg.tasks),
+                    over_refusal_tokens=cfg.over_refusal_tokens)
     sets.attacks = {a: attack_prompts(a, sets.harmful, cfg.n_attack, cfg.seed) for a in cfg.attacks}
-    manifest = {"harmful": [p.prompt for p in sets.harmful], "over_refusal": [p.prompt for p in over],
-                "generation": settings(cfg.generation)}
-    if read_card(responses / "manifest.json") != manifest:
-        shutil.rmtree(responses, ignore_errors=True)
+    manifest = {"harmful": {"prompts": [p.prompt for p in sets.harmful], "generation": settings(cfg.generation)},
+                "over_refusal": {"prompts": [p.prompt for p in over],
+                                 "generation": settings(sets.over_refusal_generation(cfg.generation))}}
+    stored = _manifest_by_kind(read_card(responses / "manifest.json"))
+    stale = {"harmful": ("*.harmful.jsonl", "*.attack-*.jsonl"), "over_refusal": ("*.over_refusal.jsonl",)}
+    for kind, patterns in stale.items():
+        if stored.get(kind) != manifest[kind] and responses.is_dir():
+            for f in [f for pattern in patterns for f in responses.glob(pattern)]:
+                f.unlink()
     responses.mkdir(parents=True, exist_ok=True)
     write_json(responses / "manifest.json", manifest)
     return sets
+
+
+def _manifest_by_kind(stored: dict[str, Any] | None) -> dict[str, Any]:
+    """A stored manifest in today's per-kind form; the older flat form (one decoding for every kind) is read too."""
+    if not stored:
+        return {}
+    if isinstance(stored.get("harmful"), list):
+        return {kind: {"prompts": stored.get(kind), "generation": stored.get("generation")}
+                for kind in ("harmful", "over_refusal")}
+    return stored
 
 
 def _validated_judges(cfg: BenchConfig) -> tuple[list[Any], dict[str, Any]]:
@@ -356,7 +377,9 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
         judges={"validation": validation, "agreement": judge_agreement([r.to_dict() for r in rows])},
         eval={"harmful": cfg.harmful, "n_harmful": len(sets.harmful),
               "attacks": {a: len(v) for a, v in sets.attacks.items()}, "over_refusal": sets.over_refusal_source,
-              "n_over_refusal": len(sets.over_refusal), "n_task": cfg.n_task},
+              "n_over_refusal": len(sets.over_refusal), "n_task": cfg.n_task,
+              "max_new_tokens": cfg.generation.max_new_tokens,
+              "over_refusal_tokens": sets.over_refusal_generation(cfg.generation).max_new_tokens},
         extra={"config_yaml": dump_yaml(cfg)})
     return _written(results, out)
 

@@ -104,16 +104,28 @@ def run_data(cfg: DataConfig, flags: argparse.Namespace) -> None:
                           for k, v in vars(r).items()}, ensure_ascii=False))
 
 
+def _main_process() -> bool:
+    """Under `accelerate launch` every process runs the command (RANK is its index): the first one alone prints the
+    result and writes the run card."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
 def run_degrade(cfg: Any, flags: argparse.Namespace) -> None:
     from .training import degrade
 
-    _print_training_card(degrade(cfg, overwrite=flags.overwrite), flags.json)
+    card = degrade(cfg, overwrite=flags.overwrite)
+    if _main_process():
+        _print_training_card(card, flags.json)
 
 
 def run_finetune(cfg: Any, flags: argparse.Namespace) -> None:
     from .training import finetune
 
-    _print_training_card(finetune(cfg, overwrite=flags.overwrite), flags.json)
+    card = finetune(cfg, overwrite=flags.overwrite)
+    if _main_process():
+        _print_training_card(card, flags.json)
 
 
 def run_eval_refusal(cfg: Any, flags: argparse.Namespace) -> None:
@@ -173,7 +185,7 @@ def run_apply(cfg: Any, flags: argparse.Namespace) -> None:
     from .apply import merge_to_folder
 
     out = merge_to_folder(SafetyAdapter.load(cfg.adapter), cfg.model, cfg.output, overwrite=flags.overwrite,
-                          shard_bytes=cfg.shard_mb << 20)
+                          shard_bytes=cfg.shard_mb << 20, placement=cfg.placement)
     print(f"apply: wrote {out} (task model with the safety adapter merged)")
 
 
@@ -198,7 +210,8 @@ def run_serve(cfg: Any, flags: argparse.Namespace) -> None:
     print(f"serving {cfg.model} on http://{cfg.host}:{cfg.port}/v1 (adapters: {', '.join(adapters) or 'none'})",
           flush=True)
     serve(cfg.model, adapters, host=cfg.host, port=cfg.port, admin_token=os.environ.get(cfg.admin_token_env) or None,
-          model_name=cfg.name, max_batch=cfg.max_batch, max_input_tokens=cfg.max_input_tokens, use_gate=cfg.use_gate)
+          model_name=cfg.name, max_batch=cfg.max_batch, max_input_tokens=cfg.max_input_tokens, use_gate=cfg.use_gate,
+          placement=cfg.placement)
 
 
 def _print_bench(res: dict[str, Any]) -> None:
@@ -401,7 +414,8 @@ def _flags(cls: type, prefix: str = "") -> list[_Flag]:
         else:
             # a nested config opts in to short flags for its fields (the LoRA and decoding settings that every
             # training and evaluation command shares); others keep only their dotted names
-            out.append(_Flag(prefix + f.name, f, t, bool(prefix) and getattr(cls, "cli_leaf_flags", False)))
+            out.append(_Flag(prefix + f.name, f, t, bool(prefix) and getattr(cls, "cli_leaf_flags", False)
+                             and f.metadata.get("leaf_flag", True)))
     return out
 
 
@@ -563,7 +577,7 @@ def _write_cards(cmd: Command, cfg: Any, args: argparse.Namespace, started: floa
     from .runcard import run_card, write_run_card
 
     paths = _card_paths(cmd, cfg, args)
-    if paths:
+    if paths and _main_process():
         card = run_card(cmd.name, cfg, inputs={name: getattr(cfg, name, None) for name in cmd.inputs},
                         started=started, config_file=str(config_file) if config_file else None)
         for path in paths:

@@ -22,14 +22,16 @@ C = TypeVar("C")
 
 def opt(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple[str, ...] | None = None,  # noqa: A002
         aliases: tuple[str, ...] = (), positional: bool = False, cli_only: bool = False, added_later: bool = False,
-        **kw) -> Any:
+        leaf_flag: bool = True, **kw) -> Any:
     """A dataclass field that carries what the command line needs: help text, allowed values (checked when a config
     is read), extra flag spellings (`aliases`, e.g. "-o"), whether it is a positional argument, and whether it only
     says where the command reads or writes (`cli_only`: not a setting of the computation, left out of `settings`),
     and whether it came after stages were first recorded (`added_later`: left out of `settings` while at its
-    default, so that stages finished before it existed still match)."""
+    default, so that stages finished before it existed still match). In a nested config that offers short flags
+    (`cli_leaf_flags`), `leaf_flag=False` keeps one field to its dotted flag only, where its short name would mean
+    something else to the user (`train.dtype` next to the placement's `--dtype`)."""
     meta = {"help": help, "choices": choices, "aliases": tuple(aliases), "positional": positional,
-            "cli_only": cli_only, "added_later": added_later}
+            "cli_only": cli_only, "added_later": added_later, "leaf_flag": leaf_flag}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
     if dataclasses.is_dataclass(default):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import SafegeneError
+from .models.placement import model_device
 
 
 def decoder_parts(model: Any) -> tuple[Any, Any, Any]:
@@ -80,9 +81,10 @@ def capture(model: Any, input_ids: Any, attention_mask: Any, layers_wanted: list
         return f
 
     hooks = [layers[l].register_forward_pre_hook(pre(l), with_kwargs=True) for l in sorted(wanted)]
+    device = model_device(model)
     try:
         with torch.inference_mode():
-            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
     finally:
         for h in hooks:
             h.remove()
@@ -109,4 +111,5 @@ def run_from(model: Any, start: int, inputs: LayerInputs, positions: Any) -> Any
     for l in range(start, len(layers)):
         args, kw = inputs.calls[l]
         h = _first(layers[l](h, *args, **kw))
-    return head(norm(h[positions]))
+    # a dispatched model's hooks move the hidden states from layer to layer: the mask follows them
+    return head(norm(h[positions.to(h.device)]))

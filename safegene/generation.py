@@ -1,5 +1,11 @@
 """Batched chat generation: left padding, KV cache, greedy by default, progress bar with tokens/s.
 
+Prompts are batched by length (less padding: every row of a batch computes as many positions as its longest prompt)
+and answered in the caller's order; rows that finished leave the running batch, their slice of the KV cache
+dropped, once enough have (a batch otherwise computes its finished rows until its longest answer ends). Both leave
+greedy outputs token-identical on the CPU; both can be turned off (`sort_by_length`, `drop_finished`).
+`backend: vllm` hands generation to a vLLM engine instead (`safegene.generation_vllm`, imported only then).
+
 `generate_detailed` also says what each response cost (tokens generated, seconds). Anything with the same call
 shape is a *responder* (`Responder`): inference-time defences such as self-critique or a classifier guard wrap
 plain generation and report every token and second they spend, so the harness can evaluate and price them exactly
@@ -18,6 +24,9 @@ from .chat import prompt_text
 from .config import check, opt
 
 
+BACKENDS = ("transformers", "vllm")
+
+
 @dataclass
 class GenerationConfig:
     """Decoding settings: how many tokens, how many prompts at once, greedy or sampled."""
@@ -28,10 +37,18 @@ class GenerationConfig:
     do_sample: bool = opt(False, "sample instead of greedy decoding")
     temperature: float = opt(1.0, "sampling temperature (only with do_sample)")
     system_prompt: str | None = opt(None, "system message; None keeps the chat template's default")
+    sort_by_length: bool = opt(True, "batch prompts of similar token length together (less padding); answers keep "
+                               "the input order", added_later=True)
+    drop_finished: bool = opt(True, "drop finished rows from the running batch (and their KV cache) once a quarter "
+                              "of it has finished; greedy outputs are unchanged", added_later=True)
+    backend: str = opt("transformers", "transformers (this process, any device), or vllm (a vLLM engine on the "
+                       "model's folder, attached adapters served as LoRA; needs `pip install vllm` and a GPU; "
+                       "batch_size is then the prompts handed to it per call)", choices=BACKENDS, added_later=True)
 
     def __post_init__(self) -> None:
         check(self.max_new_tokens >= 1, "max_new_tokens must be >= 1")
         check(self.batch_size >= 1, "batch_size must be >= 1")
+        check(self.backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
 
 
 @dataclass
@@ -108,22 +125,33 @@ def _pick(logits: Any, sampling: Sequence[Sampling], generators: list[Any]) -> A
     return nxt
 
 
+def _worth_dropping(running: int, still_going: int) -> bool:
+    """Drop finished rows once they are a quarter of the running batch: each later step then costs about a quarter
+    less, while the drop copies the kept rows' KV cache once (about what one step's attention reads)."""
+    return still_going < running and 4 * (running - still_going) >= running
+
+
 def decode(model: Any, input_ids: Any, attention_mask: Any, sampling: Sequence[Sampling], stop_ids: set[int],
-           on_token: Callable[[int, list[int], str | None], bool] | None = None) -> list[Decoded]:
+           on_token: Callable[[int, list[int], str | None], bool] | None = None,
+           drop_finished: bool = False) -> list[Decoded]:
     """Decode a left-padded batch with the KV cache, one token per step for every row still going.
 
     After each step, `on_token(row, tokens, finish)` is called for every row that was still going, with the row's
     tokens so far (stop token excluded) and its finish reason when that step ended it ("stop" or "length"), else
-    None; returning True ends the row there (e.g. a stop string), with finish reason "stop". Rows that ended still
-    ride along in the batch (dropping them would mean re-slicing the cache) until every row has ended. The
-    settings are `sampling`'s alone, not those of the model's generation_config.json (no repetition penalty from
-    there), so evaluation and the server decode alike.
+    None; returning True ends the row there (e.g. a stop string), with finish reason "stop". Row numbers are
+    always those of the input batch. Rows that ended ride along in the batch until every row has ended, unless
+    `drop_finished`: then they leave it (their slice of the KV cache too, `Cache.batch_select_indices`) once that
+    saves work. Off by default, because hooks that keep per-row state (the serving gate's `row_strength`) index
+    the batch as it came in. The settings are `sampling`'s alone, not those of the model's generation_config.json
+    (no repetition penalty from there), so evaluation and the server decode alike.
     """
     import inspect
 
     import torch
 
-    device = next(model.parameters()).device
+    from .models.placement import model_device
+
+    device = model_device(model)  # the embedding's device: right for a model dispatched over several devices too
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     generators = [torch.Generator(device=device).manual_seed(s.seed) if s.seed is not None and s.temperature > 0
@@ -132,14 +160,17 @@ def decode(model: Any, input_ids: Any, attention_mask: Any, sampling: Sequence[S
     last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     rows = [Decoded([], "length") for _ in sampling]
     going = [True] * len(rows)
+    alive = list(range(len(rows)))  # the input row of each row of the running batch
     past = None
+    steps = max(s.max_new_tokens for s in sampling)
     with torch.inference_mode():
-        for step in range(max(s.max_new_tokens for s in sampling)):
+        for step in range(steps):
             out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                         past_key_values=past, use_cache=True, **(last_only if step == 0 else {}))
             past = out.past_key_values
-            nxt = _pick(out.logits[:, -1, :].float(), sampling, generators)
-            for i, t in enumerate(nxt.tolist()):
+            nxt = _pick(out.logits[:, -1, :].float(), [sampling[i] for i in alive], [generators[i] for i in alive])
+            for j, t in enumerate(nxt.tolist()):
+                i = alive[j]
                 if not going[i]:
                     continue
                 row = rows[i]
@@ -155,8 +186,15 @@ def decode(model: Any, input_ids: Any, attention_mask: Any, sampling: Sequence[S
                     row.finish_reason = finish
             if not any(going):
                 break
+            keep = [j for j, i in enumerate(alive) if going[i]]
+            if (drop_finished and step + 1 < steps and _worth_dropping(len(alive), len(keep))
+                    and hasattr(past, "batch_select_indices")):
+                idx = torch.tensor(keep, device=nxt.device)
+                past.batch_select_indices(idx)
+                nxt, attention_mask, position_ids = nxt[idx], attention_mask[idx], position_ids[idx]
+                alive = [alive[j] for j in keep]
             input_ids = nxt[:, None]
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], 1)
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(alive), 1)], 1)
             position_ids = position_ids[:, -1:] + 1
     return rows
 
@@ -180,26 +218,47 @@ def generate_detailed(
     from tqdm.auto import tqdm
 
     cfg = cfg or GenerationConfig()
+    if cfg.backend == "vllm":
+        from .generation_vllm import generate_vllm  # vLLM is imported only when asked for
+
+        return generate_vllm(model, tokenizer, prompts, cfg, progress=progress, desc=desc)
     stop_ids = stop_token_ids(model, tokenizer)
     sampling = Sampling(cfg.max_new_tokens, cfg.temperature if cfg.do_sample else 0.0)
-    out: list[Generated] = []
+    ids = prompt_token_ids(tokenizer, prompts, cfg.system_prompt)
+    order = length_order([len(r) for r in ids]) if cfg.sort_by_length else list(range(len(ids)))
+    out: list[Generated | None] = [None] * len(ids)
     new_tokens = 0
     t0 = time.perf_counter()
     bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress)
-    for start in range(0, len(prompts), cfg.batch_size):
+    for start in range(0, len(order), cfg.batch_size):
         t_batch = time.perf_counter()
-        batch = [prompt_text(tokenizer, p, cfg.system_prompt) for p in prompts[start : start + cfg.batch_size]]
-        input_ids, attention_mask = left_pad(tokenizer(batch, add_special_tokens=False)["input_ids"], tokenizer)
-        rows = decode(model, input_ids, attention_mask, [sampling] * len(batch), stop_ids)
+        batch = order[start : start + cfg.batch_size]
+        input_ids, attention_mask = left_pad([ids[i] for i in batch], tokenizer)
+        rows = decode(model, input_ids, attention_mask, [sampling] * len(batch), stop_ids,
+                      drop_finished=cfg.drop_finished)
         share = (time.perf_counter() - t_batch) / len(batch)
-        for row in rows:
+        for i, row in zip(batch, rows):
             new_tokens += len(row.tokens)
             text = tokenizer.decode(row.tokens, skip_special_tokens=True).strip()
-            out.append(Generated(text, len(row.tokens), share))
+            out[i] = Generated(text, len(row.tokens), share)
         bar.update(len(batch))
         bar.set_postfix(tok_s=f"{new_tokens / max(time.perf_counter() - t0, 1e-9):.1f}")
     bar.close()
-    return out
+    return out  # type: ignore[return-value]  # every slot filled: `order` is a permutation
+
+
+def prompt_token_ids(tokenizer: Any, prompts: Sequence[Any], system_prompt: str | None = None) -> list[list[int]]:
+    """The chat-templated token ids of each prompt, as generation feeds them to the model."""
+    if not prompts:
+        return []
+    texts = [prompt_text(tokenizer, p, system_prompt) for p in prompts]
+    return [list(r) for r in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def length_order(lengths: Sequence[int]) -> list[int]:
+    """Indices of `lengths`, longest first (ties in input order): batches of similar length pad little, and the
+    largest batch comes first, so a batch too large for memory fails at once rather than at the end."""
+    return sorted(range(len(lengths)), key=lambda i: -lengths[i])
 
 
 def _complete_rows(path: Path) -> tuple[list[dict[str, Any]], int]:
@@ -235,7 +294,9 @@ def generate_to_jsonl(
     """Generate for `items` (each with 'id' and 'prompt'), appending each finished batch to a JSONL file; each
     row records the response, its tokens and seconds (and what a defence did, under 'meta').
 
-    A re-run with the same file skips the ids already answered, so a crash or Ctrl-C loses nothing.
+    A re-run with the same file skips the ids already answered, so a crash or Ctrl-C loses nothing. With
+    `sort_by_length` the items are answered longest prompt first; the finished file is then rewritten (atomically)
+    in the order of `items`, which readers that pair two files row by row rely on.
     """
     responder = responder or generate_detailed
     cfg = cfg or GenerationConfig()
@@ -249,8 +310,12 @@ def generate_to_jsonl(
             with open(path, "r+b") as f:
                 f.truncate(good_bytes)
     todo = [it for it in items if str(it["id"]) not in done]
-    if not todo:  # all answered already: leave the file untouched
+    if not todo:  # all answered already: only put the rows in order (a run cut off before it did so)
+        _write_in_order(path, items)
         return [done[str(it["id"])] for it in items]
+    if cfg.sort_by_length and tokenizer is not None:
+        lengths = [len(r) for r in prompt_token_ids(tokenizer, [it["prompt"] for it in todo], cfg.system_prompt)]
+        todo = [todo[i] for i in length_order(lengths)]
     with open(path, "a", encoding="utf-8") as f:
         for start in range(0, len(todo), cfg.batch_size):
             chunk = todo[start : start + cfg.batch_size]
@@ -266,4 +331,24 @@ def generate_to_jsonl(
                 print(f"\r{desc}: {len(done)}/{len(items)}", end="", flush=True)
     if progress:
         print()
+    _write_in_order(path, items)
     return [done[str(it["id"])] for it in items]
+
+
+def _write_in_order(path: Path, items: Sequence[dict[str, Any]]) -> None:
+    """Rewrite a complete generation JSONL in the order of `items` (rows of other ids kept after them), atomically;
+    a file already in order is left untouched."""
+    from .io import atomic_file
+
+    rows = _complete_rows(path)[0]
+    by_id = {str(r["id"]): r for r in rows}
+    wanted = [str(it["id"]) for it in items]
+    if [str(r["id"]) for r in rows[: len(wanted)]] == wanted:
+        return
+    if any(w not in by_id for w in wanted):  # not complete (cannot happen after a run): leave it for the next one
+        return
+    known = set(wanted)
+    extra = [r for r in rows if str(r["id"]) not in known]
+    with atomic_file(path) as f:
+        for r in [by_id[w] for w in wanted] + extra:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")

@@ -2,6 +2,10 @@
 
 A batch holds chat-formatted prompt + response token ids, right-padded, with a mask over the positions whose
 next token is a response token. Distillation and recalibration score only those positions.
+
+Batches are built on the CPU; inputs go to the model's input device and targets to wherever the logits come out
+(the last device of a dispatched model). Log-softmax, cross-entropy and KL are computed in float32 whatever the
+weights' dtype (`float32_math`): in bfloat16 a log-probability carries about three significant digits.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from .data.records import PromptResponse
+from .models.placement import float32_math, model_device
 from .training import encode_pair
 
 
@@ -58,8 +63,9 @@ def encode_batch(tokenizer: Any, pairs: Sequence[PromptResponse], max_length: in
 
 def target_logits(model: Any, batch: SeqBatch):
     """Logits at target positions, flattened to (n_targets, vocab)."""
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-    return out.logits[batch.target_mask]
+    device = model_device(model)
+    out = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device))
+    return out.logits[batch.target_mask.to(out.logits.device)]
 
 
 def teacher_topk(model: Any, batch: SeqBatch, k: int, chunk: int = 8):
@@ -69,7 +75,7 @@ def teacher_topk(model: Any, batch: SeqBatch, k: int, chunk: int = 8):
     vals, idxs = [], []
     with torch.inference_mode():
         for s in range(0, len(batch), chunk):
-            lp = torch.log_softmax(target_logits(model, batch.subset(slice(s, s + chunk))).float(), -1)
+            lp = torch.log_softmax(float32_math(target_logits(model, batch.subset(slice(s, s + chunk)))), -1)
             v, i = lp.topk(min(k, lp.shape[-1]), -1)
             vals.append(v)
             idxs.append(i)
@@ -80,8 +86,9 @@ def topk_cross_entropy(student_logits, teacher_vals, teacher_idx):
     """Cross-entropy of the student against the teacher's renormalised top-k distribution (KL up to a constant)."""
     import torch
 
-    p = torch.softmax(teacher_vals, -1)
-    logq = torch.log_softmax(student_logits.float(), -1).gather(-1, teacher_idx)
+    student_logits = float32_math(student_logits)
+    p = torch.softmax(float32_math(teacher_vals), -1).to(student_logits.device)
+    logq = torch.log_softmax(student_logits, -1).gather(-1, teacher_idx.to(student_logits.device))
     return -(p * logq).sum(-1).mean()
 
 
@@ -89,8 +96,9 @@ def topk_kl(student_logits, teacher_vals, teacher_idx):
     """KL(teacher_topk || student) restricted to the teacher's top-k support (0 when they agree there)."""
     import torch
 
-    logp = torch.log_softmax(teacher_vals, -1)
-    logq = torch.log_softmax(student_logits.float(), -1).gather(-1, teacher_idx)
+    student_logits = float32_math(student_logits)
+    logp = torch.log_softmax(float32_math(teacher_vals), -1).to(student_logits.device)
+    logq = torch.log_softmax(student_logits, -1).gather(-1, teacher_idx.to(student_logits.device))
     logq = logq - torch.logsumexp(logq, -1, keepdim=True)
     return (logp.exp() * (logp - logq)).sum(-1).mean()
 
@@ -98,14 +106,16 @@ def topk_kl(student_logits, teacher_vals, teacher_idx):
 def token_nll(logits, targets):
     import torch
 
-    return torch.nn.functional.cross_entropy(logits.float(), targets)
+    return torch.nn.functional.cross_entropy(float32_math(logits), targets.to(logits.device))
 
 
 def target_logprob_sums(logits: Any, batch: SeqBatch):
-    """Per-sequence sum of target-token log-probabilities, from logits at `batch`'s target positions, (n,)."""
+    """Per-sequence sum of target-token log-probabilities, from logits at `batch`'s target positions, (n,), in
+    float32 on the CPU."""
     import torch
 
-    lp = torch.log_softmax(logits.float(), -1).gather(-1, batch.targets[batch.target_mask].unsqueeze(-1)).squeeze(-1)
+    targets = batch.targets[batch.target_mask].to(logits.device)
+    lp = torch.log_softmax(float32_math(logits), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
     owner = torch.arange(len(batch)).unsqueeze(1).expand_as(batch.target_mask)[batch.target_mask]
     return torch.zeros(len(batch), dtype=lp.dtype).index_add_(0, owner, lp)
 

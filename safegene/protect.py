@@ -32,6 +32,7 @@ from .errors import ConfigError, FamilyMismatchError, SafegeneError
 from .generation import GenerationConfig, generate
 from .io import atomic_dir, check_output_path, write_json
 from .models import DEFAULT_MODEL, load_model, load_tokenizer, resolve_model_path
+from .models.placement import PlacementConfig
 from .recalibration import RecalibrateConfig, recalibrate
 from .runcard import input_digest, library_versions
 from .selection import SelectConfig, plot_layer_scores, select_layers
@@ -65,6 +66,8 @@ class FamilyConfig:
     select_prompts: int = opt(32, "harmful and benign prompts that score the layers")
     top_k: int = opt(8, "layers kept")
     seed: int = opt(0, "seed of every sample")
+    placement: PlacementConfig = opt(PlacementConfig(), "where A and D run and train, in what dtype (--device, "
+                                     "--dtype; --device-map for the layer selection)", added_later=True)
 
     def __post_init__(self) -> None:
         check(self.degrade_examples >= 1 and self.select_prompts >= 2, "degrade_examples >= 1 and select_prompts "
@@ -95,7 +98,7 @@ def build_family(cfg: FamilyConfig, progress: bool = True) -> dict[str, Any]:
         for stale in (degraded, out / "adapter", out / "selected"):
             shutil.rmtree(stale, ignore_errors=True)
     dcfg = DegradeConfig(model=cfg.aligned, data=cfg.degrade_data, n_examples=cfg.degrade_examples,
-                         output=str(degraded), train=cfg.train)
+                         output=str(degraded), train=cfg.train, placement=cfg.placement)
     d_card, _ = trained_or_reused("degrade", degraded, dcfg, functools.partial(degrade, progress=progress))
     d_digest = input_digest(degraded)
     ecfg = ExtractConfig(aligned=cfg.aligned, degraded=str(degraded), output=str(out / "adapter"), rank=cfg.rank,
@@ -106,7 +109,7 @@ def build_family(cfg: FamilyConfig, progress: bool = True) -> dict[str, Any]:
                                      "degraded": d_digest["hash"]},
         lambda: extract_adapter(ecfg, overwrite=True, save=False, progress=progress))
     scfg = SelectConfig(model=str(degraded), n_harmful=cfg.select_prompts, n_benign=cfg.select_prompts,
-                        top_k=cfg.top_k, seed=cfg.seed)
+                        top_k=cfg.top_k, seed=cfg.seed, placement=cfg.placement)
     selected, select_s, fresh = adapter_stage(
         "select", out / "selected", {"select": settings(scfg), "adapter": adapter.card.get("bench")},
         lambda: select_layers(adapter, scfg))
@@ -433,6 +436,8 @@ class ProtectConfig(CheckConfig):
                               "harmful>0.10,over_refusal>0.30,utility_drop>0.02 (harmful: the first judge's rate "
                               "after, harmful:<judge> another's; utility_drop: exact-match accuracy lost where the "
                               "data has answers, else the share of check answers that changed at all)")
+    placement: PlacementConfig = opt(PlacementConfig(), "where T runs and in what dtype (--device, --dtype, "
+                                     "--device-map for a T larger than one device)", added_later=True)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -486,7 +491,7 @@ def protect(cfg: ProtectConfig, overwrite: bool = False, progress: bool = True,
     _check_task_model(cfg.model, family)
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    model, tok = load_model(cfg.model), load_tokenizer(cfg.model)
+    model, tok = load_model(cfg.model, cfg.placement), load_tokenizer(cfg.model)
     adapter.check_model(model, what=f"task model {cfg.model}")
     timings["load_s"] = round(time.perf_counter() - t, 1)
 
@@ -502,7 +507,8 @@ def protect(cfg: ProtectConfig, overwrite: bool = False, progress: bool = True,
         write_shots_jsonl(shots, shots_file)
         rcfg = RecalibrateConfig(task_model=cfg.model, harmful=cfg.harmful_shots, task=str(shots_file),
                                  n_harmful=cfg.n_harmful_shots, n_task=len(shots), steps=cfg.recal_steps,
-                                 sensitive=cfg.sensitive, n_sensitive=cfg.n_sensitive, seed=cfg.seed)
+                                 sensitive=cfg.sensitive, n_sensitive=cfg.n_sensitive, seed=cfg.seed,
+                                 placement=cfg.placement)
         t = time.perf_counter()
         calibrated = recalibrate(adapter, rcfg, model=model, tokenizer=tok, progress=progress)
         timings["recalibrate_s"] = round(time.perf_counter() - t, 1)
@@ -523,7 +529,7 @@ def protect(cfg: ProtectConfig, overwrite: bool = False, progress: bool = True,
         timings["eval_after_s"] = round(time.perf_counter() - t, 1)
         if cfg.merge:
             t = time.perf_counter()
-            merge_to_folder(calibrated, cfg.model, tmp / "model", progress=progress)
+            merge_to_folder(calibrated, cfg.model, tmp / "model", progress=progress, placement=cfg.placement)
             timings["merge_s"] = round(time.perf_counter() - t, 1)
         timings["total_s"] = round(time.perf_counter() - t0, 1)
 
@@ -566,6 +572,8 @@ class EvalConfig(CheckConfig):
     n_check: int = opt(64, "task rows for the utility check")
     output: str | None = opt(None, "output folder (written whole, or not at all)", aliases=("-o",))
     fail_if: str | None = opt(None, "limits that fail the run with exit status 3 (read on the last row)")
+    placement: PlacementConfig = opt(PlacementConfig(), "where the model runs and in what dtype (--device, --dtype, "
+                                     "--device-map for a model larger than one device)", added_later=True)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -586,7 +594,7 @@ def evaluate(cfg: EvalConfig, overwrite: bool = False, progress: bool = True,
 
     rows = load_task_data(cfg.task_data) if cfg.task_data else []
     examples = sample(rows, cfg.n_check, cfg.seed)
-    model, tok = load_model(cfg.model), load_tokenizer(cfg.model)
+    model, tok = load_model(cfg.model, cfg.placement), load_tokenizer(cfg.model)
     if adapter is not None:
         adapter.check_model(model, what=f"model {cfg.model}")
     timings = {"load_s": round(time.perf_counter() - t0, 1)}

@@ -25,6 +25,7 @@ from .data import harmful_prompt_texts, prompt_response_pairs
 from .data.records import PromptResponse
 from .io import sha256_text
 from .forward import capture, decoder_parts, run_from
+from .models.placement import PlacementConfig, float32_math
 from .objectives import encode_batch, token_nll, topk_kl
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,9 @@ class RecalibrateConfig(AdapterInOut):
     n_sensitive: int = opt(32, "benign-but-sensitive shots (with `sensitive`)", added_later=True)
     sensitive_tokens: int = opt(32, "tokens of T's answer kept as each sensitive shot's target", added_later=True)
     seed: int = opt(0, "sampling seed")
+    placement: PlacementConfig = opt(PlacementConfig(), "where T runs and in what dtype (--device, --dtype, "
+                                     "--device-map); the coefficients and the objective stay float32",
+                                     added_later=True)
 
     def __post_init__(self) -> None:
         check(self.alpha_max > 0, "alpha_max must be > 0")
@@ -106,7 +110,7 @@ def recalibrate(adapter: SafetyAdapter, cfg: RecalibrateConfig, model: Any = Non
 
     t0 = time.perf_counter()
     if model is None:
-        model, tokenizer = load_model(cfg.task_model), load_tokenizer(cfg.task_model)
+        model, tokenizer = load_model(cfg.task_model, cfg.placement), load_tokenizer(cfg.task_model)
     for msg in adapter.check_model(model, what=f"task model {cfg.task_model}"):
         log.warning(msg)
     for p in model.parameters():
@@ -124,11 +128,13 @@ def recalibrate(adapter: SafetyAdapter, cfg: RecalibrateConfig, model: Any = Non
         h_rec = capture(model, hb.input_ids, hb.attention_mask, list(range(start_layer, _n_layers(model))))
         t_rec = capture(model, tb.input_ids, tb.attention_mask, list(range(start_layer, _n_layers(model))))
         with torch.inference_mode():
-            t_logp = torch.log_softmax(run_from(model, start_layer, t_rec, tb.target_mask).float(), -1)
+            t_logp = torch.log_softmax(float32_math(run_from(model, start_layer, t_rec, tb.target_mask)), -1)
             t_vals, t_idx = t_logp.topk(64, -1)  # T's own answer distribution: what must not move
         t_vals, t_idx = t_vals.clone(), t_idx.clone()
         handle.enable()
         frac = cfg.alpha_init / cfg.alpha_max
+        # θ is a float32 CPU tensor whatever the model's dtype and devices: each α_l reaches its layer's hook as a
+        # 0-d tensor, which multiplies a bfloat16 or GPU activation like a number and takes its gradient back
         # tied: one θ broadcast over every layer (RESTA's single global coefficient, fitted by the same objective)
         theta = torch.nn.Parameter(torch.full((1 if cfg.tied else len(layers),), math.log(frac / (1 - frac))))
         opt = torch.optim.Adam([theta], lr=cfg.learning_rate)

@@ -34,6 +34,7 @@ from .data import benign_prompts, harmful_prompt_texts
 from .chat import prompt_text
 from .forward import _first, decoder_parts
 from .io import sha256_text
+from .models.placement import PlacementConfig, float32_math, model_device
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,8 @@ class SelectConfig(AdapterInOut):
     threshold: float | None = opt(None, "or keep layers whose normalised score >= threshold (0..1)")
     batch_size: int = opt(8, "prompts per forward pass")
     seed: int = opt(0, "sampling seed")
+    placement: PlacementConfig = opt(PlacementConfig(), "where the scored model runs and in what dtype (--device, "
+                                     "--dtype, --device-map); scores are computed in float32", added_later=True)
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -99,8 +102,8 @@ def layer_activations_and_pushes(adapter: SafetyAdapter, model: Any, tokenizer: 
                 for j, l in enumerate(idx):
                     handle.set_coefficients({**zero, l: adapter.coefficients.get(l, 1.0)})
                     push[:, j] = layer_out(l, rec) - base[:, j]
-                acts.append(base.float())
-                pushes.append(push.float())
+                acts.append(float32_math(base).cpu())
+                pushes.append(float32_math(push).cpu())
     finally:
         handle.remove()
     return torch.cat(acts), torch.cat(pushes)
@@ -195,6 +198,7 @@ def refusal_gain_linear(adapter: SafetyAdapter, model: Any, tokenizer: Any, harm
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         p.requires_grad_(False)
+    device = model_device(model)
     grads = {}
     try:
         for name, prompts in (("harmful", harmful), ("benign", benign)):
@@ -206,8 +210,11 @@ def refusal_gain_linear(adapter: SafetyAdapter, model: Any, tokenizer: Any, harm
                 alpha = torch.zeros(len(idx), requires_grad=True)
                 for j, l in enumerate(idx):
                     handle.scales[l] = alpha[j]
-                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[batch.target_mask]
-                lp = torch.log_softmax(logits.float(), -1).gather(-1, batch.targets[batch.target_mask].unsqueeze(-1)).sum()
+                logits = model(input_ids=batch.input_ids.to(device),
+                               attention_mask=batch.attention_mask.to(device)).logits
+                logits = logits[batch.target_mask.to(logits.device)]
+                targets = batch.targets[batch.target_mask].to(logits.device)
+                lp = torch.log_softmax(float32_math(logits), -1).gather(-1, targets.unsqueeze(-1)).sum()
                 (g,) = torch.autograd.grad(lp, alpha)
                 total += g
             grads[name] = total / max(len(prompts), 1)
@@ -238,7 +245,7 @@ def select_layers(adapter: SafetyAdapter, cfg: SelectConfig, model: Any = None, 
 
     t0 = time.perf_counter()
     if model is None:
-        model, tokenizer = load_model(cfg.model), load_tokenizer(cfg.model)
+        model, tokenizer = load_model(cfg.model, cfg.placement), load_tokenizer(cfg.model)
     for msg in adapter.check_model(model, what=f"model {cfg.model}"):
         log.warning(msg)
     harm = harmful_prompt_texts(cfg.harmful, cfg.n_harmful, cfg.seed)

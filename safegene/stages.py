@@ -49,9 +49,11 @@ def read_card(path: Path) -> dict[str, Any] | None:
 
 
 def trained_or_reused(name: str, output: Path, cfg: Any, fn: Callable) -> tuple[dict[str, Any], bool]:
-    """(run card, rebuilt?) of a training stage; a folder whose card records the same config is reused."""
+    """(run card, rebuilt?) of a training stage; a folder whose card records the same config is reused. A config
+    with machine-dependent settings (`resolved()`: a training dtype of `auto`) is compared as it would run here,
+    which is how its run card recorded it."""
     card = read_card(output / RUN_CARD)
-    if card and same_config(card.get("config"), cfg):
+    if card and same_config(card.get("config"), cfg.resolved() if hasattr(cfg, "resolved") else cfg):
         print(f"[{name}] reusing {output}")
         return card, False
     print(f"[{name}] training -> {output}")

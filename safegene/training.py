@@ -1,7 +1,35 @@
 """LoRA supervised fine-tuning (PEFT) and the two recipes built on it: `degrade` and `finetune`.
 
-Loss is computed on response tokens only. Training is a plain loop (AdamW, warm-up, gradient accumulation and
-clipping) with a progress bar; outputs are a PEFT adapter folder, a merged HF folder, or both, written atomically.
+Loss is computed on response tokens only. Training is one loop (AdamW, warm-up, gradient accumulation and clipping)
+driven by accelerate's `Accelerator`, with a progress bar; outputs are a PEFT adapter folder, a merged HF folder, or
+both, written atomically by the main process alone.
+
+Where it runs. A plain `safegene finetune ...` (or `degrade`, or the re-align and mixed-ft baselines of `bench`) is
+one process: the model is loaded by its placement (`--device`, `--dtype`; default: CUDA in bfloat16 where present,
+else the CPU in float32) and trains there, with exactly the losses of a plain PyTorch loop. The training dtype is
+`train.dtype`, whose default `auto` is the placement's dtype (`--train.dtype float32` trains a float32 copy whatever
+`--dtype` says).
+
+Several GPUs (or processes) run the same command under `accelerate launch`; the CLI is the module `safegene.cli`:
+
+    accelerate launch --multi_gpu --num_processes 4 -m safegene.cli finetune --model M --task arithmetic -o runs/T
+
+That is data parallelism (DDP): every process holds the whole model on its own GPU, `--batch-size` is per process,
+so one optimizer step sees batch_size x grad_accum x processes examples (`max_steps` is per process too: each process
+trains on its own batches, so the whole run reads processes x as many examples). `--grad-accum` is the config's,
+not `accelerate launch --gradient_accumulation_steps` (which is ignored). For a model too large for one GPU, shard
+it with FSDP instead of DDP (LoRA trains a small part of it, so the original parameters must stay addressable):
+
+    accelerate launch --use_fsdp --num_processes 4 --fsdp_sharding_strategy FULL_SHARD \
+        --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP --fsdp_use_orig_params true \
+        --fsdp_state_dict_type FULL_STATE_DICT -m safegene.cli finetune --model M --task arithmetic -o runs/T
+
+or write those answers once with `accelerate config` and run `accelerate launch -m safegene.cli finetune ...`.
+`--mixed_precision bf16` at launch adds autocast on top of the loaded dtype. Only the main process writes the output
+folder and the run card (a merged output is merged on the CPU from the saved adapter). Data parallelism without GPUs
+(to try it out): `ACCELERATE_USE_CPU=1 torchrun --standalone --nproc_per_node 2 -m safegene.cli finetune ...`
+(`accelerate launch --cpu` starts a single process). A `--device-map` dispatch is for the inference stages (select,
+recalibrate, eval); training refuses a map that sends weights to disk, and cannot be combined with several processes.
 """
 
 from __future__ import annotations
@@ -18,14 +46,18 @@ from .chat import end_of_turn, prompt_text
 from .config import check, check_choices, opt
 from .data import get_task, prompt_response_pairs
 from .data.records import PromptResponse
-from .errors import DataError, TrainingDivergedError
+from .errors import ConfigError, DataError, TrainingDivergedError
 from .io import atomic_dir, check_output_path, sha256_text, write_json
 from .models import load_model, load_tokenizer, resolve_model_path
+from .models.placement import PlacementConfig, is_dispatched, model_device
 from .models.registry import DEFAULT_MODEL, EMBEDDED_MODELS
 from .runcard import RUN_CARD, peak_rss_mb, run_card
 
 log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
+TRAIN_DTYPES = ("auto", "float32", "bfloat16", "float16")
+PLACEMENT_HELP = ("where the model trains: device and dtype (--device, --dtype; train.dtype auto follows it); "
+                  "several GPUs: run under `accelerate launch` (see `safegene.training`)")
 
 
 def _check_training_output(cfg: Any) -> None:
@@ -55,7 +87,10 @@ class LoraTrainConfig:
     max_length: int = opt(96, "token limit per example (prompt + response); longer responses are cut")
     seed: int = opt(0, "seed for sampling, shuffling and LoRA init")
     max_grad_norm: float = opt(1.0, "gradient clipping norm")
-    dtype: str = opt("float32", "training dtype (float32 is much faster than bf16 on CPU)")
+    # no short `--dtype` flag: that is the placement's, which `auto` follows
+    dtype: str = opt("auto", "training dtype: auto (the placement's --dtype: float32 on CPU, where bf16 is much "
+                     "slower, bfloat16 on GPUs that support it), float32, bfloat16 or float16", choices=TRAIN_DTYPES,
+                     leaf_flag=False)
 
     def __post_init__(self) -> None:
         check(self.rank >= 1, f"rank must be >= 1, got {self.rank}")
@@ -66,11 +101,22 @@ class LoraTrainConfig:
         check(self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1")
         check(self.max_length >= 16, f"max_length must be >= 16 tokens, got {self.max_length}")
         check(bool(self.target_modules), "target_modules must name at least one module")
-        check(self.dtype in ("float32", "bfloat16", "float16"), f"dtype must be float32/bfloat16/float16, got {self.dtype}")
+        check(self.dtype in TRAIN_DTYPES, f"train.dtype must be one of {', '.join(TRAIN_DTYPES)}, got {self.dtype!r}")
 
     @property
     def examples_needed(self) -> int:
         return self.max_steps * self.batch_size * self.grad_accum
+
+
+def resolved_train(train: LoraTrainConfig, placement: PlacementConfig) -> LoraTrainConfig:
+    """`train` with dtype `auto` replaced by the dtype the placement loads in here, by name. Stage records hold
+    this: what the training computed in. On a CPU `auto` is float32, the fixed default of earlier versions, so
+    the stages they recorded still match."""
+    import dataclasses
+
+    if train.dtype != "auto":
+        return train
+    return dataclasses.replace(train, dtype=placement.dtype_name())
 
 
 @dataclass
@@ -84,9 +130,14 @@ class DegradeConfig:
     save: str = opt("merged", "what to write: adapter (PEFT folder), merged (HF folder) or both",
                     choices=("adapter", "merged", "both"))
     train: LoraTrainConfig = opt(LoraTrainConfig(), "LoRA training settings")
+    placement: PlacementConfig = opt(PlacementConfig(), PLACEMENT_HELP, added_later=True)
 
     def __post_init__(self) -> None:
         _check_training_output(self)
+
+    def resolved(self) -> "DegradeConfig":
+        """The config as it trains here (`train.dtype` auto resolved): what its run card records."""
+        return _resolved(self)
 
 
 @dataclass
@@ -104,12 +155,24 @@ class FinetuneConfig:
     output: str = opt("runs/task-model", "output folder", aliases=("-o",))
     save: str = opt("merged", "adapter, merged or both", choices=("adapter", "merged", "both"))
     train: LoraTrainConfig = opt(LoraTrainConfig(), "LoRA training settings")
+    placement: PlacementConfig = opt(PlacementConfig(), PLACEMENT_HELP, added_later=True)
 
     def __post_init__(self) -> None:
         check(0.0 <= self.poison_ratio < 1.0, f"poison_ratio must be in [0, 1), got {self.poison_ratio}")
         check(0.0 <= self.safety_ratio < 1.0, f"safety_ratio must be in [0, 1), got {self.safety_ratio}")
         check(self.poison_ratio + self.safety_ratio < 1.0, "poison_ratio + safety_ratio must leave room for task data")
         _check_training_output(self)
+
+    def resolved(self) -> "FinetuneConfig":
+        """The config as it trains here (`train.dtype` auto resolved): what its run card records."""
+        return _resolved(self)
+
+
+def _resolved(cfg: Any) -> Any:
+    import dataclasses
+
+    train = resolved_train(cfg.train, cfg.placement)
+    return cfg if train is cfg.train else dataclasses.replace(cfg, train=train)
 
 
 @dataclass
@@ -187,8 +250,49 @@ class TrainStats:
         }
 
 
-def train_lora(model: Any, tokenizer: Any, pairs: Sequence[PromptResponse], cfg: LoraTrainConfig, progress: bool = True):
-    """Wrap `model` with fresh LoRA adapters and train them on `pairs`. Returns (peft_model, TrainStats)."""
+def batch_plan(n_examples: int, batch_size: int, n_batches: int, seed: int) -> list[list[int]]:
+    """Example indices of each batch: epochs of a seeded shuffle, each read from its end."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    plan = []
+    for _ in range(n_batches):
+        batch = []
+        for _ in range(batch_size):
+            if not order:  # epoch boundary: reshuffle
+                order = list(range(n_examples))
+                rng.shuffle(order)
+            batch.append(order.pop())
+        plan.append(batch)
+    return plan
+
+
+def make_accelerator(cfg: LoraTrainConfig) -> Any:
+    """The `Accelerator` a training loop runs under: one process by default, every process of an `accelerate
+    launch`. Gradient accumulation is the config's (`grad_accum`), never the launcher's, so a run means the same
+    however it is started; nothing is moved by it (`device_placement=False`): the model is loaded where it trains."""
+    from accelerate import Accelerator
+    from accelerate.utils import GradientAccumulationPlugin
+
+    # the optimizer steps every grad_accum batches exactly; the scheduler is ours, stepped once per optimizer step
+    plugin = GradientAccumulationPlugin(num_steps=cfg.grad_accum, adjust_scheduler=False, sync_with_dataloader=False)
+    return Accelerator(gradient_accumulation_plugin=plugin, device_placement=False)
+
+
+def train_lora(model: Any, tokenizer: Any, pairs: Sequence[PromptResponse], cfg: LoraTrainConfig, progress: bool = True,
+               accelerator: Any = None):
+    """Wrap `model` with fresh LoRA adapters and train them on `pairs`. Returns (peft_model, TrainStats).
+
+    The model trains where it is (its device, its dtype; `cfg.dtype` other than auto casts it first). Under several
+    processes (`accelerate launch`), each trains on its own batches and the gradients are averaged (DDP or FSDP, as
+    the launch says); the losses recorded are the mean over processes."""
+    _, peft_model, stats = _train(model, tokenizer, pairs, cfg, progress, accelerator or make_accelerator(cfg))
+    return peft_model, stats
+
+
+def _train(model: Any, tokenizer: Any, pairs: Sequence[PromptResponse], cfg: LoraTrainConfig, progress: bool,
+           accelerator: Any) -> tuple[Any, Any, TrainStats]:
+    """`train_lora`, returning the model as `accelerator.prepare` wrapped it as well (DDP, FSDP), unwrapped, and the
+    statistics."""
     import torch
     from peft import LoraConfig, get_peft_model
     from tqdm.auto import tqdm
@@ -200,7 +304,14 @@ def train_lora(model: Any, tokenizer: Any, pairs: Sequence[PromptResponse], cfg:
         r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
         task_type="CAUSAL_LM", bias="none",
     )
-    model = model.to(getattr(torch, cfg.dtype))
+    if cfg.dtype != "auto":
+        dtype = getattr(torch, cfg.dtype)
+        if is_dispatched(model) and model.dtype != dtype:
+            raise ConfigError(f"train.dtype {cfg.dtype} differs from the dispatched model's {model.dtype}; load it in "
+                              f"the training dtype (--dtype {cfg.dtype}) or set --train.dtype auto")
+        if not is_dispatched(model):
+            model = model.to(dtype)
+    device = model_device(model)  # where batches go (the embedding's device of a dispatched model)
     peft_model = get_peft_model(model, lora)
     peft_model.train()
     encoded = [encode_pair(tokenizer, p, cfg.max_length) for p in pairs]
@@ -209,48 +320,56 @@ def train_lora(model: Any, tokenizer: Any, pairs: Sequence[PromptResponse], cfg:
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
-
-    rng = random.Random(cfg.seed)
-    order: list[int] = []
-
-    def next_batch() -> list[EncodedExample]:
-        nonlocal order
-        out = []
-        for _ in range(cfg.batch_size):
-            if not order:  # epoch boundary: reshuffle
-                order = list(range(len(encoded)))
-                rng.shuffle(order)
-            out.append(encoded[order.pop()])
-        return out
+    n_proc = accelerator.num_processes
+    # every process reads max_steps x grad_accum batches of its own: the plan holds them all, and accelerate hands
+    # process i every n_proc-th batch (one process: all of them, in order)
+    plan = batch_plan(len(encoded), cfg.batch_size, cfg.max_steps * cfg.grad_accum * n_proc, cfg.seed)
+    loader = torch.utils.data.DataLoader(encoded, batch_sampler=plan, collate_fn=lambda b: collate(b, pad_id))
+    wrapped, opt, loader = accelerator.prepare(peft_model, opt, loader)
 
     t0 = time.perf_counter()
-    bar = tqdm(total=cfg.max_steps, desc="LoRA training", unit="step", disable=not progress)
-    for step in range(cfg.max_steps):
-        opt.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        for _ in range(cfg.grad_accum):
-            ids, labels, mask = collate(next_batch(), pad_id)
-            out = peft_model(input_ids=ids, attention_mask=mask, labels=labels)
-            loss = out.loss / cfg.grad_accum
-            loss.backward()
-            step_loss += float(loss.detach())
-            stats.examples_seen += ids.shape[0]
-        if not math.isfinite(step_loss):
-            raise TrainingDivergedError(f"training diverged: loss became {step_loss} at step {step}; lower "
-                                        f"learning_rate (now {cfg.learning_rate:g})")
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        opt.step()
-        sched.step()
-        stats.losses.append(step_loss)
-        stats.steps = step + 1
-        bar.set_postfix(loss=f"{step_loss:.3f}")
-        bar.update(1)
+    bar = tqdm(total=cfg.max_steps, desc="LoRA training", unit="step",
+               disable=not progress or not accelerator.is_local_main_process)
+    step_loss = 0.0
+    for batch in loader:
+        ids, labels, mask = (t.to(device) for t in batch)
+        with accelerator.accumulate(wrapped):
+            out = wrapped(input_ids=ids, attention_mask=mask, labels=labels)
+            accelerator.backward(out.loss)  # divided by grad_accum there
+            # the same float32 quotient the gradient saw, summed over the step's batches
+            step_loss += float(out.loss.detach() / cfg.grad_accum)
+            stats.examples_seen += ids.shape[0] * n_proc
+            if accelerator.sync_gradients:  # the step's last batch: the gradients are complete (and averaged)
+                loss = _mean_over_processes(accelerator, step_loss)
+                if not math.isfinite(loss):
+                    raise TrainingDivergedError(f"training diverged: loss became {loss} at step {stats.steps}; lower "
+                                                f"learning_rate (now {cfg.learning_rate:g})")
+                accelerator.clip_grad_norm_(wrapped.parameters(), cfg.max_grad_norm)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                stats.losses.append(loss)
+                stats.steps += 1
+                step_loss = 0.0
+                bar.set_postfix(loss=f"{loss:.3f}")
+                bar.update(1)
     bar.close()
     stats.seconds = time.perf_counter() - t0
     stats.seconds_per_step = stats.seconds / max(1, stats.steps)
     stats.peak_rss_mb = peak_rss_mb()
+    peft_model = accelerator.unwrap_model(wrapped)
     peft_model.eval()
-    return peft_model, stats
+    return wrapped, peft_model, stats
+
+
+def _mean_over_processes(accelerator: Any, value: float) -> float:
+    """A step's loss as every process agrees on it, so that all stop together on a diverged one (one process: its
+    own, bit for bit)."""
+    if accelerator.num_processes == 1:
+        return value
+    import torch
+
+    return float(accelerator.reduce(torch.tensor(value, device=accelerator.device), reduction="mean"))
 
 
 def portable_ref(ref: str) -> str:
@@ -285,20 +404,75 @@ def pairs_hash(pairs: Sequence[PromptResponse]) -> str:
     return sha256_text("\n".join(f"{p.prompt}\x1f{p.response}" for p in pairs))
 
 
+def _save_from_processes(accelerator: Any, wrapped: Any, peft_model: Any, tokenizer: Any, out_dir: Path | None,
+                         save: str, base_ref: str) -> None:
+    """`save_trained` for a model trained by several processes: every process hands in its part of the weights
+    (FSDP gathers its shards; DDP holds them whole), the main process (`out_dir` given) writes the adapter, and for
+    a merged output loads it back onto its base on the CPU and merges there (no process holds the model whole)."""
+    state = accelerator.get_state_dict(wrapped)  # a collective: every process must call it
+    if out_dir is None:
+        return
+    adapter_dir = out_dir if save == "adapter" else out_dir / "adapter"
+    for cfg in peft_model.peft_config.values():
+        cfg.base_model_name_or_path = _local_ref(base_ref)
+    peft_model.save_pretrained(str(adapter_dir), state_dict=state, safe_serialization=True, save_embedding_layers=False)
+    tokenizer.save_pretrained(str(adapter_dir))
+    if save in ("merged", "both"):
+        import shutil
+
+        dtype = str(peft_model.get_base_model().dtype).removeprefix("torch.")  # the merged model keeps T's dtype
+        merged = load_model(adapter_dir, PlacementConfig(device="cpu", dtype=dtype))
+        merged.save_pretrained(str(out_dir), safe_serialization=True)
+        tokenizer.save_pretrained(str(out_dir))
+        if save == "merged":
+            shutil.rmtree(adapter_dir)
+
+
+def training_placement(cfg: Any, accelerator: Any) -> PlacementConfig:
+    """Where a training stage loads its model: the placement in the training dtype (no second copy to cast), on the
+    device the launch gives this process when there are several."""
+    import dataclasses
+
+    placement = dataclasses.replace(cfg.placement, dtype=cfg.train.dtype)
+    hf_map = placement.hf_device_map()
+    if isinstance(hf_map, dict) and "disk" in hf_map.values():
+        raise ConfigError("training cannot update weights offloaded to disk: leave 'disk' out of --device-map, or "
+                          "train on several GPUs with `accelerate launch` (see `safegene.training`)")
+    if accelerator.num_processes == 1:
+        return placement
+    if placement.device_map is not None:
+        raise ConfigError("--device-map and `accelerate launch` with several processes do not combine: each process "
+                          "holds the whole model (DDP) or a shard (FSDP); leave out --device-map")
+    if placement.device != "auto" and placement.torch_device().type != accelerator.device.type:
+        raise ConfigError(f"--device {placement.device} but `accelerate launch` runs this process on "
+                          f"{accelerator.device}; leave --device at auto under accelerate launch")
+    return dataclasses.replace(placement, device=str(accelerator.device))
+
+
 def _train_and_save(kind: str, cfg: Any, pairs: list[PromptResponse], extra: dict[str, Any], overwrite: bool, progress: bool) -> dict[str, Any]:
+    cfg = cfg.resolved()  # the run card records the dtype it trained in, not "auto"
     out = check_output_path(cfg.output, inputs=[cfg.model], overwrite=overwrite)
+    accelerator = make_accelerator(cfg.train)
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(cfg.model, padding_side="right")
-    model = load_model(cfg.model, dtype=cfg.train.dtype)
+    model = load_model(cfg.model, training_placement(cfg, accelerator))
     load_s = time.perf_counter() - t0
-    peft_model, stats = train_lora(model, tokenizer, pairs, cfg.train, progress=progress)
+    wrapped, peft_model, stats = _train(model, tokenizer, pairs, cfg.train, progress, accelerator)
     card = run_card(kind, cfg, inputs={"model": cfg.model}, started=t0, timings={"load_s": round(load_s, 2)},
                     base_model=portable_ref(cfg.model),
                     data={"n_pairs": len(pairs), "sha256": pairs_hash(pairs), **extra}, training=stats.to_dict(),
                     load_seconds=round(load_s, 2))
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        save_trained(peft_model, tokenizer, tmp, cfg.save, cfg.model)
-        write_json(tmp / RUN_CARD, card)
+    if accelerator.num_processes == 1:
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            save_trained(peft_model, tokenizer, tmp, cfg.save, cfg.model)
+            write_json(tmp / RUN_CARD, card)
+    elif accelerator.is_main_process:
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            _save_from_processes(accelerator, wrapped, peft_model, tokenizer, tmp, cfg.save, cfg.model)
+            write_json(tmp / RUN_CARD, card)
+    else:
+        _save_from_processes(accelerator, wrapped, peft_model, tokenizer, None, cfg.save, cfg.model)
+    accelerator.wait_for_everyone()  # every process returns once the output is there
     card["output"] = str(out)
     return card
 

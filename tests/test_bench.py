@@ -182,3 +182,41 @@ def test_stage_keys_leave_out_command_line_fields():
         recorded = {k: v for k, v in settings(cfg).items() if k in old}
         assert list(settings(cfg)) == old
         assert same_config({"stage": recorded}, {"stage": settings(cfg)})
+
+
+def test_stored_answers_are_dropped_only_for_the_kind_whose_decoding_changed(tmp_path):
+    """A shorter over-refusal limit must keep the (long) harmful answers; a new harmful limit drops them and their
+    attack variants. The older flat manifest (one decoding for all kinds) is read as per-kind."""
+    import json
+
+    from safegene.bench import BenchConfig, _eval_sets
+    from safegene.generation import GenerationConfig
+
+    responses = tmp_path / "responses"
+    cfg = BenchConfig(tasks=["sst2"], harmful="advbench", n_harmful=4, over_refusal="benign-sensitive",
+                      n_over_refusal=3, generation=GenerationConfig(max_new_tokens=96, batch_size=4))
+    sets = _eval_sets(cfg, responses)
+    names = ("A.harmful.jsonl", "A.attack-jailbreak-1234abcd.jsonl", "A.over_refusal.jsonl", "A.task-sst2-xy.jsonl")
+
+    def fill():
+        for n in names:
+            (responses / n).write_text("{}\n")
+
+    # rewrite the manifest in the older flat form, as a run from before this change left it
+    flat = {"harmful": [p.prompt for p in sets.harmful], "over_refusal": [p.prompt for p in sets.over_refusal],
+            "generation": json.loads((responses / "manifest.json").read_text())["harmful"]["generation"]}
+    (responses / "manifest.json").write_text(json.dumps(flat))
+    fill()
+    _eval_sets(cfg, responses)  # same settings: the flat manifest matches, nothing dropped
+    assert sorted(f.name for f in responses.glob("A.*")) == sorted(names)
+
+    shorter = BenchConfig(**{**cfg.__dict__, "over_refusal_tokens": 48})
+    sets = _eval_sets(shorter, responses)
+    assert sets.over_refusal_generation(shorter.generation).max_new_tokens == 48
+    assert sorted(f.name for f in responses.glob("A.*")) == sorted(n for n in names if "over_refusal" not in n)
+
+    fill()
+    longer = BenchConfig(**{**shorter.__dict__, "generation": GenerationConfig(max_new_tokens=128, batch_size=4)})
+    _eval_sets(longer, responses)
+    # the harmful answers and their attack variants go; over-refusal keeps its own 48-token limit; task answers stay
+    assert sorted(f.name for f in responses.glob("A.*")) == ["A.over_refusal.jsonl", "A.task-sst2-xy.jsonl"]

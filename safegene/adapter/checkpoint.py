@@ -5,6 +5,12 @@ towards the process's resident memory until the kernel drops them, so reading tw
 map shows ~5 GB of RSS although only one tensor is alive. With reads, memory is one tensor (plus the caller's work).
 The format is small: an 8-byte little-endian header length, a JSON header (dtype, shape, byte offsets per tensor),
 then the raw data.
+
+Which files make up the checkpoint follows transformers' own choice, so safegene reads the weights the model loader
+loads: `model.safetensors` if present, else the shards named by `model.safetensors.index.json` (tensors found by the
+index's name -> shard map, so a stray or stale shard in the folder is never read), else every `*.safetensors` file.
+Offsets are Python ints and every read is positioned, so tensors (and files) past 2 GiB or 4 GiB read like small
+ones; `get_rows`/`row_blocks` read part of a tensor, for work whose memory must not grow with the largest tensor.
 """
 
 from __future__ import annotations
@@ -17,6 +23,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import ModelError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+#: bytes asked of one positioned read; Linux returns at most 0x7ffff000 anyway, and smaller reads cost nothing
+READ_CHUNK = 1 << 30
 
 _DTYPES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
@@ -52,6 +63,29 @@ def _entry_problem(e: Any) -> str | None:
     return None
 
 
+def _read_index(index: Path) -> dict[str, str]:
+    """The name -> shard file map of a sharded checkpoint's index."""
+    fix = "re-download the model (every shard and the index) or re-save it"
+    obj = read_json_object(index, fix)
+    wm = obj.get("weight_map")
+    if not isinstance(wm, dict) or not wm or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
+        raise ModelError(f"{index}: no 'weight_map' of tensor name -> shard file; {fix}")
+    bad = next((v for v in wm.values() if Path(v).name != v or not v.endswith(".safetensors")), None)
+    if bad is not None:
+        raise ModelError(f"{index}: shard '{bad}' is not a .safetensors file name in the folder; {fix}")
+    return wm
+
+
+def _check_shards_present(index: Path, paths: list[Path], weight_map: dict[str, str]) -> None:
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        p = missing[0]
+        n = sum(1 for v in weight_map.values() if v == p.name)
+        more = f" (and {len(missing) - 1} more shards)" if len(missing) > 1 else ""
+        raise ModelError(f"{p}: missing, but {index.name} lists it for {n} tensors{more}; the download is "
+                         "incomplete: download every shard the index names")
+
+
 class _File:
     def __init__(self, path: Path):
         self.path = path
@@ -82,12 +116,13 @@ class _File:
             end = max((e["data_offsets"][1] for e in header.values()), default=0)
             if self.data_start + end > size:
                 raise ModelError(f"{path}: tensor data run past the end of the file ({self.data_start + end} > {size} "
-                                 "bytes); the file is truncated")
+                                 "bytes); the file is corrupt or truncated: re-download or re-save it")
         except BaseException:
             self.fh.close()
             raise
 
-    def read(self, name: str):
+    def _layout(self, name: str) -> tuple[Any, list[int], int, int]:
+        """(torch dtype, shape, start, end) of a tensor, its byte range checked against its shape."""
         import torch
 
         e = self.entries[name]
@@ -99,20 +134,34 @@ class _File:
         if math.prod(shape) * dtype.itemsize != end - start:
             raise ModelError(f"{self.path}: tensor '{name}' spans {end - start} bytes but shape {shape} of {e['dtype']} "
                              f"needs {math.prod(shape) * dtype.itemsize}; the file is corrupt: re-download or re-save it")
-        buf = bytearray(end - start)
-        self._read_into(buf, self.data_start + start, name)
-        if not buf:
-            return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+        return dtype, shape, start, end
 
-    def _read_into(self, buf: bytearray, offset: int, name: str) -> None:
+    def read(self, name: str, rows: tuple[int, int] | None = None):
+        """The tensor, or rows [a, b) of its first dimension (a 0-d tensor has no rows to pick)."""
+        import torch
+
+        dtype, shape, start, end = self._layout(name)
+        if rows is not None:
+            a, b = rows
+            if not shape or not 0 <= a <= b <= shape[0]:
+                raise ModelError(f"{self.path}: rows {a}:{b} of tensor '{name}' of shape {shape} do not exist; ask for "
+                                 f"rows within 0:{shape[0] if shape else 0}")
+            row_bytes = math.prod(shape[1:]) * dtype.itemsize
+            start, end, shape = start + a * row_bytes, start + b * row_bytes, [b - a, *shape[1:]]
+        # an uninitialised buffer the read fills: a zero-filled bytearray would touch every page once more
+        buf = torch.empty(end - start, dtype=torch.uint8)
+        if end > start:
+            self._read_into(memoryview(buf.numpy()), self.data_start + start, name)
+        return buf.view(dtype).reshape(shape)
+
+    def _read_into(self, view: memoryview, offset: int, name: str, chunk: int = READ_CHUNK) -> None:
         # one positioned read returns at most 0x7ffff000 bytes on Linux (a 7B model's float32 embedding is larger),
         # and may return less on other systems: only a read of 0 bytes means the file really ends here
-        view, done = memoryview(buf), 0
-        while done < len(buf):
-            n = os.preadv(self.fh.fileno(), [view[done:]], offset + done)
+        done, size = 0, len(view)
+        while done < size:
+            n = os.preadv(self.fh.fileno(), [view[done : done + chunk]], offset + done)
             if n == 0:
-                raise ModelError(f"{self.path}: tensor '{name}' ends after {done} of its {len(buf)} bytes; the file is "
+                raise ModelError(f"{self.path}: tensor '{name}' ends after {done} of its {size} bytes; the file is "
                                  "truncated: re-download or re-save it")
             done += n
 
@@ -125,7 +174,16 @@ class LazyCheckpoint:
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
-        paths = [f for f in sorted(self.folder.glob("*.safetensors")) if not f.name.startswith(("adapter_", "safegene_", "."))]
+        single, index = self.folder / SINGLE_FILE, self.folder / INDEX_FILE
+        weight_map = _read_index(index) if not single.is_file() and index.is_file() else None
+        if weight_map is not None:
+            paths = sorted({self.folder / f for f in weight_map.values()})
+            _check_shards_present(index, paths, weight_map)
+        elif single.is_file():
+            paths = [single]
+        else:
+            paths = [f for f in sorted(self.folder.glob("*.safetensors"))
+                     if not f.name.startswith(("adapter_", "safegene_", "."))]
         if not paths:
             raise ModelError(f"{self.folder}: no *.safetensors weights found")
         cfg = self.folder / "config.json"  # read before any file is open, so a bad one leaks no handle
@@ -136,9 +194,20 @@ class LazyCheckpoint:
             for p in paths:
                 f = _File(p)
                 self._files.append(f)
+                if weight_map is not None:
+                    continue
                 for k in f.entries:
                     if k in self._where:
                         raise ModelError(f"{self.folder}: tensor {k} appears in two shards")
+                    self._where[k] = f
+            if weight_map is not None:
+                by_path = {f.path: f for f in self._files}
+                for k, shard in weight_map.items():
+                    f = by_path[self.folder / shard]
+                    if k not in f.entries:
+                        raise ModelError(f"{index}: tensor '{k}' is mapped to {shard}, which does not contain it; the "
+                                         "index and the shards come from different saves: re-download the model "
+                                         "(every shard and the index) or re-save it")
                     self._where[k] = f
         except Exception:
             self.close()
@@ -178,6 +247,22 @@ class LazyCheckpoint:
 
     def get(self, name: str):
         return self._file(name).read(name)
+
+    def get_rows(self, name: str, start: int, stop: int):
+        """Rows [start, stop) of a tensor's first dimension, reading only those bytes."""
+        return self._file(name).read(name, (start, stop))
+
+    def row_blocks(self, name: str, max_bytes: int = 64 * 2**20) -> Iterator[tuple[int, object]]:
+        """(first row, block) over a tensor in blocks of at most `max_bytes` (at least one row each): a pass over a
+        tensor larger than memory allows, e.g. a norm of the 2 GiB float32 embedding of a 7B model."""
+        shape = self.shape(name)
+        if not shape:
+            yield 0, self.get(name)
+            return
+        row_bytes = max(self.nbytes(name) // max(shape[0], 1), 1)
+        step = max(1, max_bytes // row_bytes)
+        for a in range(0, shape[0], step):
+            yield a, self.get_rows(name, a, min(a + step, shape[0]))
 
     def items(self) -> Iterator[tuple[str, object]]:
         for k in self._where:

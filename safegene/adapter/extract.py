@@ -18,6 +18,7 @@ from ..errors import FamilyMismatchError, SafegeneError
 from ..io import check_output_path, sha256_file
 from ..models import resolve_model_path
 from ..models.fingerprint import fingerprint_folder
+from ..models.placement import float32_math
 from ..models.registry import EMBEDDED_MODELS
 from .checkpoint import LazyCheckpoint
 from .core import SafetyAdapter
@@ -77,6 +78,22 @@ def compare_checkpoints(a: LazyCheckpoint, d: LazyCheckpoint) -> None:
         )
 
 
+def relative_drift(a: LazyCheckpoint, d: LazyCheckpoint, name: str, block_bytes: int = 16 * 2**20) -> float:
+    """||W_A - W_D|| / ||W_A|| of one tensor, in float32, read in row blocks: the embedding and lm_head of a 7B model
+    are 1-2 GB each, and whole float32 copies of both plus their difference would set the extraction's peak memory.
+    (Per-block norms are summed as squares in Python floats; a float64 `sum(dtype=...)` would copy the block.)"""
+    from torch.linalg import vector_norm
+
+    diff_sq = ref_sq = 0.0
+    for start, wa in a.row_blocks(name, block_bytes):
+        wa = wa.float()
+        wd = d.get_rows(name, start, start + wa.shape[0]).float() if wa.ndim else d.get(name).float()
+        ref_sq += float(vector_norm(wa)) ** 2
+        wd.sub_(wa)  # in place: no third block-sized tensor
+        diff_sq += float(vector_norm(wd)) ** 2
+    return (diff_sq ** 0.5) / max(ref_sq ** 0.5, 1e-12) if diff_sq > 0 else 0.0
+
+
 def low_rank(delta, rank: int, energy: float | None, method: str, oversample: int, niter: int, generator_seed: int):
     """Factor `delta` (out x in) -> (A r x in, B out x r, kept energy fraction)."""
     import torch
@@ -129,7 +146,10 @@ def extract_adapter(cfg: ExtractConfig, progress: bool = True, overwrite: bool =
         largest = max(A.nbytes(n) for n in A.keys())
         for i, name in enumerate(tqdm(names, desc="extracting ΔW", unit="tensor", disable=not progress)):
             t = time.perf_counter()
-            delta = A.get(name).float() - D.get(name).float()
+            # in float32 whatever the checkpoints hold: the SVD of a bfloat16 difference loses the small singular
+            # values the low-rank factors are made of
+            delta = float32_math(A.get(name))  # a fresh tensor from the file, so the in-place update is safe
+            delta -= D.get(name)  # D up-cast on the fly: no second float32 copy (272 MB per MLP matrix at 7B)
             read_s += time.perf_counter() - t
             t = time.perf_counter()
             a, b, kept = low_rank(delta, cfg.rank, cfg.energy, cfg.svd, cfg.oversample, cfg.niter, cfg.seed + i)
@@ -143,18 +163,17 @@ def extract_adapter(cfg: ExtractConfig, progress: bool = True, overwrite: bool =
             targets = set(names)
             for name in tqdm([n for n in A.keys() if n not in targets], desc="checking other tensors", unit="tensor",
                              disable=not progress):
-                wa, wd = A.get(name).float(), D.get(name).float()
-                diff = float((wa - wd).norm())
-                if diff > 0:
-                    stats["untracked_drift"][name] = round(diff / max(float(wa.norm()), 1e-12), 8)
-                del wa, wd
+                drift = relative_drift(A, D, name)
+                if drift > 0:
+                    stats["untracked_drift"][name] = round(drift, 8)
+        weight_files = {"aligned": A.files(), "degraded": D.files()}
     if stats["untracked_drift"]:
         log.warning("%d non-target tensors differ between A and D (largest relative drift %.2e); the adapter does "
                     "not carry those differences", len(stats["untracked_drift"]), max(stats["untracked_drift"].values()))
     inputs = {}
     if cfg.hash_inputs:
-        for role, folder in (("aligned", a_dir), ("degraded", d_dir)):
-            inputs[role] = {f.name: sha256_file(f) for f in sorted(folder.glob("*.safetensors"))}
+        for role, files in weight_files.items():  # the files the weights were read from (not a stale shard)
+            inputs[role] = {f.name: sha256_file(f) for f in files}
     card = {
         "name": Path(cfg.output).name,
         "kind": "safety-adapter",

@@ -3,13 +3,18 @@
 A hook adds  scale_l · (x Aᵀ) Bᵀ  to the module's output: the low-rank path costs O(r·(in+out)) per token, so
 attaching is cheap, and removing the hooks restores the model bit for bit. Scales live in a dict of tensors so
 recalibration can make them learnable and a server can change them per request without touching the weights.
+
+Each module's factors sit on the device that module computes on and in its weights' dtype, so the adapter attaches
+to a model on a GPU, in bfloat16, or dispatched over several devices, CPU and disk (accelerate's hooks load an
+offloaded module's weights just for its call; the adapter's forward hook runs after that, on the same device).
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
-from ..errors import FamilyMismatchError
+from ..errors import FamilyMismatchError, SafegeneError
+from ..models.placement import float32_math, module_device
 from .modules import PEFT_PREFIX, layer_of
 
 
@@ -45,15 +50,18 @@ class AttachedAdapter:
             raise FamilyMismatchError(f"model has no module(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}: "
                                       "the adapter belongs to another architecture")
         for m in adapter.modules():
+            device = module_device(mods[m], default=ref.device)
+            dtype = getattr(getattr(mods[m], "weight", None), "dtype", ref.dtype)
             a, b = adapter.factors[m]
-            a = a.to(ref.device, ref.dtype)
-            b = b.to(ref.device, ref.dtype)
+            a = a.to(device, dtype)
+            b = b.to(device, dtype)
             if trainable_factors:
                 a, b = torch.nn.Parameter(a.clone()), torch.nn.Parameter(b.clone())
             self.factors[m] = (a, b)
             l = layer_of(m)
             if l not in self.scales:
-                s = scales[l] if scales and l in scales else torch.tensor(adapter.coefficients.get(l, 1.0), dtype=ref.dtype, device=ref.device)
+                s = scales[l] if scales and l in scales else torch.tensor(adapter.coefficients.get(l, 1.0),
+                                                                          dtype=dtype, device=device)
                 self.scales[l] = s
             self._handles.append(mods[m].register_forward_hook(self._hook(m, l)))
 
@@ -63,6 +71,7 @@ class AttachedAdapter:
                 return None
             a, b = self.factors[module_name]
             x = inputs[0]
+            # a 0-d scale on another device (recalibration's learnable α on the CPU) multiplies like a number
             delta = self.scales[layer] * ((x @ a.T) @ b.T)
             if self.row_strength is not None:
                 delta = delta * self.row_strength.to(delta.dtype).view(-1, *([1] * (delta.ndim - 1)))
@@ -106,5 +115,9 @@ def merge_into_model(adapter: Any, model: Any, sign: float = 1.0) -> Any:
             if m not in mods:
                 raise FamilyMismatchError(f"model has no module {m}: the adapter belongs to another architecture")
             w = mods[m].weight
-            w.add_((sign * adapter.delta(m)).to(w.device, w.dtype))
+            if w.device.type == "meta":
+                raise SafegeneError(f"{m}'s weights are offloaded (device_map): merge into the model folder with "
+                                    "`safegene apply`, or attach the adapter instead")
+            # W + α·BA in float32, rounded once: adding a bfloat16-rounded ΔW to bfloat16 weights rounds twice
+            w.copy_((float32_math(w) + sign * adapter.delta(m).to(w.device)).to(w.dtype))
     return model

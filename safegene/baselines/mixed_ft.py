@@ -4,7 +4,7 @@ training's wall time."""
 
 from __future__ import annotations
 
-from ..config import to_dict
+from ..config import settings
 from ..stages import trained_or_reused
 from ..training import FinetuneConfig, finetune
 from .registry import Defence, Method, MethodContext, register
@@ -14,7 +14,8 @@ def mixed_config(ctx: MethodContext) -> FinetuneConfig:
     s = ctx.settings
     return FinetuneConfig(model=ctx.aligned, task=ctx.task, n_examples=ctx.task_examples, poison_ratio=s.poison_ratio,
                           safety_ratio=s.mixed_safety_ratio, save="adapter",
-                          output=str(ctx.output / f"task-{ctx.task}-mixed"), train=ctx.train(s.task_steps))
+                          output=str(ctx.output / f"task-{ctx.task}-mixed"), train=ctx.train(s.task_steps),
+                          placement=s.placement)
 
 
 def _build(ctx: MethodContext) -> Defence:
@@ -30,4 +31,5 @@ def _build(ctx: MethodContext) -> Defence:
 register(Method(
     "mixed-ft", "mixed safety+task FT", "retrain",
     "A fine-tuned again on the task data with refusals mixed in, instead of T",
-    key=lambda ctx: {"mixed": to_dict(mixed_config(ctx))}, build=_build, demo=False, upstream=False))
+    # settings, not to_dict: a placement left at its default keeps the key of the runs recorded before it existed
+    key=lambda ctx: {"mixed": settings(mixed_config(ctx))}, build=_build, demo=False, upstream=False))

@@ -37,7 +37,7 @@ def realign(task_model: str, cfg: RecalibrateConfig, train: LoraTrainConfig | No
     train = train or LoraTrainConfig()
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(task_model, padding_side="right")
-    model = load_model(task_model)  # its own copy: training wraps it
+    model = load_model(task_model, cfg.placement)  # its own copy: training wraps it
     pairs = refusal_shots(cfg) + task_shots(cfg)
     peft_model, stats = train_lora(model, tokenizer, pairs, train, progress=progress)
     factors = lora_factors(peft_model)

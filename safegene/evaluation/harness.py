@@ -6,6 +6,8 @@ resumes) and then read by every judge; the verdicts are kept so that judges can 
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import re
 import time
@@ -34,6 +36,13 @@ class EvalSets:
     seed: int = 0
     tasks: list[str] = field(default_factory=list)
     attacks: dict[str, list[HarmfulPrompt]] = field(default_factory=dict)  # adversarial variants, by attack
+    over_refusal_tokens: int | None = None  # None: the harmful prompts' limit
+
+    def over_refusal_generation(self, gen: GenerationConfig) -> GenerationConfig:
+        """Decoding of the over-refusal prompts: the refusal-phrase judge reads only their opening."""
+        if self.over_refusal_tokens is None:
+            return gen
+        return dataclasses.replace(gen, max_new_tokens=self.over_refusal_tokens)
 
 
 def over_refusal_prompts(ref: str, n: int, seed: int) -> tuple[list[HarmfulPrompt], str]:
@@ -103,7 +112,8 @@ def evaluate_model(name: str, model: Any, tok: Any, sets: EvalSets, judges: Sequ
             row["attacks"][attack] = {j.name: judge_responses(j, [p.judged_request for p in adv],
                                                               [p.category for p in adv], adv_resp)[0] for j in judges}
     if over_refusal and sets.over_refusal:
-        benign_rows = _responses(model, tok, sets.over_refusal, base.with_suffix(".over_refusal.jsonl"), gen,
+        benign_rows = _responses(model, tok, sets.over_refusal, base.with_suffix(".over_refusal.jsonl"),
+                                 sets.over_refusal_generation(gen),
                                  f"[{name}] over-refusal", responder)
         phrase = RefusalPhraseJudge()
         refusals = [phrase.is_refusal(r["response"]) for r in benign_rows]

@@ -11,6 +11,7 @@ from ..config import opt, to_dict
 from ..generation import GenerationConfig, generate, generate_to_jsonl
 from ..data import harmful_prompts
 from ..models import DEFAULT_MODEL, load_model, load_tokenizer
+from ..models.placement import PlacementConfig
 from .judges import RefusalPhraseJudge
 from .metrics import Rate
 
@@ -27,6 +28,8 @@ class RefusalEvalConfig:
                              aliases=("--responses",))
     save_json: str | None = opt(None, "write the full result as JSON here")
     generation: GenerationConfig = opt(GenerationConfig(), "decoding settings")
+    placement: PlacementConfig = opt(PlacementConfig(), "where the model runs and in what dtype (--device, --dtype, "
+                                     "--device-map)", added_later=True)
 
 
 def refusal_rate(model: Any, tokenizer: Any, prompts, gen_cfg=None, judge=None, progress: bool = True, jsonl: str | None = None) -> dict[str, Any]:
@@ -61,7 +64,7 @@ def refusal_rate(model: Any, tokenizer: Any, prompts, gen_cfg=None, judge=None, 
 def evaluate_refusal(cfg: RefusalEvalConfig, progress: bool = True) -> dict[str, Any]:
     prompts = harmful_prompts(cfg.prompts, n=cfg.n_prompts, seed=cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model)
+    model = load_model(cfg.model, cfg.placement)
     res = refusal_rate(model, tokenizer, prompts, cfg.generation, progress=progress, jsonl=cfg.output)
     res["config"] = to_dict(cfg)
     res["model"] = cfg.model

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -91,14 +91,24 @@ class FamilyFingerprint:
 
 
 def _tensor_ref(t: np.ndarray, n_sample: int = 256) -> dict[str, Any]:
-    flat = np.ascontiguousarray(t, dtype=np.float32).reshape(-1)
-    idx = np.linspace(0, flat.size - 1, num=min(n_sample, flat.size)).astype(np.int64)
-    return {
-        "sha256": hashlib.sha256(flat.tobytes()).hexdigest(),
-        "shape": list(t.shape),
-        "norm": float(np.linalg.norm(flat)),
-        "sample": [float(x) for x in flat[idx]],
-    }
+    return _blocks_ref([np.asarray(t)], tuple(t.shape), n_sample)
+
+
+def _blocks_ref(blocks: Iterable[np.ndarray], shape: tuple[int, ...], n_sample: int = 256) -> dict[str, Any]:
+    """Hash, norm and evenly spaced sample of a tensor given as consecutive row blocks, so a 7B model's embedding is
+    fingerprinted without a whole float32 copy of it (the hash is of the float32 bytes either way)."""
+    size = int(np.prod(shape))
+    idx = np.linspace(0, size - 1, num=min(n_sample, size)).astype(np.int64)
+    h, sq, sample, seen = hashlib.sha256(), 0.0, [], 0
+    for block in blocks:
+        flat = np.ascontiguousarray(block, dtype=np.float32).reshape(-1)
+        h.update(memoryview(flat))
+        wide = flat.astype(np.float64)
+        sq += float(np.dot(wide, wide))
+        mine = idx[(idx >= seen) & (idx < seen + flat.size)] - seen
+        sample += [float(x) for x in flat[mine]]
+        seen += flat.size
+    return {"sha256": h.hexdigest(), "shape": list(shape), "norm": float(np.sqrt(sq)), "sample": sample}
 
 
 def _structure(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -120,22 +130,20 @@ def fingerprint_model(model) -> FamilyFingerprint:
 
 
 def fingerprint_folder(folder: str | Path) -> FamilyFingerprint:
-    """Fingerprint a safetensors folder, reading only the reference tensors (lazily, memory-mapped)."""
-    from safetensors import safe_open
+    """Fingerprint a safetensors folder, reading only the reference tensors, in row blocks (the files the model
+    loader reads: see `LazyCheckpoint`)."""
+    from ..adapter.checkpoint import LazyCheckpoint
 
     folder = Path(folder)
     config = read_model_json(folder / "config.json")
     arch, struct = _structure(config)
     ref = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        if f.name.startswith(("adapter_", "safegene_")):
-            continue
-        try:
-            with safe_open(str(f), framework="pt") as sf:
-                for name in REFERENCE_TENSORS:
-                    if name in sf.keys() and name not in ref:
-                        ref[name] = _tensor_ref(sf.get_tensor(name).float().numpy())
-        except Exception as e:
-            raise ModelError(f"{f}: cannot read safetensors ({type(e).__name__}: {e}); the file is corrupt or "
-                             "truncated") from e
+    if not any(not f.name.startswith(("adapter_", "safegene_", ".")) for f in folder.glob("*.safetensors")):
+        return FamilyFingerprint(arch, struct, ref)  # no safetensors weights (another format): structure only
+    ck = LazyCheckpoint(folder)
+    with ck:
+        for name in REFERENCE_TENSORS:
+            if name in ck:
+                blocks = (b.float().numpy() for _, b in ck.row_blocks(name, 8 * 2**20))
+                ref[name] = _blocks_ref(blocks, ck.shape(name))
     return FamilyFingerprint(arch, struct, ref)

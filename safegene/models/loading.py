@@ -14,17 +14,21 @@ unless the caller asks for it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import shutil
+import tempfile
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
-from ..errors import ModelError
+from ..errors import ConfigError, ModelError
 from ..io import atomic_dir, sha256_file, write_json
 from ..runcard import RUN_CARD
+from .placement import PlacementConfig
 from .registry import DEFAULT_MODEL, EMBEDDED_MODELS, EmbeddedModelSpec, get_spec
 
 log = logging.getLogger(__name__)
@@ -251,30 +255,75 @@ def adapter_base(adapter_dir: Path) -> str:
 
 def load_model(
     ref: str | os.PathLike,
-    dtype: str = "float32",
+    placement: PlacementConfig | str | None = None,
     trust_remote_code: bool = False,
     merge_adapter: bool = True,
+    *,
+    dtype: str | None = None,
 ):
-    """Load a causal LM (eval mode) from any model reference; a PEFT adapter folder is loaded onto its base."""
-    import torch
+    """Load a causal LM (eval mode) from any model reference; a PEFT adapter folder is loaded onto its base.
+
+    `placement` says where and in what precision: the weights are loaded straight onto its device in its dtype, or
+    dispatched over several devices, CPU and disk by its `device_map` (accelerate's big-model inference; weights sent
+    to "disk" go to its `offload_folder`, else to a temporary folder removed with the model). Without one, the model
+    is loaded as before placements existed, on the CPU in float32, so that a caller feeding it CPU tensors keeps
+    working on a GPU machine; `PlacementConfig()` (auto) picks CUDA in bfloat16 where present. `dtype` overrides the
+    placement's dtype (the keyword of earlier versions; a string in `placement`'s position means the same).
+    """
     from transformers import AutoModelForCausalLM
 
-    torch_dtype = getattr(torch, dtype)
+    if isinstance(placement, str):  # load_model(ref, "bfloat16"): the positional dtype of earlier versions
+        placement, dtype = None, placement
+    placement = placement or PlacementConfig(device="cpu", dtype="float32")
+    if dtype is not None:
+        placement = dataclasses.replace(placement, dtype=dtype)
+    load_kw: dict[str, Any] = {"dtype": placement.torch_dtype()}
+    device_map = placement.hf_device_map()
+    offload_tmp = None
+    if device_map is not None:
+        load_kw["device_map"] = device_map
+        if placement.offloads_to_disk():
+            if placement.offload_folder:
+                load_kw["offload_folder"] = placement.offload_folder
+            else:
+                offload_tmp = load_kw["offload_folder"] = tempfile.mkdtemp(prefix="safegene-offload-")
+    else:
+        device = placement.torch_device()
+        if device.type != "cpu":
+            # straight onto the device: no CPU copy of the whole model on the way
+            load_kw["device_map"] = {"": str(device)}
     path = Path(resolve_model_path(ref))
     adapter = None
     if (path / "adapter_config.json").is_file():
         adapter, path = path, Path(adapter_base(path))
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True
-        )
-    except OSError as e:
-        raise ModelError(f"could not load model from {path}: {e}") from e
-    if adapter is not None:
-        from peft import PeftModel
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path), trust_remote_code=trust_remote_code, use_safetensors=True, **load_kw
+            )
+        except OSError as e:
+            raise ModelError(f"could not load model from {path}: {e}") from e
+        except (ValueError, KeyError) as e:
+            if device_map is None:
+                raise
+            # accelerate names the modules a map leaves out or gets wrong; the fix is in the map
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first if len(first) <= 160 else first[:157] + "..."  # it may list every unmapped parameter
+            raise ConfigError(f"device_map {placement.device_map!r} does not fit the model in {path} ({first}); "
+                              "map every top-level module (e.g. model.embed_tokens, model.layers.N, model.norm, "
+                              "lm_head) or use --device-map auto") from None
+        if adapter is not None:
+            from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(adapter))
-        if merge_adapter:
-            model = model.merge_and_unload()
+            model = PeftModel.from_pretrained(model, str(adapter))
+            if merge_adapter:
+                model = model.merge_and_unload()
+    except BaseException:
+        if offload_tmp:
+            shutil.rmtree(offload_tmp, ignore_errors=True)
+        raise
+    if offload_tmp:
+        # the offloaded weights are read from the folder on every forward pass: it lives as long as the model
+        weakref.finalize(model, shutil.rmtree, offload_tmp, True)
     model.eval()
     return model

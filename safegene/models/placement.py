@@ -45,6 +45,9 @@ class PlacementConfig:
                                   f"{self.device_map!r} ({e.msg})") from None
             check(isinstance(parsed, dict) and bool(parsed),
                   f"device_map must be 'auto' or a non-empty JSON object, got {self.device_map!r}")
+            bad = [f"{k}: {v!r}" for k, v in parsed.items() if not _map_target_ok(v)]
+            check(not bad, f"device_map sends {', '.join(bad)}; each module goes to a GPU index (0), cuda:N, mps, "
+                  "'cpu' or 'disk'")
 
     def torch_device(self) -> Any:
         """The device inputs go to (the first device of a dispatched model is found from the model instead)."""
@@ -52,6 +55,15 @@ class PlacementConfig:
 
     def torch_dtype(self) -> Any:
         return resolve_dtype(self.dtype, resolve_device(self.device))
+
+    def dtype_name(self) -> str:
+        """The dtype `auto` resolves to here, by name ("float32"): what a stage that records its settings records."""
+        return str(self.torch_dtype()).removeprefix("torch.")
+
+    def offloads_to_disk(self) -> bool:
+        """Whether weights may go to disk, so that loading needs an offload folder ('auto' may spill to disk too)."""
+        hf_map = self.hf_device_map()
+        return hf_map is not None and (isinstance(hf_map, str) or "disk" in hf_map.values())
 
     def hf_device_map(self) -> str | dict[str, Any] | None:
         """`device_map` as `from_pretrained` takes it."""
@@ -68,6 +80,11 @@ def resolve_device(spec: str = "auto") -> Any:
     device = torch.device(spec)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {spec!r} asked for but CUDA is not available here; use --device cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {spec!r} asked for but this machine has {torch.cuda.device_count()} CUDA "
+                          f"device(s); use --device cuda:0 .. cuda:{torch.cuda.device_count() - 1}, or auto")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {spec!r} asked for but MPS is not available here; use --device cpu or auto")
     return device
 
 
@@ -82,12 +99,50 @@ def resolve_dtype(spec: str, device: Any) -> Any:
     return torch.float32
 
 
+def _map_target_ok(target: Any) -> bool:
+    """One value of a JSON device_map: a GPU index, or a device or place name accelerate knows."""
+    if isinstance(target, int) and not isinstance(target, bool):
+        return target >= 0
+    if not isinstance(target, str):
+        return False
+    kind, _, index = target.partition(":")
+    return target in ("cpu", "disk", "mps") or (kind == "cuda" and (not index or index.isdigit()))
+
+
+def is_dispatched(model: Any) -> bool:
+    """Whether accelerate spread `model` over several devices or offloaded part of it (its `hf_device_map`):
+    such a model must not be moved or cast as a whole."""
+    places = set((getattr(model, "hf_device_map", None) or {}).values())
+    return len(places) > 1 or "disk" in places
+
+
+def module_device(module: Any, default: Any = None) -> Any:
+    """Where `module` computes: the execution device accelerate's hook gives it in a dispatched model (its weights
+    may sit on the meta device between calls, offloaded to CPU or disk), else the device of its weights."""
+    import torch
+
+    hook = getattr(module, "_hf_hook", None)
+    for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+        device = getattr(h, "execution_device", None)
+        if device is not None:
+            return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+    for p in module.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return default
+
+
 def model_device(model: Any) -> Any:
     """Where a model's inputs go: the embedding's device (right for dispatched models too)."""
     try:
-        return model.get_input_embeddings().weight.device
+        embeddings = model.get_input_embeddings()
     except (AttributeError, NotImplementedError):
-        return next(model.parameters()).device
+        embeddings = None
+    if embeddings is not None:
+        device = module_device(embeddings)
+        if device is not None:
+            return device
+    return next(model.parameters()).device
 
 
 def float32_math(t: Any) -> Any:

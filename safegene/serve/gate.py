@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 from ..config import AdapterInOut, check, opt
+from ..models.placement import PlacementConfig, float32_math
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,8 @@ class GateConfig(AdapterInOut):
     floor: float = opt(0.0, "minimum strength on any prompt")
     sharpness: float = opt(2.0, "temperature = projected spread / sharpness (higher: closer to on/off)")
     seed: int = opt(0, "sampling seed")
+    placement: PlacementConfig = opt(PlacementConfig(), "where the served model runs and in what dtype (--device, "
+                                     "--dtype, --device-map): fit the gate as it will serve", added_later=True)
 
     def __post_init__(self) -> None:
         check(self.n_harmful >= 2 and self.n_benign >= 2, "need at least 2 harmful and 2 benign prompts")
@@ -83,7 +86,7 @@ def last_token_states(model: Any, tokenizer: Any, prompts: Sequence[str], layer:
         # left padding: the last position is then every prompt's own last token
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False, padding_side="left")
         rec = capture(model, enc["input_ids"], enc["attention_mask"], [layer])
-        out.append(rec.hidden[layer][:, -1, :].float())
+        out.append(float32_math(rec.hidden[layer][:, -1, :]).cpu())
     return torch.cat(out)
 
 
@@ -132,7 +135,7 @@ def gate_adapter(adapter: Any, cfg: Any, model: Any = None, tokenizer: Any = Non
     from ..data import benign_prompts, harmful_prompt_texts
 
     if model is None:
-        model, tokenizer = load_model(cfg.model), load_tokenizer(cfg.model)
+        model, tokenizer = load_model(cfg.model, cfg.placement), load_tokenizer(cfg.model)
     layer = min(adapter.layers) if cfg.layer is None else cfg.layer
     if layer > min(adapter.layers):
         log.warning("gate layer %d is above adapter layer %d: the adapter will change what the gate reads at decode "

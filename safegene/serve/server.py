@@ -45,6 +45,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import check, opt
 from ..errors import SafegeneError
+from ..models.placement import PlacementConfig
 from .engine import AsyncOutbox, Engine, GenRequest, RequestError, next_id
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,8 @@ class ServeConfig:
     max_batch: int = opt(8, "requests decoded together")
     max_input_tokens: int = opt(2048, "longest prompt accepted, in tokens")
     use_gate: bool = opt(True, "honour adapters' gates (--no-gate: always full strength)", aliases=("--gate",))
+    placement: PlacementConfig = opt(PlacementConfig(), "where the served model runs and in what dtype (--device, "
+                                     "--dtype, --device-map)", added_later=True)
 
     def __post_init__(self) -> None:
         bad = [a for a in self.adapters if "=" not in a or not a.partition("=")[0] or not a.partition("=")[2]]
@@ -527,14 +530,16 @@ class SafegeneServer:
 
 def serve(model_ref: str, adapters: dict[str, str] | None = None, host: str = "127.0.0.1", port: int = 8000,
           admin_token: str | None = None, model_name: str | None = None, max_batch: int = 8,
-          max_input_tokens: int = 2048, use_gate: bool = True, block: bool = True) -> SafegeneServer:
-    """Load the model once, attach the named adapters, and serve (blocking unless `block=False`)."""
+          max_input_tokens: int = 2048, use_gate: bool = True, block: bool = True,
+          placement: PlacementConfig | None = None) -> SafegeneServer:
+    """Load the model once (on `placement`'s device, in its dtype), attach the named adapters, and serve (blocking
+    unless `block=False`)."""
     from ..adapter import SafetyAdapter
     from ..models import load_model, load_tokenizer
 
     if not admin_token and not _is_loopback(host if host != "localhost" else "127.0.0.1"):
         log.warning("serving on %s without an admin token: admin calls are refused except from loopback", host)
-    model, tok = load_model(model_ref), load_tokenizer(model_ref)
+    model, tok = load_model(model_ref, placement), load_tokenizer(model_ref)
     engine = Engine(model, tok, max_batch=max_batch, max_input_tokens=max_input_tokens, use_gate=use_gate)
     for name, path in (adapters or {}).items():
         engine.load_adapter(name, SafetyAdapter.load(path))
