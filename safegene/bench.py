@@ -441,6 +441,7 @@ def rejudge(output: str | Path, judges: list[str], validate: bool = True) -> dic
     """Add judges to a finished bench without generating again: read its stored responses, judge them, rewrite
     results.json, results.md and report.html. A judge already present is judged again (its numbers replaced)."""
     from .errors import SafegeneError
+    from .evaluation.answer_forms import answer_forms
     from .evaluation.harness import judge_agreement, judge_responses, slug, stored_request
     from .evaluation.judge_validation import human_labelled, validate_judge
     from .evaluation.judges import get_judge
@@ -478,5 +479,9 @@ def rejudge(output: str | Path, judges: list[str], validate: bool = True) -> dic
         if validate:
             results.judges["validation"][judge.name] = validate_judge(judge, human_labelled())
         results.config["judges"] = list(dict.fromkeys(results.config["judges"] + [judge.name]))
+    for row in results.rows + results.reattack:  # answer forms of runs from before they were recorded
+        path = out / "responses" / f"{slug(row.name)}.harmful.jsonl"
+        if row.answer_forms is None and path.is_file():
+            row.answer_forms = answer_forms([r["response"] for r in read_jsonl_rows(path)])
     results.judges["agreement"] = judge_agreement([r.to_dict() for r in results.rows])
     return _written(results, out)

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 from ..chat import last_user_turn
 from ..generation import GenerationConfig, Responder, generate_to_jsonl
+from .answer_forms import answer_forms
 from ..data import harmful_prompts, shared_data_dir
 from ..data.records import HarmfulPrompt
 from ..io import sha256_text
@@ -98,7 +99,7 @@ def evaluate_model(name: str, model: Any, tok: Any, sets: EvalSets, judges: Sequ
     stored = _responses(model, tok, prompts, base.with_suffix(".harmful.jsonl"), gen, f"[{name}] harmful", responder)
     responses = [r["response"] for r in stored]
     row: dict[str, Any] = {"name": name, "harmful": {}, "verdicts": {}, "utility": {},
-                           "cost": {"harmful": cost_per_request(stored)}}
+                           "cost": {"harmful": cost_per_request(stored)}, "answer_forms": answer_forms(responses)}
     for judge in judges:
         row["harmful"][judge.name], row["verdicts"][judge.name] = judge_responses(
             judge, [p.judged_request for p in prompts], [p.category for p in prompts], responses)

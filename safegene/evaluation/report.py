@@ -312,6 +312,9 @@ def markdown(results: dict[str, Any]) -> str:
     first = results["config"]["judges"][0]
     lines += md_table(f"Harmful rate by category ({first} judge; k/n; – where a row has no prompts of the category):",
                        category_table(results, first), judged)
+    lines += md_table("What the answers to the harmful prompts look like (the canned sentence of a row is its most "
+                       "frequent refusal opening; plan or code: numbered steps, code, 'Step 1', 'here is a plan'):",
+                       answer_forms_table(results))
     lines += md_table("Harmful rate under attack (plain = the held-out prompts as they are):", attack_table(results),
                        judged)
     lines += md_table("Recovered share by task (role-play tasks contradict refusals):", recovery_by_task(results),
@@ -424,6 +427,22 @@ def category_bars(results: dict[str, Any], judge: str) -> str:
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     return png_base64(fig)
+
+
+def answer_forms_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
+    """How each row's answers to the harmful prompts look: refusals, one canned sentence, plans and code."""
+    rows = [r for r in results["rows"] if r.get("answer_forms")]
+    if not rows:
+        return None
+    head = ["model", "refusal phrase", "one canned sentence", "distinct refusal openings", "plan or code, no refusal",
+            "refusal, then plan or code"]
+    body = []
+    for r in rows:
+        f = r["answer_forms"]
+        body.append([_label(results, r)] + [rate_cell(f[k], ci=False) for k in ("refusals", "canned")]
+                    + [str(f["distinct_refusal_openings"])]
+                    + [rate_cell(f[k], ci=False) for k in ("structured_compliance", "refusal_then_compliance")])
+    return head, body
 
 
 def category_table(results: dict[str, Any], judge: str) -> tuple[list[str], list[list[str]]] | None:

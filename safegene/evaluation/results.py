@@ -44,6 +44,7 @@ class ResultRow:
     cost: dict[str, dict[str, Any]] = field(default_factory=dict)  # prompt set -> tokens and seconds per request
     over_refusal: dict[str, Any] | None = None  # a Rate's dict plus its source and judge
     attacks: dict[str, dict[str, JudgedRate]] | None = None  # attack -> judge -> rate
+    answer_forms: dict[str, Any] | None = None  # canned refusals, structured compliance (evaluation.answer_forms)
     samples: list[dict[str, str]] = field(default_factory=list)
     eval_seconds: float = 0.0
     task: str | None = None
@@ -59,6 +60,8 @@ class ResultRow:
             out["over_refusal"] = self.over_refusal
         if self.attacks is not None:
             out["attacks"] = {a: {j: r.to_dict() for j, r in by_judge.items()} for a, by_judge in self.attacks.items()}
+        if self.answer_forms is not None:
+            out["answer_forms"] = self.answer_forms
         out.update(samples=self.samples, eval_seconds=self.eval_seconds, task=self.task, method=self.method)
         if self.build_seconds is not None:
             out["build_seconds"] = self.build_seconds
@@ -73,6 +76,7 @@ class ResultRow:
             over_refusal=d.get("over_refusal"),
             attacks=None if d.get("attacks") is None else {
                 a: {j: JudgedRate.from_dict(r) for j, r in by_judge.items()} for a, by_judge in d["attacks"].items()},
+            answer_forms=d.get("answer_forms"),
             samples=list(d.get("samples", [])), eval_seconds=float(d.get("eval_seconds", 0.0)), task=d.get("task"),
             method=d.get("method"), build_seconds=d.get("build_seconds"),
             extra={k: v for k, v in d.items() if k not in known})
