@@ -198,6 +198,7 @@ class _Run:
     evaluate: Callable[..., ResultRow]
     timings: dict[str, float]
     progress: bool
+    snapshot: Callable[[list[ResultRow]], None] = lambda rows: None  # rows so far -> results.partial.*
 
     def attacked(self, method: str) -> bool:
         return bool(self.cfg.attacks) and method in self.cfg.attack_methods
@@ -263,6 +264,7 @@ def _family(run: _Run, rows: list[ResultRow]) -> tuple[Any, Any]:
     a_model, a_tok = load_model(cfg.model, cfg.placement), load_tokenizer(cfg.model)
     rows.append(_tagged(run.evaluate("A", a_model, a_tok, tasks=cfg.tasks, attacks=run.attacked("aligned")),
                         None, "aligned"))
+    run.snapshot(rows)
     del a_model
     dcfg = DegradeConfig(model=cfg.model, n_examples=cfg.degrade_examples, output=str(out / "degraded"),
                          train=cfg.steps(cfg.degrade_steps), placement=cfg.placement)
@@ -272,6 +274,7 @@ def _family(run: _Run, rows: list[ResultRow]) -> tuple[Any, Any]:
         _forget(run.responses, "D")
     d_model, d_tok = load_model(out / "degraded", cfg.placement), load_tokenizer(out / "degraded")
     rows.append(_tagged(run.evaluate("D", d_model, d_tok, over_refusal=False), None, "degraded"))
+    run.snapshot(rows)
 
     ecfg = ExtractConfig(aligned=cfg.model, degraded=str(out / "degraded"), output=str(out / "adapter"))
     adapter, timings["extract_s"], _ = adapter_stage(
@@ -317,6 +320,7 @@ def _task_rows(run: _Run, task: str, t_ref: str, n_examples: int, fresh: bool, a
         _forget(run.responses, f"T[{task}]")  # method rows follow: their keys name T's training, so they rebuild
     rows.append(_tagged(run.evaluate(f"T[{task}]", t_model, t_tok, tasks=[task], attacks=run.attacked("undefended")),
                         task, "undefended"))
+    run.snapshot(rows)
     t_card = read_card(Path(t_ref) / RUN_CARD) or {}
     # what every defence depends on: a retrained T or a re-extracted adapter invalidates it
     upstream = {"adapter": adapter.card.get("bench"), "selected": selected.card.get("bench"),
@@ -338,6 +342,7 @@ def _task_rows(run: _Run, task: str, t_ref: str, n_examples: int, fresh: bool, a
                                  attacks=run.attacked(method.name))
         run.timings[f"{method.name}_{task}_s"] = seconds
         rows.append(_tagged(row, task, method.name, seconds, **defence.row))
+        run.snapshot(rows)
         # a re-attack of a retrained model is invalidated by retraining it, even with the same config
         defended[method.name] = (name, defence, {**key, "trained_s": seconds} if defence.model else key)
     if cfg.reattack_tasks is None or task in cfg.reattack_tasks:
@@ -365,23 +370,53 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
 
     rows: list[ResultRow] = []
     reattacked: list[ResultRow] = []
+    selected_layers: list[int] = []
+
+    def results_of(done: list[ResultRow]) -> BenchResults:
+        return BenchResults(
+            model=cfg.model, config=to_dict(cfg), rows=done, reattack=reattacked, versions=library_versions(),
+            selected_layers=selected_layers, timings=timings, method_labels=method_labels(),
+            judges={"validation": validation, "agreement": judge_agreement([r.to_dict() for r in done])},
+            eval={"harmful": cfg.harmful, "n_harmful": len(sets.harmful),
+                  "attacks": {a: len(v) for a, v in sets.attacks.items()}, "over_refusal": sets.over_refusal_source,
+                  "n_over_refusal": len(sets.over_refusal), "n_task": cfg.n_task,
+                  "max_new_tokens": cfg.generation.max_new_tokens,
+                  "over_refusal_tokens": sets.over_refusal_generation(cfg.generation).max_new_tokens},
+            extra={"config_yaml": dump_yaml(cfg)})
+
+    run.snapshot = lambda done: _write_partial(results_of(list(done)), out)
     adapter, selected = _family(run, rows)
+    selected_layers[:] = selected.layers
     task_models = {task: _task_model(run, task) for task in cfg.tasks}
     for task, (t_ref, n_examples, fresh) in task_models.items():
         _task_rows(run, task, t_ref, n_examples, fresh, adapter, selected, rows, reattacked)
 
     timings["total_s"] = round(time.perf_counter() - t_start, 1)
-    results = BenchResults(
-        model=cfg.model, config=to_dict(cfg), rows=rows, reattack=reattacked, versions=library_versions(),
-        selected_layers=selected.layers, timings=timings, method_labels=method_labels(),
-        judges={"validation": validation, "agreement": judge_agreement([r.to_dict() for r in rows])},
-        eval={"harmful": cfg.harmful, "n_harmful": len(sets.harmful),
-              "attacks": {a: len(v) for a, v in sets.attacks.items()}, "over_refusal": sets.over_refusal_source,
-              "n_over_refusal": len(sets.over_refusal), "n_task": cfg.n_task,
-              "max_new_tokens": cfg.generation.max_new_tokens,
-              "over_refusal_tokens": sets.over_refusal_generation(cfg.generation).max_new_tokens},
-        extra={"config_yaml": dump_yaml(cfg)})
-    return _written(results, out)
+    written = _written(results_of(rows), out)
+    for f in out.glob(f"{PARTIAL}.*"):
+        f.unlink()
+    return written
+
+
+#: the rows finished so far of a run still going (or stopped): results.partial.json and .md, removed at the end
+PARTIAL = "results.partial"
+
+
+def _write_partial(results: BenchResults, out: Path) -> None:
+    """Write what is finished, so a run longer than a session leaves readable figures. Never stops the run."""
+    import logging
+
+    from .evaluation.report import markdown
+    from .io import atomic_file
+
+    data = {**results.to_dict(), "complete": False}
+    try:
+        write_json(out / f"{PARTIAL}.json", data)
+        with atomic_file(out / f"{PARTIAL}.md") as f:
+            f.write(f"**Partial: {len(results.rows)} row(s) finished; the run has not ended.**\n\n" + markdown(data)
+                    + "\n")
+    except Exception as e:  # noqa: BLE001 - a report of partial rows must not end a run of hours
+        logging.getLogger(__name__).warning("could not write the partial results (%s); the run goes on", e)
 
 
 def _written(results: BenchResults, out: Path) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import yaml
 from safegene.baselines import METHODS
 from safegene.cli import main
 from safegene.bench import BenchConfig
-from safegene.config import load_config
+from safegene.config import from_dict, load_config
 from safegene.errors import ConfigError
 
 
@@ -65,6 +65,7 @@ def test_bench_runs_every_method_and_resumes(tiny_qwen, tmp_path, capsys, monkey
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 2 and "Safe LoRA" in html and "model: " + str(tiny_qwen) in html
     assert "[extract] ->" in first
+    assert not list(out.glob("results.partial.*"))  # a finished run leaves only its results
 
     # the competitors that are not weight updates: priced per request, and what they did is on record
     t_row = by["undefended"]
@@ -220,3 +221,30 @@ def test_stored_answers_are_dropped_only_for_the_kind_whose_decoding_changed(tmp
     _eval_sets(longer, responses)
     # the harmful answers and their attack variants go; over-refusal keeps its own 48-token limit; task answers stay
     assert sorted(f.name for f in responses.glob("A.*")) == ["A.over_refusal.jsonl", "A.task-sst2-xy.jsonl"]
+
+
+def test_a_stopped_bench_leaves_the_rows_it_finished(tiny_qwen, tmp_path, monkeypatch):
+    """A run longer than a session is stopped mid-way: results.partial.json/.md hold every finished row."""
+    import safegene.bench as bench_mod
+
+    out = tmp_path / "bench"
+    cfg = {**_config(tiny_qwen, out), "methods": ["safegene-alpha1", "safe-lora"], "attacks": [],
+           "reattack_methods": [], "validate_judges": False}
+    real = bench_mod._evaluate_defended
+    calls = []
+
+    def stop_at_second(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the session ends here
+        return real(*a, **kw)
+
+    monkeypatch.setattr(bench_mod, "_evaluate_defended", stop_at_second)
+    with pytest.raises(KeyboardInterrupt):
+        bench_mod.run_bench(from_dict(BenchConfig, cfg), progress=False)
+    part = json.loads((out / "results.partial.json").read_text())
+    assert part["complete"] is False and not (out / "results.json").exists()
+    assert [r["name"] for r in part["rows"]] == ["A", "D", "T[arithmetic]", "T[arithmetic]+SafeGene, α=1 (no recalibration)"]
+    assert part["rows"][3]["harmful"]["refusal-phrase"]["overall"]["n"] == 6
+    md = (out / "results.partial.md").read_text()
+    assert md.startswith("**Partial: 4 row(s) finished") and "| T[arithmetic] + SafeGene, α=1 (no recalibration) |" in md
