@@ -124,6 +124,7 @@ def recalibrate(adapter: SafetyAdapter, cfg: RecalibrateConfig, model: Any = Non
     handle = AttachedAdapter(model, adapter)
     try:
         handle.disable()
+        t_phase = time.perf_counter()
         # layers below the lowest selected one never change: record their output once, run only the rest per step
         h_rec = capture(model, hb.input_ids, hb.attention_mask, list(range(start_layer, _n_layers(model))))
         t_rec = capture(model, tb.input_ids, tb.attention_mask, list(range(start_layer, _n_layers(model))))
@@ -159,8 +160,12 @@ def recalibrate(adapter: SafetyAdapter, cfg: RecalibrateConfig, model: Any = Non
             return float(lh), float(kl)
 
         handle.disable()
-        before = full_eval()  # T alone
+        with torch.no_grad():  # T alone: its KL to itself is 0 by definition, so only the refusal term is run
+            hm = hb.target_mask
+            before = (float(token_nll(run_from(model, start_layer, h_rec, hm), hb.targets[hm])), 0.0)
         handle.enable()
+        phases = {"cache_lower_layers_s": round(time.perf_counter() - t_phase, 2)}
+        t_phase = time.perf_counter()
         set_alphas()
         rng = random.Random(cfg.seed)
         half = max(1, cfg.batch_size // 2)
@@ -175,9 +180,12 @@ def recalibrate(adapter: SafetyAdapter, cfg: RecalibrateConfig, model: Any = Non
             history.append({"loss": round(loss.detach().item(), 4), "refusal_nll": round(lh.detach().item(), 4),
                             "task_kl": round(kl.detach().item(), 5)})
         alpha = set_alphas().detach()
+        phases["steps_s"] = round(time.perf_counter() - t_phase, 2)
+        t_phase = time.perf_counter()
         after = full_eval()
         handle.set_coefficients(1.0)
         unit = full_eval()  # α = 1 everywhere: the uncalibrated adapter, for comparison
+        phases["objective_checks_s"] = round(time.perf_counter() - t_phase, 2)
     finally:
         handle.remove()
     coeffs = {l: round(float(a), 6) for l, a in zip(layers, alpha)}
@@ -195,5 +203,6 @@ def recalibrate(adapter: SafetyAdapter, cfg: RecalibrateConfig, model: Any = Non
         },
         "history": history,
         "seconds": round(time.perf_counter() - t0, 2),
+        "phases": phases,
     }
     return out

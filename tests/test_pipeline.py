@@ -1,5 +1,6 @@
 """Selection, recalibration and apply on tiny models with a known adapter."""
 
+import dataclasses
 import json
 
 import pytest
@@ -173,6 +174,12 @@ def test_recalibration_learns_bounded_coefficients(adapter, tmp_path):
     # the learnt coefficients fit the few-shot objective at least as well as plain α = 1
     assert obj["after"]["refusal_nll"] + obj["after"]["task_kl"] <= obj["alpha_1"]["refusal_nll"] + obj["alpha_1"]["task_kl"] + 1e-3
     assert rc["shots"] == {"harmful": 6, "task": 6, "data_sha256": rc["shots"]["data_sha256"]}
+    # T alone: its refusal NLL is that of the adapter at α = 0, and its KL to itself is 0 (not run, by definition)
+    zero = recalibrate(ad, dataclasses.replace(cfg, steps=1, learning_rate=1e-9, alpha_init=1e-6), progress=False)
+    assert obj["task_model_alone"]["task_kl"] == 0.0
+    assert obj["task_model_alone"]["refusal_nll"] == pytest.approx(
+        zero.card["recalibration"]["objective"]["after"]["refusal_nll"], abs=1e-3)
+    assert set(rc["phases"]) == {"cache_lower_layers_s", "steps_s", "objective_checks_s"}
     cal.save(tmp_path / "cal")
     again = SafetyAdapter.load(tmp_path / "cal")
     assert [again.coefficients[l] for l in ad.layers] == pytest.approx(alphas, abs=1e-6)
