@@ -52,18 +52,10 @@ def lora_rank_for(rank: int) -> int:
 
 
 def attached_adapters(model: Any) -> list[Any]:
-    """The enabled `AttachedAdapter` handles whose hooks are on `model` (each found once)."""
-    from .adapter.runtime import AttachedAdapter
+    """The enabled `AttachedAdapter` handles on `model`."""
+    from .adapter.runtime import attached_to
 
-    found: dict[int, Any] = {}
-    for mod in model.modules():
-        for fn in getattr(mod, "_forward_hooks", {}).values():
-            # AttachedAdapter._hook's closure holds its handle as `self`: the hooks are the only link from the model
-            cells = dict(zip(getattr(getattr(fn, "__code__", None), "co_freevars", ()), fn.__closure__ or ()))
-            handle = cells["self"].cell_contents if "self" in cells else None
-            if isinstance(handle, AttachedAdapter) and handle.enabled:
-                found[id(handle)] = handle
-    return list(found.values())
+    return attached_to(model)
 
 
 def adapter_for_vllm(handles: Sequence[Any]) -> Any:

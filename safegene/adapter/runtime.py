@@ -27,6 +27,15 @@ def _named_modules(model: Any) -> dict[str, Any]:
     return mods
 
 
+#: attribute of a model holding the AttachedAdapter handles on it (see `attached_to`)
+ATTACHED = "_safegene_attached"
+
+
+def attached_to(model: Any) -> list["AttachedAdapter"]:
+    """The enabled adapters attached to `model` by `AttachedAdapter`, in the order they were attached."""
+    return [h for h in model.__dict__.get(ATTACHED, []) if h.enabled]
+
+
 class AttachedAdapter:
     """Hooks that apply an adapter to a loaded model; toggle, rescale or remove without reloading."""
 
@@ -64,6 +73,10 @@ class AttachedAdapter:
                                                                           dtype=dtype, device=device)
                 self.scales[l] = s
             self._handles.append(mods[m].register_forward_hook(self._hook(m, l)))
+        # the model lists the handles attached to it, so code that only holds the model (the vLLM backend, which
+        # must hand the same adapter to another engine) can find them
+        registry = model.__dict__.setdefault(ATTACHED, [])
+        registry.append(self)
 
     def _hook(self, module_name: str, layer: int) -> Callable:
         def hook(mod, inputs, output):
@@ -97,6 +110,9 @@ class AttachedAdapter:
             h.remove()
         self._handles = []
         self.enabled = False
+        registry = self.model.__dict__.get(ATTACHED, [])
+        if self in registry:
+            registry.remove(self)
 
     def __enter__(self) -> "AttachedAdapter":
         return self
