@@ -14,6 +14,7 @@ report.html.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
 import shutil
 import time
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .adapter.extract import ExtractConfig
-from .baselines import METHODS, Defence, Method, MethodContext, get_method
+from .baselines import METHODS, Defence, Method, MethodContext, default_methods, get_method
 from .baselines.classifier_guard import ClassifierGuardConfig
 from .baselines.projection import ProjectionBaselineConfig
 from .baselines.self_critique import SelfCritiqueConfig
@@ -53,7 +54,9 @@ class BenchConfig:
     output: str = opt("runs/bench", "output folder (stages whose recorded config matches are reused)",
                       aliases=("-o",))
     tasks: list[str] = opt(["arithmetic", "sst2"], "task names; each gets a poisoned fine-tune T_task")
-    methods: list[str] = opt(list(METHODS), "defences evaluated on every T: " + ", ".join(METHODS))
+    methods: list[str] = opt(default_methods(), "defences evaluated on every T: " + ", ".join(METHODS)
+                             + " (default: all but the experimental " + ", ".join(
+                                 n for n, m in METHODS.items() if m.experimental) + ")")
     judges: list[str] = opt(["refusal-phrase", "content-classifier"],
                             "judges of harmful responses: refusal-phrase, content-classifier, llm:<model>, "
                             "endpoint:<url>?model=<name>")
@@ -94,6 +97,11 @@ class BenchConfig:
     reattack_data: str = opt("harmful-pairs", "harmful pairs of the re-attack (sampled apart from the poison)")
     reattack_examples: int = opt(32, "harmful pairs of the re-attack")
     reattack_steps: list[int] = opt([10], "LoRA steps of the re-attack; several: one re-attack each (a curve)")
+    reprotect_methods: list[str] = opt([], "methods applied again after a re-attack, as the user of the re-attacked "
+                                       "model would (the adapter is meant to be reused): each rebuilt on the "
+                                       "re-attacked model of its own row and of undefended T; weight-update methods "
+                                       "from `methods` only (a responder or retraining has nothing to rebuild)",
+                                       added_later=True)
     placement: PlacementConfig = opt(PlacementConfig(), "where every model of the bench runs and trains, in what "
                                      "dtype (--device, --dtype; --device-map for evaluation and recalibration)",
                                      added_later=True)
@@ -108,6 +116,15 @@ class BenchConfig:
         check(not bad, f"reattack_methods {bad} are neither 'undefended' nor in methods")
         check(self.reattack_tasks is None or set(self.reattack_tasks) <= set(self.tasks),
               f"reattack_tasks {self.reattack_tasks} must be among tasks {self.tasks}")
+        bad = [m for m in self.reprotect_methods if m not in self.methods]
+        check(not bad, f"reprotect_methods {bad} are not in methods; add them to methods or drop them")
+        bad = [f"{m} ({METHODS[m].kind})" for m in self.reprotect_methods if METHODS[m].kind != "update"]
+        check(not bad, f"reprotect_methods {bad} cannot be re-applied to a re-attacked model (a responder keeps "
+              "wrapping it unchanged, a retraining starts again from A): name weight-update methods only")
+        bad = [m for m in self.reprotect_methods
+               if m not in self.reattack_methods and "undefended" not in self.reattack_methods]
+        check(not bad, f"reprotect_methods {bad} have no re-attacked row to re-protect: add 'undefended' or them to "
+              "reattack_methods")
         check(self.reattack_examples >= 1 and bool(self.reattack_steps) and min(self.reattack_steps) >= 1,
               "reattack_examples and every reattack_steps entry must be >= 1")
         check(0 < self.mixed_safety_ratio < 1 - self.poison_ratio,
@@ -136,12 +153,13 @@ def method_labels() -> dict[str, str]:
 # --- stages: each reused on a re-run when what it recorded matches ----------------------------------------------------
 
 
-def _defence_stage(method: Method, ctx: MethodContext, store: Path, key: dict[str, Any]) -> tuple[Defence, float, bool]:
+def _defence_stage(method: Method, ctx: MethodContext, store: Path, key: dict[str, Any],
+                   label: str | None = None) -> tuple[Defence, float, bool]:
     """(defence, build seconds, rebuilt?), reusing what an earlier run left: an update is stored as an adapter
     folder; a retrained model is reused by its build when the folder's own run card records the same config; a
     responder's findings (a fitted threshold) are stored in `stage.json` and handed back to its build as
     `ctx.found`."""
-    label = f"{method.name} {ctx.task}"
+    label = label or f"{method.name} {ctx.task}"
     if method.kind == "update":
         update, seconds, fresh = adapter_stage(label, store, key, lambda: method.build(ctx).update)
         return Defence(update=update, row={"layers": update.layers, "coefficients": {
@@ -311,9 +329,30 @@ def _tagged(row: ResultRow, task: str | None, method: str, build_seconds: float 
     return row
 
 
+def _method_context(run: _Run, task: str, ref: str, model: Any, tok: Any, n_examples: int, adapter: Any,
+                    selected: Any) -> MethodContext:
+    """What a method builds from when it protects the task model in `ref` (T, or T re-attacked)."""
+    cfg = run.cfg
+    return MethodContext(settings=cfg, aligned=cfg.model, task=task, task_model=ref, model=model, tokenizer=tok,
+                         adapter=adapter, selected=selected, train=cfg.steps, output=run.out, progress=run.progress,
+                         task_examples=n_examples,
+                         recalibrate=RecalibrateConfig(task_model=ref, task=task, n_harmful=cfg.shots,
+                                                       n_task=cfg.shots, steps=cfg.recal_steps, seed=cfg.seed,
+                                                       placement=cfg.placement))
+
+
+def _reprotected_by(cfg: BenchConfig, reattacked_method: str) -> list[str]:
+    """The methods applied again after re-attacking the row of `reattacked_method`: every one on re-attacked T (what
+    getting back costs each), a method's own on its re-attacked row (the same defence rebuilt on the new weights)."""
+    if reattacked_method == "undefended":
+        return list(cfg.reprotect_methods)
+    return [reattacked_method] if reattacked_method in cfg.reprotect_methods else []
+
+
 def _task_rows(run: _Run, task: str, t_ref: str, n_examples: int, fresh: bool, adapter: Any, selected: Any,
-               rows: list[ResultRow], reattacked: list[ResultRow]) -> None:
-    """T[task] alone, then T with every method's defence; then the re-attacks asked for."""
+               rows: list[ResultRow], reattacked: list[ResultRow], reprotected: list[ResultRow]) -> None:
+    """T[task] alone, then T with every method's defence; then the re-attacks asked for, each followed by the
+    re-protections asked for."""
     cfg = run.cfg
     t_model, t_tok = load_model(t_ref, cfg.placement), load_tokenizer(t_ref)
     if fresh:
@@ -325,12 +364,7 @@ def _task_rows(run: _Run, task: str, t_ref: str, n_examples: int, fresh: bool, a
     # what every defence depends on: a retrained T or a re-extracted adapter invalidates it
     upstream = {"adapter": adapter.card.get("bench"), "selected": selected.card.get("bench"),
                 "task_model": {"data": t_card.get("data"), "trained_s": (t_card.get("training") or {}).get("seconds")}}
-    ctx = MethodContext(settings=cfg, aligned=cfg.model, task=task, task_model=t_ref, model=t_model, tokenizer=t_tok,
-                        adapter=adapter, selected=selected, train=cfg.steps, output=run.out, progress=run.progress,
-                        task_examples=n_examples,
-                        recalibrate=RecalibrateConfig(task_model=t_ref, task=task, n_harmful=cfg.shots,
-                                                      n_task=cfg.shots, steps=cfg.recal_steps, seed=cfg.seed,
-                                                      placement=cfg.placement))
+    ctx = _method_context(run, task, t_ref, t_model, t_tok, n_examples, adapter, selected)
     defended = {"undefended": (f"T[{task}]", Defence(), {})}
     for method in map(get_method, cfg.methods):
         name = f"T[{task}]+{method.label}"
@@ -347,8 +381,14 @@ def _task_rows(run: _Run, task: str, t_ref: str, n_examples: int, fresh: bool, a
         defended[method.name] = (name, defence, {**key, "trained_s": seconds} if defence.model else key)
     if cfg.reattack_tasks is None or task in cfg.reattack_tasks:
         for method in cfg.reattack_methods:
+            reprotect_with = _reprotected_by(cfg, method)
             for steps in cfg.reattack_steps:
-                reattacked.append(_reattack(run, task, method, steps, *defended[method], t_ref, t_tok, upstream))
+                row, kept = _reattack(run, task, method, steps, *defended[method], t_ref, t_tok, upstream,
+                                      keep_model=bool(reprotect_with))
+                reattacked.append(row)
+                if kept:
+                    reprotected += _reprotect(run, task, row, *kept, reprotect_with, n_examples, adapter, selected)
+                run.snapshot(rows)
 
 
 def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
@@ -370,11 +410,13 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
 
     rows: list[ResultRow] = []
     reattacked: list[ResultRow] = []
+    reprotected: list[ResultRow] = []
     selected_layers: list[int] = []
 
     def results_of(done: list[ResultRow]) -> BenchResults:
         return BenchResults(
-            model=cfg.model, config=to_dict(cfg), rows=done, reattack=reattacked, versions=library_versions(),
+            model=cfg.model, config=to_dict(cfg), rows=done, reattack=reattacked, reprotect=reprotected,
+            versions=library_versions(),
             selected_layers=selected_layers, timings=timings, method_labels=method_labels(),
             judges={"validation": validation, "agreement": judge_agreement([r.to_dict() for r in done])},
             eval={"harmful": cfg.harmful, "n_harmful": len(sets.harmful),
@@ -389,7 +431,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     selected_layers[:] = selected.layers
     task_models = {task: _task_model(run, task) for task in cfg.tasks}
     for task, (t_ref, n_examples, fresh) in task_models.items():
-        _task_rows(run, task, t_ref, n_examples, fresh, adapter, selected, rows, reattacked)
+        _task_rows(run, task, t_ref, n_examples, fresh, adapter, selected, rows, reattacked, reprotected)
 
     timings["total_s"] = round(time.perf_counter() - t_start, 1)
     written = _written(results_of(rows), out)
@@ -428,14 +470,24 @@ def _written(results: BenchResults, out: Path) -> dict[str, Any]:
     return data
 
 
+#: inside a kept re-attacked model's folder: the re-attack card it was trained under (the row's card, copied)
+REATTACK_CARD = "reattack.json"
+
+
 def _reattack(run: _Run, task: str, method: str, steps: int, name: str, defence: Defence, key: dict[str, Any],
-              t_ref: str, t_tok: Any, upstream: dict[str, Any]) -> ResultRow:
+              t_ref: str, t_tok: Any, upstream: dict[str, Any],
+              keep_model: bool = False) -> tuple[ResultRow, tuple[Path, dict[str, Any]] | None]:
     """Fine-tune the defended model once more on a few harmful pairs (LoRA, `steps`) and measure its harmful rate
     again. A weight update is merged into T first; an inference-time defence keeps wrapping the re-attacked weights
-    (the attacker changes the weights, not the serving stack); a retrained model is re-attacked itself."""
+    (the attacker changes the weights, not the serving stack); a retrained model is re-attacked itself.
+
+    With `keep_model` (it is to be re-protected) the re-attacked model is merged and saved once, as a model folder
+    under reattack/<task>/<method>-<steps>/model, and evaluated as saved; returns (row, (that folder, the re-attack
+    card)), else (row, None)."""
     from .apply import apply_adapter
     from .data import prompt_response_pairs
     from .evaluation.harness import slug
+    from .io import atomic_dir
     from .training import train_lora
 
     cfg = run.cfg
@@ -443,24 +495,76 @@ def _reattack(run: _Run, task: str, method: str, steps: int, name: str, defence:
     settings = {"data": cfg.reattack_data, "examples": cfg.reattack_examples, "train": to_dict(cfg.steps(steps))}
     full_key = {"reattack": settings, "defence": key, "upstream": upstream}
     card_path = run.out / "reattack" / task / f"{method}-{steps}.json"
+    model_dir = card_path.with_suffix("") / "model"
     card = read_card(card_path)
     if not (card and same_config(card.get("key"), full_key)):
         _forget(run.responses, row_name)
         card = None
+    # the kept model is the one whose answers are stored: the same card, down to when it was trained
+    have_model = card is not None and read_card(model_dir / REATTACK_CARD) == card
+    if card is not None and keep_model and not have_model:
+        print(f"[re-attack {task}] {row_name}: no kept model (re-attacked by a run without re-protection); training "
+              "it again, and answering again with the model kept")
+        _forget(run.responses, row_name)
+        card = None
+    complete = _complete(run.responses / f"{slug(row_name)}.harmful.jsonl", cfg.n_harmful)
     model = None
-    if card is None or not _complete(run.responses / f"{slug(row_name)}.harmful.jsonl", cfg.n_harmful):
+    if card is None or not (complete or have_model):
         print(f"[re-attack {task}] {name}: {steps} LoRA steps on {cfg.reattack_examples} harmful pairs")
         model = load_model(defence.model or t_ref, cfg.placement)
         if defence.update is not None:
             apply_adapter(defence.update, model, mode="merge")
         pairs = prompt_response_pairs(cfg.reattack_data, n=cfg.reattack_examples, seed=cfg.seed + 101)
         model, stats = train_lora(model, t_tok, pairs, cfg.steps(steps), progress=run.progress)
-        card = {"key": full_key, "training": stats.to_dict()}
+        # when it was trained tells two trainings of the same config apart (their seconds may round alike): what is
+        # built on the kept model is keyed on it
+        card = {"key": full_key, "training": stats.to_dict(),
+                "trained_at": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+        if keep_model:
+            # merged, and evaluated as merged: the row and its re-protections measure exactly the weights kept
+            model = model.merge_and_unload()
+            with atomic_dir(model_dir, overwrite=True) as tmp:
+                model.save_pretrained(str(tmp), safe_serialization=True)
+                t_tok.save_pretrained(str(tmp))
+                write_json(tmp / REATTACK_CARD, card)
+            card = read_card(model_dir / REATTACK_CARD)  # as JSON holds it, so a re-run compares like with like
         write_json(card_path, card)
+    elif not complete:  # answers cut short by an interrupted run: the kept model finishes them, no training
+        model = load_model(model_dir, cfg.placement)
     row = run.evaluate(row_name, model, t_tok, over_refusal=False, responder=defence.responder)
-    return _tagged(row, task, method, defence_row=name, reattack={
+    row = _tagged(row, task, method, defence_row=name, reattack={
         "steps": steps, "examples": cfg.reattack_examples, "seconds": card["training"]["seconds"],
         "final_loss": card["training"]["final_loss"]})
+    return row, ((model_dir, card) if keep_model else None)
+
+
+def _reprotect(run: _Run, task: str, reattacked: ResultRow, folder: Path, card: dict[str, Any], methods: list[str],
+               n_examples: int, adapter: Any, selected: Any) -> list[ResultRow]:
+    """Apply each method again to a re-attacked model (kept in `folder`), as its user would after fine-tuning the
+    protected model once more: the method is built from the re-attacked weights exactly as it was built from T
+    (SafeGene recalibrated on them, RESTA refitted, Safe LoRA / SafeMERGE on their difference from A, re-align
+    trained on them), then evaluated like a defended T: harmful prompts, over-refusal and the task."""
+    cfg = run.cfg
+    ref = str(folder)
+    model, tok = load_model(ref, cfg.placement), load_tokenizer(ref)
+    ctx = _method_context(run, task, ref, model, tok, n_examples, adapter, selected)
+    # what every re-protection depends on: the re-attacked weights (their key, and their training: a re-attack
+    # trained again, even with the same config, rebuilds them) and the family's adapter
+    upstream = {"adapter": adapter.card.get("bench"), "selected": selected.card.get("bench"),
+                "task_model": {"reattack": card["key"], "trained_at": card["trained_at"]}}
+    out = []
+    for method in map(get_method, methods):
+        name = f"{reattacked.name} + re-protected {method.label}"
+        key = {**method.key(ctx), **({"upstream": upstream} if method.upstream else {})}
+        defence, seconds, fresh = _defence_stage(method, ctx, folder.parent / "reprotected" / method.name, key,
+                                                 label=f"re-protect {task}: {reattacked.name} + {method.name}")
+        if fresh:
+            _forget(run.responses, name)
+        row = _evaluate_defended(run.evaluate, name, defence, model, tok, cfg.placement, tasks=[task])
+        steps = reattacked.extra["reattack"]["steps"]
+        out.append(_tagged(row, task, method.name, seconds, **defence.row, reprotect={
+            "method": method.name, "seconds": seconds, "of": reattacked.name, "steps": steps}))
+    return out
 
 
 @dataclass
@@ -501,7 +605,7 @@ def rejudge(output: str | Path, judges: list[str], validate: bool = True) -> dic
         return JudgedRate.from_dict(summary), verdicts
 
     for judge in map(get_judge, judges):
-        for row in results.rows + results.reattack:
+        for row in results.rows + results.reattack + results.reprotect:
             print(f"[{judge.name}] {row.name}")
             first = next(iter(row.harmful.values())).overall
             row.harmful[judge.name], row.verdicts[judge.name] = judged(
@@ -514,7 +618,8 @@ def rejudge(output: str | Path, judges: list[str], validate: bool = True) -> dic
         if validate:
             results.judges["validation"][judge.name] = validate_judge(judge, human_labelled())
         results.config["judges"] = list(dict.fromkeys(results.config["judges"] + [judge.name]))
-    for row in results.rows + results.reattack:  # answer forms of runs from before they were recorded
+    # answer forms of runs from before they were recorded
+    for row in results.rows + results.reattack + results.reprotect:
         path = out / "responses" / f"{slug(row.name)}.harmful.jsonl"
         if row.answer_forms is None and path.is_file():
             row.answer_forms = answer_forms([r["response"] for r in read_jsonl_rows(path)])

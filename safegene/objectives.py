@@ -39,10 +39,15 @@ class SeqBatch:
         return torch.cat([torch.arange(int(offsets[i]), int(offsets[i + 1])) for i in idx])
 
 
-def encode_batch(tokenizer: Any, pairs: Sequence[PromptResponse], max_length: int) -> SeqBatch:
+def encode_batch(tokenizer: Any, pairs: Sequence[PromptResponse], max_length: int | Sequence[int]) -> SeqBatch:
+    """`pairs` tokenized and right-padded; `max_length` is one token limit for all, or one per pair (a long
+    jailbreak-wrapped prompt may get more room than a plain one)."""
     import torch
 
-    enc = [encode_pair(tokenizer, p, max_length) for p in pairs]
+    limits = [max_length] * len(pairs) if isinstance(max_length, int) else list(max_length)
+    if len(limits) != len(pairs):
+        raise ValueError(f"{len(limits)} token limits for {len(pairs)} pairs")
+    enc = [encode_pair(tokenizer, p, n) for p, n in zip(pairs, limits)]
     width = max(len(e.input_ids) for e in enc)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids = torch.full((len(enc), width), pad, dtype=torch.long)
@@ -118,6 +123,25 @@ def target_logprob_sums(logits: Any, batch: SeqBatch):
     lp = torch.log_softmax(float32_math(logits), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
     owner = torch.arange(len(batch)).unsqueeze(1).expand_as(batch.target_mask)[batch.target_mask]
     return torch.zeros(len(batch), dtype=lp.dtype).index_add_(0, owner, lp)
+
+
+def sequence_mean_nll(logits: Any, batch: SeqBatch):
+    """Per-sequence mean NLL of the response tokens, from logits at `batch`'s target positions, (n,), float32 on
+    the CPU (differentiable)."""
+    return -target_logprob_sums(logits, batch) / batch.target_mask.sum(1).clamp(min=1)
+
+
+def preference_loss(refusal_logits: Any, refusals: SeqBatch, compliant_logits: Any, compliant: SeqBatch):
+    """mean_i softplus(NLL(refusal_i) − NLL(compliant_i)), each NLL a per-token mean over that answer.
+
+    A DPO-style margin without a reference model: −log σ(log p(refusal) − log p(compliant)) with both log-likelihoods
+    length-normalised, as in SimPO (Meng et al. 2024, reference-free). Unnormalised sums would compare a one-sentence
+    refusal with a long compliant answer, whose summed NLL is larger by its length alone, so the margin would start
+    satisfied and the term would push nothing. Row i of `compliant` must answer row i of `refusals`' prompt."""
+    import torch
+
+    margin = sequence_mean_nll(refusal_logits, refusals) - sequence_mean_nll(compliant_logits, compliant)
+    return torch.nn.functional.softplus(margin).mean()
 
 
 def sequence_logprob(model: Any, batch: SeqBatch, chunk: int = 8):

@@ -5,15 +5,25 @@
 Only θ trains (the adapter's factors and T are frozen). The objective on a few dozen shots is
 
     NLL(refusal | harmful prompt)  +  λ · KL(T || T + adapter) on task shots' answer positions
+        [ + w · softplus(NLL(refusal) − NLL(compliant answer)) per harmful shot, with `preference_weight` w > 0 ]
 
 so the coefficients buy back refusals where T lost them while leaving T's task outputs where they were.
+
+What the harmful shots train on is set by three opt-in knobs (all off by default, the stage keys unchanged):
+- `refusal_target: aligned`: each shot's target is the aligned model A's own greedy answer to it where that answer
+  refuses (the fixed sentence where it does not), so the target varies with the request instead of one sentence;
+- `preference_weight`: the preference term above, against the compliant answer `harmful` holds for each prompt;
+- `jailbreak_shots`: a share of the shots is sent wrapped in a jailbreak template of a family disjoint from the
+  one the `jailbreak` attack evaluates with (`safegene.data.attacks`), with the same refusal target.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -22,13 +32,18 @@ from .adapter.core import SafetyAdapter
 from .adapter.runtime import AttachedAdapter
 from .config import AdapterInOut, check, opt, to_dict
 from .data import harmful_prompt_texts, prompt_response_pairs
+from .data.attacks import EVALUATION_FAMILY, TRAINING_FAMILIES
 from .data.records import PromptResponse
+from .errors import ConfigError, DataError
 from .io import sha256_text
 from .forward import capture, decoder_parts, run_from
 from .models.placement import PlacementConfig, float32_math
-from .objectives import encode_batch, token_nll, topk_kl
+from .objectives import encode_batch, preference_loss, token_nll, topk_kl
 
 log = logging.getLogger(__name__)
+
+#: what the refusal shots are trained to say: the fixed text (or the refusals file), or A's own refusals
+REFUSAL_TARGETS = ("fixed", "aligned")
 
 
 @dataclass
@@ -57,6 +72,26 @@ class RecalibrateConfig(AdapterInOut):
                                 "evaluation set)", added_later=True)
     n_sensitive: int = opt(32, "benign-but-sensitive shots (with `sensitive`)", added_later=True)
     sensitive_tokens: int = opt(32, "tokens of T's answer kept as each sensitive shot's target", added_later=True)
+    refusal_target: str = opt("fixed", "what the harmful shots are trained to say: fixed (`refusal_text`, or the "
+                              "`refusals` file's answers) or aligned (the aligned model's own greedy answer to each "
+                              "harmful prompt where it refuses, `refusal_text` where it does not; needs `aligned`)",
+                              choices=REFUSAL_TARGETS, added_later=True)
+    aligned: str | None = opt(None, "the aligned model A (HF folder, or embedded name) whose refusals are the targets "
+                              "with refusal_target: aligned", added_later=True)
+    aligned_tokens: int = opt(48, "tokens A may answer with (refusal_target: aligned); an answer cut at this limit "
+                              "keeps its whole sentences", added_later=True)
+    preference_weight: float = opt(0.0, "weight of a preference term against compliance: per harmful shot, "
+                                   "softplus(NLL(refusal) - NLL(compliant answer)), both per-token means; the "
+                                   "compliant answers are those `harmful` holds (a prompt/response set such as "
+                                   "harmful-pairs); 0: off", added_later=True)
+    jailbreak_shots: float = opt(0.0, "share of the harmful shots sent wrapped in a jailbreak template (same refusal "
+                                 "target); 0: none", added_later=True)
+    jailbreak_templates: str = opt("pyrit", "template family of the wrapped shots: "
+                                   f"{', '.join(TRAINING_FAMILIES)} (never the '{EVALUATION_FAMILY}' family the "
+                                   "jailbreak attack evaluates with; see safegene.data.attacks)",
+                                   choices=TRAINING_FAMILIES, added_later=True)
+    jailbreak_max_length: int = opt(384, "token limit of a wrapped shot (templates run to 700 characters; plain "
+                                    "shots keep max_length)", added_later=True)
     seed: int = opt(0, "sampling seed")
     placement: PlacementConfig = opt(PlacementConfig(), "where T runs and in what dtype (--device, --dtype, "
                                      "--device-map); the coefficients and the objective stay float32",
@@ -67,12 +102,137 @@ class RecalibrateConfig(AdapterInOut):
         check(0 < self.alpha_init < self.alpha_max, f"alpha_init must be in (0, alpha_max={self.alpha_max})")
         check(self.steps >= 1 and self.batch_size >= 2, "steps >= 1 and batch_size >= 2 are needed")
         check(self.n_harmful >= 1 and self.n_task >= 1, "need at least one harmful and one task shot")
+        check(self.refusal_target in REFUSAL_TARGETS,
+              f"refusal_target must be one of {', '.join(REFUSAL_TARGETS)}, got {self.refusal_target!r}")
+        aligned_target = self.refusal_target == "aligned"
+        check(not aligned_target or bool(self.aligned),
+              "refusal_target 'aligned' needs the aligned model: set aligned (e.g. --aligned runs/aligned)")
+        check(aligned_target or not self.aligned,
+              "aligned is read only with refusal_target 'aligned': set refusal_target: aligned, or unset aligned")
+        check(not (aligned_target and self.refusals),
+              "refusal_target 'aligned' replaces the refusals file's answers: unset refusals, or use refusal_target: fixed")
+        check(self.aligned_tokens >= 1, "aligned_tokens must be >= 1")
+        check(math.isfinite(self.preference_weight) and self.preference_weight >= 0,
+              f"preference_weight must be a number >= 0 (0 turns the preference term off), got {self.preference_weight}")
+        check(not (self.preference_weight > 0 and self.refusals),
+              "preference_weight pairs each prompt of `harmful` with its compliant answer, but `refusals` replaces "
+              "those prompts: unset refusals, or set preference_weight: 0")
+        check(0 <= self.jailbreak_shots <= 1,
+              f"jailbreak_shots is a share of the harmful shots: give a number in [0, 1], got {self.jailbreak_shots}")
+        check(self.jailbreak_templates != EVALUATION_FAMILY,
+              f"jailbreak_templates '{EVALUATION_FAMILY}' is the family the jailbreak attack evaluates with; train on "
+              f"one of {', '.join(TRAINING_FAMILIES)}")
+        check(self.jailbreak_templates in TRAINING_FAMILIES,
+              f"jailbreak_templates must be one of {', '.join(TRAINING_FAMILIES)}, got {self.jailbreak_templates!r}")
+        check(self.jailbreak_max_length >= self.max_length,
+              f"jailbreak_max_length must be >= max_length ({self.max_length})")
+
+
+@dataclass
+class HarmfulShots:
+    """The harmful shots as trained on. Row i of each list belongs to the same shot."""
+
+    refusal: list[PromptResponse]  # the prompt sent (plain or jailbreak-wrapped) and the refusal it is trained towards
+    compliant: list[PromptResponse]  # the same prompt with its compliant answer; [] unless preference_weight > 0
+    wrapped: list[bool]  # whether the shot's prompt is wrapped in a jailbreak template
+    info: dict[str, Any]  # what the card records about them: targets, wrapping, preference pairs
+
+
+def harmful_shots(cfg: RecalibrateConfig, aligned_model: Any = None, aligned_tokenizer: Any = None) -> HarmfulShots:
+    """The harmful shots for `cfg`: prompts from `harmful` (or `refusals`), refusal targets, optional jailbreak
+    wrapping and compliant answers. With refusal_target 'aligned', A is loaded from `cfg.aligned` unless given. A
+    answers the plain request, and a wrapped shot keeps that target (what to say to the request, whatever wraps
+    it), as it keeps the request's compliant answer for the preference term."""
+    from .data.attacks import template_family, wrap
+
+    compliant: list[str] = []
+    if cfg.refusals:
+        given = prompt_response_pairs(cfg.refusals, n=cfg.n_harmful, seed=cfg.seed)
+        requests, targets = [p.prompt for p in given], [p.response for p in given]
+    else:
+        given = []
+        if cfg.preference_weight > 0:
+            pairs = compliant_pairs(cfg)
+            requests, compliant = [p.prompt for p in pairs], [p.response for p in pairs]
+        else:
+            requests = harmful_prompt_texts(cfg.harmful, cfg.n_harmful, cfg.seed)
+        targets = [cfg.refusal_text] * len(requests)
+    info: dict[str, Any] = {"refusal_target": cfg.refusal_target}
+    if cfg.refusal_target == "aligned":
+        answers = aligned_refusals(cfg, requests, aligned_model, aligned_tokenizer)
+        targets = [a if a is not None else cfg.refusal_text for a in answers]
+        n_aligned = sum(a is not None for a in answers)
+        info["refusal_targets"] = {"aligned": n_aligned, "fixed": len(answers) - n_aligned}
+        log.info("refusal targets: %d of A's own refusals, %d fixed (A did not refuse)", n_aligned,
+                 len(answers) - n_aligned)
+    prompts, wrapped = list(requests), [False] * len(requests)
+    if cfg.jailbreak_shots > 0:
+        # which shots, and in which template, are fixed by the seed; the templates are shuffled and then cycled, so
+        # each is used about equally often
+        rng = random.Random(cfg.seed + 3)
+        n_wrap = min(len(requests), max(1, int(cfg.jailbreak_shots * len(requests) + 0.5)))
+        templates = template_family(cfg.jailbreak_templates)
+        order = rng.sample(range(len(templates)), len(templates))
+        for k, i in enumerate(sorted(rng.sample(range(len(requests)), n_wrap))):
+            prompts[i], wrapped[i] = wrap(templates[order[k % len(order)]], requests[i]), True
+        info["jailbreak"] = {"family": cfg.jailbreak_templates, "share": cfg.jailbreak_shots, "wrapped": n_wrap,
+                             "templates": min(n_wrap, len(templates))}
+    if cfg.preference_weight > 0:
+        info["preference_pairs"] = len(compliant)
+    if given:  # a refusals file's pairs keep their own fields (system prompt, source)
+        refusal = [dataclasses.replace(g, prompt=q, response=t) for g, q, t in zip(given, prompts, targets)]
+    else:
+        refusal = [PromptResponse(q, t) for q, t in zip(prompts, targets)]
+    return HarmfulShots(refusal, [PromptResponse(q, c) for q, c in zip(prompts, compliant)], wrapped, info)
+
+
+def compliant_pairs(cfg: RecalibrateConfig) -> list[PromptResponse]:
+    """`harmful`'s prompts with their compliant answers: the same prompts, in the same order, that
+    `harmful_prompt_texts` samples from a prompt/response set."""
+    from .data.text import looks_like_refusal
+
+    try:
+        pairs = prompt_response_pairs(cfg.harmful, n=cfg.n_harmful, seed=cfg.seed)
+    except DataError as e:
+        raise ConfigError(f"preference_weight needs a compliant answer for each harmful prompt, but harmful "
+                          f"'{cfg.harmful}' gives none ({e}); set harmful to a prompt/response set such as "
+                          "harmful-pairs, or preference_weight: 0") from None
+    refusing = sum(looks_like_refusal(p.response) for p in pairs)
+    if refusing:  # the term would then push *towards* refusing less on those shots
+        log.warning("%d of the %d 'compliant' answers in %s look like refusals", refusing, len(pairs), cfg.harmful)
+    return pairs
+
+
+def aligned_refusals(cfg: RecalibrateConfig, prompts: list[str], model: Any = None,
+                     tokenizer: Any = None) -> list[str | None]:
+    """A's own greedy answer to each prompt where it looks like a refusal, else None (the caller falls back to the
+    fixed text). Greedy decoding makes the targets a function of A, the prompts and `aligned_tokens` alone, so a
+    re-run trains on the same targets. An answer cut at `aligned_tokens` keeps its whole sentences: a target ending
+    mid-phrase would teach the model to stop there."""
+    from .data.text import looks_like_refusal
+    from .generation import GenerationConfig, generate_detailed
+
+    if model is None:
+        from .models import load_model, load_tokenizer
+
+        model, tokenizer = load_model(cfg.aligned, cfg.placement), load_tokenizer(cfg.aligned)
+    gen = GenerationConfig(max_new_tokens=cfg.aligned_tokens, batch_size=16, do_sample=False)
+    out: list[str | None] = []
+    for g in generate_detailed(model, tokenizer, prompts, gen, progress=False):
+        text = whole_sentences(g.text) if g.tokens >= cfg.aligned_tokens else g.text.strip()
+        out.append(text if text and looks_like_refusal(text) else None)
+    return out
+
+
+def whole_sentences(text: str) -> str:
+    """`text` up to its last sentence end (., ! or ? before a space or the end); all of it when none ends."""
+    ends = [m.end() for m in re.finditer(r"[.!?](?=\s|$)", text)]
+    return (text[:ends[-1]] if ends else text).strip()
 
 
 def refusal_shots(cfg: RecalibrateConfig) -> list[PromptResponse]:
-    if cfg.refusals:
-        return prompt_response_pairs(cfg.refusals, n=cfg.n_harmful, seed=cfg.seed)
-    return [PromptResponse(p, cfg.refusal_text) for p in harmful_prompt_texts(cfg.harmful, cfg.n_harmful, cfg.seed)]
+    """The harmful shots' (prompt, refusal target) pairs, as recalibration trains on them."""
+    return harmful_shots(cfg).refusal
 
 
 def task_shots(cfg: RecalibrateConfig) -> list[PromptResponse]:
@@ -101,8 +261,9 @@ def _n_layers(model: Any) -> int:
 
 
 def recalibrate(adapter: SafetyAdapter, cfg: RecalibrateConfig, model: Any = None, tokenizer: Any = None,
-                progress: bool = True) -> SafetyAdapter:
-    """Learn α_l for `adapter`'s selected layers on task model `cfg.task_model`; returns the calibrated adapter."""
+                progress: bool = True, aligned_model: Any = None, aligned_tokenizer: Any = None) -> SafetyAdapter:
+    """Learn α_l for `adapter`'s selected layers on task model `cfg.task_model`; returns the calibrated adapter.
+    With refusal_target 'aligned', A is `aligned_model` if given, else loaded from `cfg.aligned` for the targets."""
     import torch
     from tqdm.auto import tqdm
 
@@ -115,10 +276,15 @@ def recalibrate(adapter: SafetyAdapter, cfg: RecalibrateConfig, model: Any = Non
         log.warning(msg)
     for p in model.parameters():
         p.requires_grad_(False)
-    harm = refusal_shots(cfg)
+    shots = harmful_shots(cfg, aligned_model, aligned_tokenizer)
+    harm = shots.refusal
     task = task_shots(cfg) + sensitive_shots(cfg, model, tokenizer)
-    hb = encode_batch(tokenizer, harm, cfg.max_length)
+    # a wrapped shot gets room for its template; plain shots keep max_length, so their tokens are as before
+    limits = [cfg.jailbreak_max_length if w else cfg.max_length for w in shots.wrapped]
+    hb = encode_batch(tokenizer, harm, limits)
     tb = encode_batch(tokenizer, task, cfg.max_length)
+    preference = cfg.preference_weight > 0
+    cb = encode_batch(tokenizer, shots.compliant, limits) if preference else None
     layers = adapter.layers
     start_layer = min(layers)
     handle = AttachedAdapter(model, adapter)
@@ -126,8 +292,10 @@ def recalibrate(adapter: SafetyAdapter, cfg: RecalibrateConfig, model: Any = Non
         handle.disable()
         t_phase = time.perf_counter()
         # layers below the lowest selected one never change: record their output once, run only the rest per step
-        h_rec = capture(model, hb.input_ids, hb.attention_mask, list(range(start_layer, _n_layers(model))))
-        t_rec = capture(model, tb.input_ids, tb.attention_mask, list(range(start_layer, _n_layers(model))))
+        upper = list(range(start_layer, _n_layers(model)))
+        h_rec = capture(model, hb.input_ids, hb.attention_mask, upper)
+        t_rec = capture(model, tb.input_ids, tb.attention_mask, upper)
+        c_rec = capture(model, cb.input_ids, cb.attention_mask, upper) if preference else None
         with torch.inference_mode():
             t_logp = torch.log_softmax(float32_math(run_from(model, start_layer, t_rec, tb.target_mask)), -1)
             t_vals, t_idx = t_logp.topk(64, -1)  # T's own answer distribution: what must not move
@@ -146,23 +314,32 @@ def recalibrate(adapter: SafetyAdapter, cfg: RecalibrateConfig, model: Any = Non
                 handle.scales[l] = alpha[j]
             return alpha
 
-        def objective(h_idx: list[int], t_idx_: list[int]):
+        def harmful_terms(h_idx: list[int]) -> dict[str, Any]:
+            """The refusal NLL on shots `h_idx` and, when on, the preference term on the same shots."""
             hm = hb.target_mask[h_idx]
-            lh = token_nll(run_from(model, start_layer, h_rec.subset(h_idx), hm), hb.targets[h_idx][hm])
+            logits = run_from(model, start_layer, h_rec.subset(h_idx), hm)
+            terms = {"refusal_nll": token_nll(logits, hb.targets[h_idx][hm])}
+            if preference:
+                cm = cb.target_mask[h_idx]
+                c_logits = run_from(model, start_layer, c_rec.subset(h_idx), cm)
+                terms["preference"] = preference_loss(logits, hb.subset(h_idx), c_logits, cb.subset(h_idx))
+            return terms
+
+        def objective(h_idx: list[int], t_idx_: list[int]) -> dict[str, Any]:
             rows = tb.target_rows(t_idx_)
             tm = tb.target_mask[t_idx_]
             kl = topk_kl(run_from(model, start_layer, t_rec.subset(t_idx_), tm), t_vals[rows], t_idx[rows])
-            return lh, kl
+            return {**harmful_terms(h_idx), "task_kl": kl}
 
-        def full_eval() -> tuple[float, float]:
+        every_shot = list(range(len(hb)))
+
+        def full_eval() -> dict[str, float]:
             with torch.no_grad():
-                lh, kl = objective(list(range(len(hb))), list(range(len(tb))))
-            return float(lh), float(kl)
+                return {k: float(v) for k, v in objective(every_shot, list(range(len(tb)))).items()}
 
         handle.disable()
-        with torch.no_grad():  # T alone: its KL to itself is 0 by definition, so only the refusal term is run
-            hm = hb.target_mask
-            before = (float(token_nll(run_from(model, start_layer, h_rec, hm), hb.targets[hm])), 0.0)
+        with torch.no_grad():  # T alone: its KL to itself is 0 by definition, so only the harmful terms are run
+            before = {**{k: float(v) for k, v in harmful_terms(every_shot).items()}, "task_kl": 0.0}
         handle.enable()
         phases = {"cache_lower_layers_s": round(time.perf_counter() - t_phase, 2)}
         t_phase = time.perf_counter()
@@ -172,13 +349,15 @@ def recalibrate(adapter: SafetyAdapter, cfg: RecalibrateConfig, model: Any = Non
         history = []
         for _ in tqdm(range(cfg.steps), desc="recalibrating α", unit="step", disable=not progress):
             alpha = set_alphas()
-            lh, kl = objective(rng.sample(range(len(hb)), min(half, len(hb))), rng.sample(range(len(tb)), min(half, len(tb))))
-            loss = lh + cfg.utility_weight * kl
+            terms = objective(rng.sample(range(len(hb)), min(half, len(hb))), rng.sample(range(len(tb)), min(half, len(tb))))
+            loss = terms["refusal_nll"] + cfg.utility_weight * terms["task_kl"]
+            if preference:
+                loss = loss + cfg.preference_weight * terms["preference"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            history.append({"loss": round(loss.detach().item(), 4), "refusal_nll": round(lh.detach().item(), 4),
-                            "task_kl": round(kl.detach().item(), 5)})
+            history.append({"loss": round(loss.detach().item(), 4),
+                            **_rounded({k: v.detach() for k, v in terms.items()})})
         alpha = set_alphas().detach()
         phases["steps_s"] = round(time.perf_counter() - t_phase, 2)
         t_phase = time.perf_counter()
@@ -190,19 +369,23 @@ def recalibrate(adapter: SafetyAdapter, cfg: RecalibrateConfig, model: Any = Non
         handle.remove()
     coeffs = {l: round(float(a), 6) for l, a in zip(layers, alpha)}
     out = adapter.with_coefficients(coeffs)
+    # the compliant answers are part of the data only when the preference term reads them
+    hashed = harm + task + (shots.compliant if preference else [])
     out.card["recalibration"] = {
         "task_model": cfg.task_model,
         "config": to_dict(cfg),
         "coefficients": {str(l): c for l, c in coeffs.items()},
         "shots": {"harmful": len(harm), "task": len(task),
-                  "data_sha256": sha256_text("\n".join(f"{p.prompt}\x1f{p.response}" for p in harm + task))},
-        "objective": {
-            "task_model_alone": {"refusal_nll": round(before[0], 4), "task_kl": round(before[1], 5)},
-            "alpha_1": {"refusal_nll": round(unit[0], 4), "task_kl": round(unit[1], 5)},
-            "after": {"refusal_nll": round(after[0], 4), "task_kl": round(after[1], 5)},
-        },
+                  "data_sha256": sha256_text("\n".join(f"{p.prompt}\x1f{p.response}" for p in hashed))},
+        "harmful_shots": shots.info,
+        "objective": {"task_model_alone": _rounded(before), "alpha_1": _rounded(unit), "after": _rounded(after)},
         "history": history,
         "seconds": round(time.perf_counter() - t0, 2),
         "phases": phases,
     }
     return out
+
+
+def _rounded(terms: dict[str, Any]) -> dict[str, float]:
+    """Objective terms as the card records them (the KL is small: one more digit)."""
+    return {k: round(float(v), 5 if k == "task_kl" else 4) for k, v in terms.items()}

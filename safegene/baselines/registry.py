@@ -66,6 +66,9 @@ class Method:
     key: Callable[[MethodContext], dict[str, Any]]
     build: Callable[[MethodContext], Defence]
     demo: bool = True  # part of the demo preset (the quick weight-space comparison)
+    # a candidate not yet measured against the others: registered (a config can name it) but left out of the
+    # bench's default method list until a committed run shows what it does
+    experimental: bool = False
     # whether the result depends on T and the family's adapter (a change there rebuilds it); a retraining of A
     # depends on A and the task data alone
     upstream: bool = True
@@ -76,6 +79,11 @@ class Method:
 
 
 METHODS: dict[str, Method] = {}
+
+
+def default_methods() -> list[str]:
+    """The bench's default rows: every registered method but the experimental candidates."""
+    return [name for name, m in METHODS.items() if not m.experimental]
 
 
 def register(method: Method) -> Method:

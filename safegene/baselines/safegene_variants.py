@@ -1,16 +1,24 @@
 """SafeGene itself and its two ablations, as benchmark methods: the selected layers of A − D with one recalibrated
 coefficient per layer; every layer with one coefficient each (no selection); the selected layers at α = 1 (no
-recalibration)."""
+recalibration).
+
+Then SafeGene with the opt-in shot knobs of `RecalibrateConfig` (issue 15), one per row so the benchmark compares
+each with plain SafeGene on the same layers and shots: A's own refusals as targets, the preference term against
+compliance, half of the harmful shots jailbreak-wrapped (a template family disjoint from the evaluation's), and all
+three together. They are left out of the demo preset."""
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any, Callable
+
 from ..config import settings
-from ..recalibration import recalibrate
+from ..recalibration import RecalibrateConfig, recalibrate
 from .registry import Defence, Method, MethodContext, register
 
 
-def _recalibrated(ctx: MethodContext, adapter: object) -> Defence:
-    return Defence(update=recalibrate(adapter, ctx.recalibrate, model=ctx.model, tokenizer=ctx.tokenizer,
+def _recalibrated(ctx: MethodContext, adapter: object, cfg: RecalibrateConfig | None = None) -> Defence:
+    return Defence(update=recalibrate(adapter, cfg or ctx.recalibrate, model=ctx.model, tokenizer=ctx.tokenizer,
                                       progress=ctx.progress))
 
 
@@ -29,3 +37,42 @@ register(Method(
     "safegene-alpha1", "SafeGene, α=1 (no recalibration)", "update", "ablation: the selected layers at α = 1",
     key=lambda ctx: {"alpha": 1.0},
     build=lambda ctx: Defence(update=ctx.selected.with_coefficients(1.0))))
+
+
+def aligned_refusals(ctx: MethodContext) -> RecalibrateConfig:
+    return dataclasses.replace(ctx.recalibrate, refusal_target="aligned", aligned=ctx.aligned)
+
+
+def preference(ctx: MethodContext) -> RecalibrateConfig:
+    return dataclasses.replace(ctx.recalibrate, preference_weight=1.0)
+
+
+def jailbreak_shots(ctx: MethodContext) -> RecalibrateConfig:
+    return dataclasses.replace(ctx.recalibrate, jailbreak_shots=0.5)
+
+
+def robust_shots(ctx: MethodContext) -> RecalibrateConfig:
+    return dataclasses.replace(ctx.recalibrate, refusal_target="aligned", aligned=ctx.aligned, preference_weight=1.0,
+                               jailbreak_shots=0.5)
+
+
+def _shot_variant(name: str, label: str, description: str, config: Callable[[MethodContext], RecalibrateConfig]) -> Any:
+    # the key is the variant's whole recalibration config: its knobs are non-default, so it never matches plain
+    # SafeGene's key, and a change of the shared settings rebuilds it like SafeGene
+    return register(Method(name, label, "update", description, key=lambda ctx: {"recalibrate": settings(config(ctx))},
+                           build=lambda ctx: _recalibrated(ctx, ctx.selected, config(ctx)), demo=False,
+                           experimental=True))
+
+
+_shot_variant("safegene-aligned-refusals", "SafeGene, A's own refusals as targets",
+              "SafeGene trained towards the aligned model's greedy refusal to each harmful shot (the fixed sentence "
+              "where A does not refuse)", aligned_refusals)
+_shot_variant("safegene-preference", "SafeGene + preference against compliance",
+              "SafeGene with softplus(NLL(refusal) − NLL(compliant answer)) per harmful shot, weight 1",
+              preference)
+_shot_variant("safegene-jailbreak-shots", "SafeGene, half the shots jailbreak-wrapped",
+              "SafeGene with half of the harmful shots wrapped in PyRIT jailbreak templates (none of the evaluation's)",
+              jailbreak_shots)
+_shot_variant("safegene-robust-shots", "SafeGene, A's refusals + preference + jailbreak shots",
+              "SafeGene with all three shot knobs: A's refusals, the preference term (weight 1), half the shots wrapped",
+              robust_shots)

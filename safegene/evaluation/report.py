@@ -184,6 +184,38 @@ def reattack_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]
     return head, body
 
 
+def _with_n(r: dict[str, Any] | None, ci: bool = True) -> str:
+    return "-" if not r else f"{rate_cell(r, ci=ci)}, n={r['n']}"
+
+
+def reprotect_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
+    """Each re-attacked model with a defence applied again: its harmful rate next to the re-attacked model's and to
+    the same method's first protection of T, its over-refusal and task accuracy, and what rebuilding cost."""
+    re_rows = results.get("reprotect") or []
+    if not re_rows:
+        return None
+    judges = list(re_rows[0]["harmful"])
+    head = (["model"] + [f"re-attacked ({j})" for j in judges] + [f"re-protected ({j}, 95% CI)" for j in judges]
+            + [f"first protection of T ({j})" for j in judges]
+            + ["over-refusal", "task accuracy", "build (s)"])
+    body = []
+    for r in re_rows:
+        info = r["reprotect"]
+        attacked = _row(results.get("reattack") or [], info["of"])
+        first = next((x for x in results["rows"] if x.get("task") == r["task"] and x.get("method") == info["method"]),
+                     None)
+        b = info["seconds"]
+        body.append([r["name"]]
+                    + [rate_cell(attacked["harmful"][j]["overall"], ci=False) if attacked else "-" for j in judges]
+                    + [_with_n(r["harmful"][j]["overall"]) for j in judges]
+                    + [rate_cell(first["harmful"][j]["overall"], ci=False) if first else "-" for j in judges]
+                    + [_with_n(r.get("over_refusal"), ci=False),
+                       f"{rate_cell(r['utility'].get(r['task']), ci=False)} ({r['task']})"
+                       if r["utility"].get(r["task"]) else "-",
+                       "-" if b is None else ("<1" if b < 1 else f"{b:.0f}")])
+    return head, body
+
+
 def recovery_by_task(results: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
     """Recovered share per method and task, side by side: a task whose data contradicts refusals (role-play) shows
     how much a reused defence loses there."""
@@ -323,6 +355,9 @@ def markdown(results: dict[str, Any]) -> str:
                        "to T alone, answering the same prompts):", cost_table(results))
     lines += md_table(f"After a re-attack (the defended model fine-tuned again on harmful pairs; harmful prompts, "
                        f"n={results['eval']['n_harmful']}):", reattack_table(results), judged)
+    lines += md_table("Re-protected after a re-attack (the defence applied again to the re-attacked model, as its "
+                       "user would: rebuilt from the re-attacked weights; build = seconds to rebuild it):",
+                       reprotect_table(results), judged)
     val = results["judges"].get("validation") or {}
     if val:
         lines += ["", "Judges against human labels (PyRIT scorer_evals, responses cut to their opening):", "",
@@ -526,6 +561,10 @@ def render_html(results: dict[str, Any]) -> str:
         ("After a re-attack", reattack_table(results),
          "each defended model fine-tuned again on harmful pairs (LoRA); protection kept = (HR<sub>T'</sub> − "
          "HR<sub>method'</sub>) / (HR<sub>T</sub> − HR<sub>method</sub>), ' = after the re-attack.", True),
+        ("Re-protected after a re-attack", reprotect_table(results),
+         "the defence applied again to the re-attacked model, as its user would (rebuilt from the re-attacked "
+         "weights: SafeGene and RESTA refitted, Safe LoRA and SafeMERGE on its difference from A, re-align trained "
+         "on it); T re-attacked gets every such method; build = seconds to rebuild it.", True),
     ]:
         if table:
             parts += [f"<h2>{title}</h2>", html_table(*table), f"<p>{note}</p>"] + ([judged] if by_judges else [])

@@ -84,12 +84,15 @@ class ResultRow:
 
 @dataclass
 class BenchResults:
-    """A whole benchmark: its config, the rows, the re-attacked rows, judge checks and timings."""
+    """A whole benchmark: its config, the rows, the re-attacked rows and their re-protections, judge checks and
+    timings."""
 
     model: str
     config: dict[str, Any]
     rows: list[ResultRow] = field(default_factory=list)
     reattack: list[ResultRow] = field(default_factory=list)
+    # re-attacked models with a defence applied again (a results.json from before they existed reads as none)
+    reprotect: list[ResultRow] = field(default_factory=list)
     eval: dict[str, Any] = field(default_factory=dict)
     judges: dict[str, Any] = field(default_factory=lambda: {"validation": {}, "agreement": {}})
     timings: dict[str, float] = field(default_factory=dict)
@@ -105,13 +108,15 @@ class BenchResults:
         return {"model": self.model, "config": self.config, **{k: v for k, v in self.extra.items()},
                 "versions": self.versions, "selected_layers": self.selected_layers, "eval": self.eval,
                 "rows": [r.to_dict() for r in self.rows], "reattack": [r.to_dict() for r in self.reattack],
+                "reprotect": [r.to_dict() for r in self.reprotect],
                 "judges": self.judges, "timings": self.timings, "method_labels": self.method_labels}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "BenchResults":
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         return cls(model=d["model"], config=d["config"], rows=[ResultRow.from_dict(r) for r in d.get("rows", [])],
-                   reattack=[ResultRow.from_dict(r) for r in d.get("reattack", [])], eval=d.get("eval", {}),
+                   reattack=[ResultRow.from_dict(r) for r in d.get("reattack", [])],
+                   reprotect=[ResultRow.from_dict(r) for r in d.get("reprotect", [])], eval=d.get("eval", {}),
                    judges=d.get("judges", {"validation": {}, "agreement": {}}), timings=d.get("timings", {}),
                    selected_layers=d.get("selected_layers", []), method_labels=d.get("method_labels", {}),
                    versions=d.get("versions", {}), extra={k: v for k, v in d.items() if k not in known})

@@ -1,0 +1,210 @@
+"""Recalibration's opt-in shot knobs (issue 15): A's own refusals as targets, the preference term against compliance,
+jailbreak-wrapped shots; their defaults leave stage keys alone, their bad values are one-line config errors, and the
+benchmark variants that turn them on."""
+
+import dataclasses
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from safegene.adapter import extract_adapter
+from safegene.adapter.extract import ExtractConfig
+from safegene.config import from_dict, settings
+from safegene.data import harmful_prompt_texts, prompt_response_pairs
+from safegene.data.attacks import PLACEHOLDER, jailbreak_templates, template_family, wrap
+from safegene.data.records import PromptResponse
+from safegene.errors import ConfigError
+from safegene.io import sha256_text
+from safegene.recalibration import (RecalibrateConfig, harmful_shots, recalibrate, refusal_shots, task_shots,
+                                    whole_sentences)
+from test_adapter import make_degraded
+
+# the recalibration settings as stages recorded them before the knobs existed: a default config must still say this
+KEYS_BEFORE_ISSUE_15 = {"task_model", "harmful", "refusals", "refusal_text", "task", "n_harmful", "n_task",
+                        "utility_weight", "alpha_max", "alpha_init", "steps", "batch_size", "learning_rate",
+                        "max_length", "tied", "seed"}
+
+
+@pytest.fixture
+def adapter(tiny_qwen, tmp_path):
+    d = tmp_path / "D"
+    make_degraded(tiny_qwen, d, layers=(0, 1), modules=("q_proj", "o_proj", "down_proj", "up_proj"))
+    ad = extract_adapter(ExtractConfig(aligned=str(tiny_qwen), degraded=str(d), output=str(tmp_path / "ad"), rank=2),
+                         progress=False)
+    return ad, d
+
+
+def _data_sha(pairs):
+    return sha256_text("\n".join(f"{p.prompt}\x1f{p.response}" for p in pairs))
+
+
+def test_defaults_leave_stage_keys_and_shots_unchanged():
+    cfg = RecalibrateConfig()
+    assert set(settings(cfg)) == KEYS_BEFORE_ISSUE_15
+    # each knob, once set, enters the key (so a variant never reuses plain SafeGene's stage)
+    for change in ({"preference_weight": 1.0}, {"jailbreak_shots": 0.5}, {"refusal_target": "aligned", "aligned": "A"},
+                   {"aligned_tokens": 12}, {"jailbreak_max_length": 200}):
+        assert set(settings(dataclasses.replace(cfg, **change))) == KEYS_BEFORE_ISSUE_15 | set(change)
+    small = RecalibrateConfig(n_harmful=5)
+    assert refusal_shots(small) == [PromptResponse(p, small.refusal_text) for p in harmful_prompt_texts("harmful-pairs", 5, 0)]
+    shots = harmful_shots(small)
+    assert shots.compliant == [] and shots.wrapped == [False] * 5 and shots.info == {"refusal_target": "fixed"}
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"refusal_target": "mine"}, "refusal_target must be one of fixed, aligned"),
+    ({"refusal_target": "aligned"}, "set aligned"),
+    ({"aligned": "runs/aligned"}, "set refusal_target: aligned, or unset aligned"),
+    ({"refusal_target": "aligned", "aligned": "A", "refusals": "r.jsonl"}, "unset refusals"),
+    ({"aligned_tokens": 0}, "aligned_tokens must be >= 1"),
+    ({"preference_weight": -1.0}, "preference_weight must be a number >= 0"),
+    ({"preference_weight": math.nan}, "preference_weight must be a number >= 0"),
+    ({"preference_weight": 1.0, "refusals": "r.jsonl"}, "unset refusals, or set preference_weight: 0"),
+    ({"jailbreak_shots": 1.5}, "give a number in [0, 1]"),
+    ({"jailbreak_shots": -0.1}, "give a number in [0, 1]"),
+    ({"jailbreak_templates": "inthewild"}, "the family the jailbreak attack evaluates with; train on one of pyrit"),
+    ({"jailbreak_templates": "dan"}, "jailbreak_templates must be one of pyrit"),
+    ({"jailbreak_max_length": 64}, "jailbreak_max_length must be >= max_length (96)"),
+])
+def test_bad_knob_values_are_one_line_config_errors(change, says):
+    with pytest.raises(ConfigError) as err:
+        RecalibrateConfig(**change)
+    assert says in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(ConfigError):  # the same through a config file
+        from_dict(RecalibrateConfig, change)
+
+
+def test_preference_needs_a_source_with_compliant_answers():
+    with pytest.raises(ConfigError) as err:
+        harmful_shots(RecalibrateConfig(harmful="advbench", n_harmful=4, preference_weight=1.0))
+    msg = str(err.value)
+    assert "harmful 'advbench'" in msg and "such as harmful-pairs, or preference_weight: 0" in msg and "\n" not in msg
+
+
+def test_whole_sentences_drops_a_cut_phrase():
+    assert whole_sentences("I'm sorry. I can't help with that. If you") == "I'm sorry. I can't help with that."
+    assert whole_sentences("I can't help with that! Try") == "I can't help with that!"
+    assert whole_sentences("no sentence ends here") == "no sentence ends here"
+    assert whole_sentences("version 2.5 is out") == "version 2.5 is out"  # a decimal point is no sentence end
+
+
+def test_aligned_targets_are_the_aligned_models_greedy_refusals(adapter, tiny_qwen, monkeypatch):
+    """Targets = A's greedy answers (cut to whole sentences) where they look like refusals, the fixed text elsewhere;
+    recalibration trains on exactly those pairs and the card counts them."""
+    import safegene.data.text as text
+    from safegene.generation import GenerationConfig, generate_detailed
+    from safegene.models import load_model, load_tokenizer
+
+    ad, d = adapter
+    cfg = RecalibrateConfig(task_model=str(d), harmful="many-shot-harmful", task="arithmetic", n_harmful=6, n_task=4,
+                            steps=1, batch_size=4, refusal_target="aligned", aligned=str(tiny_qwen), aligned_tokens=8)
+    prompts = harmful_prompt_texts("many-shot-harmful", 6, 0)
+    a_model, a_tok = load_model(tiny_qwen), load_tokenizer(tiny_qwen)
+    greedy = generate_detailed(a_model, a_tok, prompts, GenerationConfig(max_new_tokens=8, batch_size=16), progress=False)
+    answers = [whole_sentences(g.text) if g.tokens >= 8 else g.text.strip() for g in greedy]
+    # a random tiny model never refuses: call the answers of prompts 0, 2 and 3 refusals, and only those
+    refusing = {answers[i] for i in (0, 2, 3)}
+    monkeypatch.setattr(text, "looks_like_refusal", lambda t, *a, **k: t in refusing)
+    want = [a if a in refusing else cfg.refusal_text for a in answers]
+    n_aligned = sum(a in refusing for a in answers)
+
+    shots = harmful_shots(cfg)
+    assert [p.prompt for p in shots.refusal] == prompts
+    assert [p.response for p in shots.refusal] == want
+    assert any(w != cfg.refusal_text for w in want) and cfg.refusal_text in want  # both kinds are in play
+    assert shots.info["refusal_targets"] == {"aligned": n_aligned, "fixed": 6 - n_aligned}
+    assert harmful_shots(cfg).refusal == shots.refusal  # greedy: the same targets every time
+    # A handed in is used as is (no load): same targets
+    assert harmful_shots(cfg, a_model, a_tok).refusal == shots.refusal
+
+    cal = recalibrate(ad, cfg, progress=False)
+    rc = cal.card["recalibration"]
+    assert rc["harmful_shots"]["refusal_targets"] == {"aligned": n_aligned, "fixed": 6 - n_aligned}
+    assert rc["shots"]["data_sha256"] == _data_sha([PromptResponse(p, w) for p, w in zip(prompts, want)] + task_shots(cfg))
+    fixed = recalibrate(ad, dataclasses.replace(cfg, refusal_target="fixed", aligned=None), progress=False)
+    assert fixed.card["recalibration"]["shots"]["data_sha256"] != rc["shots"]["data_sha256"]
+
+
+def test_preference_term_is_recorded_and_moves_the_coefficients(adapter):
+    from safegene.models import load_model, load_tokenizer
+    from safegene.objectives import encode_batch, sequence_logprob
+
+    ad, d = adapter
+    base = RecalibrateConfig(task_model=str(d), harmful="many-shot-harmful", task="arithmetic", n_harmful=6, n_task=6,
+                             steps=12, batch_size=4, learning_rate=0.3)
+    cfg = dataclasses.replace(base, preference_weight=1.0)
+    shots = harmful_shots(cfg)
+    pairs = prompt_response_pairs("many-shot-harmful", n=6, seed=0)
+    assert [p.prompt for p in shots.compliant] == [p.prompt for p in shots.refusal] == [p.prompt for p in pairs]
+    assert [p.response for p in shots.compliant] == [p.response for p in pairs]
+    assert all(p.response == cfg.refusal_text for p in shots.refusal)
+    assert shots.info["preference_pairs"] == 6
+
+    on = recalibrate(ad, cfg, progress=False).card["recalibration"]
+    off = recalibrate(ad, base, progress=False).card["recalibration"]
+    obj = on["objective"]
+    assert all("preference" in obj[k] for k in ("task_model_alone", "alpha_1", "after"))
+    assert all("preference" in h for h in on["history"])
+    assert "preference" not in off["objective"]["after"] and "preference" not in off["history"][0]
+    # T alone, measured directly with full forward passes: mean over shots of softplus(mean NLL(refusal) − mean
+    # NLL(compliant)); the partial forward of the recalibration must give the same number
+    model, tok = load_model(d), load_tokenizer(d)
+    nll = []
+    for ps in (shots.refusal, shots.compliant):
+        batch = encode_batch(tok, ps, cfg.max_length)
+        nll.append(-sequence_logprob(model, batch) / batch.target_mask.sum(1))
+    want = float(torch.nn.functional.softplus(nll[0] - nll[1]).mean())
+    assert obj["task_model_alone"]["preference"] == pytest.approx(want, abs=1e-3) and want > 0
+    # the refusal and KL terms of T alone do not depend on the preference weight
+    assert obj["task_model_alone"]["refusal_nll"] == off["objective"]["task_model_alone"]["refusal_nll"]
+    assert on["coefficients"] != off["coefficients"]  # the term changes what is learnt
+    assert on["shots"]["data_sha256"] != off["shots"]["data_sha256"]  # the compliant answers are part of the data
+
+
+def test_jailbreak_shots_are_wrapped_in_training_templates_only(adapter):
+    ad, d = adapter
+    cfg = RecalibrateConfig(task_model=str(d), harmful="many-shot-harmful", task="arithmetic", n_harmful=6, n_task=4,
+                            steps=1, batch_size=4, jailbreak_shots=0.5)
+    requests = harmful_prompt_texts("many-shot-harmful", 6, 0)
+    training, evaluation = template_family("pyrit"), jailbreak_templates()
+    shots = harmful_shots(cfg)
+    assert sum(shots.wrapped) == 3
+    used = set()
+    for shot, request, wrapped in zip(shots.refusal, requests, shots.wrapped):
+        assert shot.response == cfg.refusal_text  # wrapping changes the prompt, not the target
+        if not wrapped:
+            assert shot.prompt == request
+            continue
+        matches = [t for t in training if wrap(t, request) == shot.prompt]
+        assert matches and shot.prompt != request
+        used.update(matches)
+        assert not any(wrap(t, request) == shot.prompt for t in evaluation)
+        assert not any(piece.strip() and piece.strip() in shot.prompt for t in evaluation for piece in t.split(PLACEHOLDER)
+                       if len(piece.strip()) > 40)
+    assert len(used) == 3  # three shots, three different templates
+    assert harmful_shots(cfg).refusal == shots.refusal  # the seed fixes which shots and templates
+    one = harmful_shots(dataclasses.replace(cfg, jailbreak_shots=0.01))
+    assert sum(one.wrapped) == 1  # any share above 0 wraps at least one shot
+
+    rc = recalibrate(ad, cfg, progress=False).card["recalibration"]
+    assert rc["harmful_shots"]["jailbreak"] == {"family": "pyrit", "share": 0.5, "wrapped": 3, "templates": 3}
+    assert rc["shots"]["data_sha256"] == _data_sha(shots.refusal + task_shots(cfg))
+
+
+def test_shot_variants_are_registered_with_their_knobs():
+    from safegene.baselines import METHODS
+
+    ctx = SimpleNamespace(recalibrate=RecalibrateConfig(task_model="runs/T", n_harmful=8), aligned="runs/A")
+    plain = METHODS["safegene"].key(ctx)["recalibrate"]
+    want = {"safegene-aligned-refusals": {"refusal_target": "aligned", "aligned": "runs/A"},
+            "safegene-preference": {"preference_weight": 1.0},
+            "safegene-jailbreak-shots": {"jailbreak_shots": 0.5},
+            "safegene-robust-shots": {"refusal_target": "aligned", "aligned": "runs/A", "preference_weight": 1.0,
+                                      "jailbreak_shots": 0.5}}
+    for name, knobs in want.items():
+        m = METHODS[name]
+        key = m.key(ctx)["recalibrate"]
+        assert key == {**plain, **knobs}, name  # the shared shot settings, plus the variant's knobs
+        assert m.kind == "update" and not m.demo
