@@ -1,63 +1,88 @@
-"""Recalibration cost next to re-aligning the same task model by safety SFT, measured in one run.
+"""Recalibration cost next to re-aligning the same task model by safety SFT on the same shots, in one run.
 
-    python bench/recalibration_bench.py --adapter runs/demo/adapter-selected --task-model runs/demo/task-arithmetic \
-        --task arithmetic [--realign-steps 40]
+    python bench/recalibration_bench.py --adapter runs/evidence/adapter-selected --task-model runs/evidence/task-sst2 \
+        --task sst2 [--variants "steps=20,learning_rate=0.1;steps=8,learning_rate=0.25"] [--realign-steps 24]
 
-Re-alignment = LoRA SFT of T on refusal pairs mixed with task pairs (the usual fix SafeGene is meant to replace),
-with the foundation's training settings. Prints wall times and their ratio; writes nothing.
+Re-align is the bench's own `realign` baseline (`safegene.baselines.realign.realign`): a LoRA trained on T with the
+recalibration's refusal shots and task shots, so both methods see exactly the same examples. Every recalibration
+variant (a `;`-separated list of RecalibrateConfig overrides) runs on the same loaded T; the first is the reference.
+Reports wall time, the time of each recalibration phase (cache of the lower layers, steps, objective checks), the
+objective before and after, and `recalibrate_vs_realign` = recalibration seconds / re-align seconds (the issue's goal
+is <= 0.20). Writes bench/results/recalibration.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import datetime
 import json
-import tempfile
+import sys
 import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def parse_variants(text: str) -> list[dict[str, object]]:
+    out = []
+    for chunk in filter(None, (c.strip() for c in text.split(";"))):
+        pairs = dict(kv.split("=", 1) for kv in chunk.split(","))
+        out.append({k.strip(): json.loads(v) for k, v in pairs.items()})
+    return out or [{}]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--adapter", required=True)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--adapter", required=True, help="the selected safety adapter folder")
     ap.add_argument("--task-model", required=True)
-    ap.add_argument("--task", default="arithmetic")
-    ap.add_argument("--recal-steps", type=int, default=30)
-    ap.add_argument("--realign-steps", type=int, default=40)
+    ap.add_argument("--task", default="sst2")
+    ap.add_argument("--shots", type=int, default=32, help="harmful and task shots (each), as the bench")
+    ap.add_argument("--variants", default="steps=20", help="';'-separated RecalibrateConfig overrides, k=v,k=v")
+    ap.add_argument("--realign-steps", type=int, default=24, help="LoRA steps of re-align (the bench's default)")
+    ap.add_argument("-o", "--output", default=str(ROOT / "bench" / "results" / "recalibration.json"))
     args = ap.parse_args()
 
     from safegene.adapter import SafetyAdapter
-    from safegene.recalibration import RecalibrateConfig
-    from safegene.training import FinetuneConfig, LoraTrainConfig
+    from safegene.baselines.realign import realign
+    from safegene.io import write_json
     from safegene.models import load_model, load_tokenizer
-    from safegene.recalibration import recalibrate
-    from safegene.training import finetune
+    from safegene.recalibration import RecalibrateConfig, recalibrate
+    from safegene.training import LoraTrainConfig
 
     adapter = SafetyAdapter.load(args.adapter)
+    base = RecalibrateConfig(task_model=args.task_model, task=args.task, n_harmful=args.shots, n_task=args.shots)
     t = time.perf_counter()
     model, tok = load_model(args.task_model), load_tokenizer(args.task_model)
-    load_s = time.perf_counter() - t
-    t = time.perf_counter()
-    cal = recalibrate(adapter, RecalibrateConfig(task_model=args.task_model, task=args.task, steps=args.recal_steps),
-                      model=model, tokenizer=tok)
-    recal_s = time.perf_counter() - t
-    del model
-    with tempfile.TemporaryDirectory() as tmp:
+    load_s = round(time.perf_counter() - t, 1)
+    rows = []
+    for overrides in parse_variants(args.variants):
+        cfg = dataclasses.replace(base, **overrides)
         t = time.perf_counter()
-        # safety SFT: refusal pairs with a third of task data mixed in so utility is not simply overwritten
-        card = finetune(FinetuneConfig(model=args.task_model, task=args.task, n_examples=4 * args.realign_steps,
-                                       poison_ratio=0.67, poison_data="uncensorbench-refusals", save="adapter",
-                                       output=f"{tmp}/realigned", train=LoraTrainConfig(max_steps=args.realign_steps)),
-                        overwrite=True)
-        realign_s = time.perf_counter() - t
-    row = {
-        "layers": adapter.layers, "recal_steps": args.recal_steps, "recalibrate_s": round(recal_s, 1),
-        "model_load_s": round(load_s, 1), "realign_steps": args.realign_steps, "realign_s": round(realign_s, 1),
-        "realign_train_s": card["training"]["seconds"], "speedup": round(realign_s / recal_s, 2),
-        "coefficients": {str(l): round(cal.coefficients[l], 3) for l in cal.layers},
-    }
-    print(f"| recalibrate ({args.recal_steps} steps, {len(adapter.layers)} scalars) | {row['recalibrate_s']} s |")
-    print(f"| re-align by safety SFT ({args.realign_steps} LoRA steps) | {row['realign_s']} s |")
-    print(f"| ratio (re-align / recalibrate) | {row['speedup']}x |")
-    print(json.dumps(row))
+        cal = recalibrate(adapter, cfg, model=model, tokenizer=tok)
+        rc = cal.card["recalibration"]
+        rows.append({"overrides": overrides, "seconds": round(time.perf_counter() - t, 1), "phases": rc.get("phases"),
+                     "objective": rc["objective"], "coefficients": rc["coefficients"],
+                     "final_loss": rc["history"][-1]["loss"] if rc["history"] else None})
+        print(f"recalibrate {overrides or '(defaults)'}: {rows[-1]['seconds']} s, phases {rows[-1]['phases']}, "
+              f"after {rc['objective']['after']}", flush=True)
+    del model
+    t = time.perf_counter()
+    realigned = realign(args.task_model, base, LoraTrainConfig(max_steps=args.realign_steps))
+    realign_s = round(time.perf_counter() - t, 1)
+    for r in rows:
+        r["recalibrate_vs_realign"] = round(r["seconds"] / realign_s, 3)
+    out = {"date": datetime.date.today().isoformat(), "machine": "2 CPU cores, float32",
+           "task_model": args.task_model, "adapter": args.adapter, "layers": adapter.layers, "shots": 2 * args.shots,
+           "model_load_s": load_s, "realign": {"steps": args.realign_steps, "seconds": realign_s,
+                                              "train_seconds": realigned.card["training"]["seconds"]},
+           "recalibrate": rows}
+    write_json(args.output, out)
+    for r in rows:
+        print(f"| recalibrate {r['overrides'] or 'defaults'} | {r['seconds']} s | {r['recalibrate_vs_realign']} of "
+              f"re-align ({realign_s} s) |")
+    print(f"wrote {args.output}")
 
 
 if __name__ == "__main__":
