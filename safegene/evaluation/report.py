@@ -436,7 +436,7 @@ def category_bars(results: dict[str, Any], judge: str) -> str:
     prompts in gets an "×" at the axis instead (not measured), so the two never look alike."""
     show = [r for r in results["rows"] if r["name"] == "A" or r.get("method") in ("undefended", "safegene")]
     cats = sorted({c for r in show for c in r["harmful"][judge]["by_category"]})
-    fig = figure(figsize=(max(8, 0.45 * len(cats) * max(1, len(show))), 4.8))
+    fig = figure(figsize=(max(10.0, len(cats) * (0.5 + 0.18 * len(show))), 5.2))
     ax = fig.subplots()
     width = 0.8 / max(len(show), 1)
     for i, r in enumerate(show):
@@ -454,7 +454,7 @@ def category_bars(results: dict[str, Any], judge: str) -> str:
             ax.plot(missing, [0.0] * len(missing), "x", color=color or "gray", markersize=7)
     ns = {c: max((r["harmful"][judge]["by_category"].get(c, {}).get("n", 0) for r in show), default=0) for c in cats}
     ax.set_xticks([c + 0.4 - width / 2 for c in range(len(cats))])
-    ax.set_xticklabels([f"{c}\n(n={ns[c]})" for c in cats], rotation=35, ha="right", fontsize=8)
+    ax.set_xticklabels([f"{c} (n={ns[c]})" for c in cats], rotation=45, ha="right", fontsize=8)
     ax.set_ylabel(f"harmful rate ({judge}), 95% CI")
     ax.set_ylim(0, 1.05)
     ax.set_title("× at the axis: no prompts of that category for that row (not measured); a stub at 0: measured, none "
@@ -552,6 +552,11 @@ def render_html(results: dict[str, Any]) -> str:
                   "past-tense rephrasings; multi-turn: a benign first turn, then the request; role-play: the AOA "
                   "persona's system prompt and prefix.</p>", judged]
     for title, table, note, by_judges in [
+        (f"Harmful rate by category ({judges[0]}, every row)", category_table(results, judges[0]),
+         "k/n per category; – where a row has no prompts of that category.", True),
+        ("What the answers to the harmful prompts look like", answer_forms_table(results),
+         "the canned sentence of a row is its most frequent refusal opening; plan or code: numbered steps, code, "
+         "'Step 1', 'here is a plan'. A defence that teaches one sentence shows a high canned share.", False),
         ("Recovered share by task", recovery_by_task(results),
          "harmful rate per judge and recovered share; a role-play task (aoa) trains the model to obey everything.",
          True),
