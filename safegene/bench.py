@@ -426,7 +426,13 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
                   "over_refusal_tokens": sets.over_refusal_generation(cfg.generation).max_new_tokens},
             extra={"config_yaml": dump_yaml(cfg)})
 
-    run.snapshot = lambda done: _write_partial(results_of(list(done)), out)
+    eta = _RowClock(total=2 + len(cfg.tasks) * (1 + len(cfg.methods)))
+
+    def snapshot(done: list[ResultRow]) -> None:
+        _write_partial(results_of(list(done)), out)
+        print(eta.tick(len(done), done[-1].name), flush=True)
+
+    run.snapshot = snapshot
     adapter, selected = _family(run, rows)
     selected_layers[:] = selected.layers
     task_models = {task: _task_model(run, task) for task in cfg.tasks}
@@ -438,6 +444,24 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     for f in out.glob(f"{PARTIAL}.*"):
         f.unlink()
     return written
+
+
+class _RowClock:
+    """The bench's overall progress line: rows done of all, and an ETA from the rows this process computed (rows
+    answered from stored generations take seconds and would make a resumed run look nearly done)."""
+
+    def __init__(self, total: int):
+        self.total, self.start, self.last, self.computed = total, time.perf_counter(), time.perf_counter(), []
+
+    def tick(self, done: int, name: str) -> str:
+        now = time.perf_counter()
+        if now - self.last > 20:  # a row that took real work, not a reload of stored answers
+            self.computed.append(now - self.last)
+        self.last = now
+        left = max(self.total - done, 0)
+        per_row = sum(self.computed) / len(self.computed) if self.computed else None
+        eta = f", about {per_row * left / 60:.0f} min left at {per_row / 60:.1f} min a row" if per_row and left else ""
+        return f"[bench] {done}/{self.total} rows done ({name}); {(now - self.start) / 60:.0f} min so far{eta}"
 
 
 #: the rows finished so far of a run still going (or stopped): results.partial.json and .md, removed at the end

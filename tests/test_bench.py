@@ -375,3 +375,14 @@ def test_results_from_before_reprotection_still_read():
     new = BenchResults.from_dict({**res.to_dict(), "reprotect": [{"name": "x", "reprotect": {"method": "safegene"}}]})
     assert [r.name for r in new.reprotect] == ["x"]
     assert new.to_dict()["reprotect"][0]["reprotect"]["method"] == "safegene"
+
+
+def test_the_overall_eta_counts_only_rows_that_did_work(monkeypatch):
+    import safegene.bench as bench_mod
+
+    clock = iter([0.0, 0.0, 5.0, 605.0, 1805.0])  # start (twice); a reused row (5 s); two computed rows (10 and 20 min)
+    monkeypatch.setattr(bench_mod.time, "perf_counter", lambda: next(clock))
+    eta = bench_mod._RowClock(total=6)
+    assert eta.tick(1, "A") == "[bench] 1/6 rows done (A); 0 min so far"
+    assert eta.tick(2, "D") == "[bench] 2/6 rows done (D); 10 min so far, about 40 min left at 10.0 min a row"
+    assert eta.tick(3, "T[x]") == "[bench] 3/6 rows done (T[x]); 30 min so far, about 45 min left at 15.0 min a row"
