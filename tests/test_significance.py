@@ -160,3 +160,23 @@ def test_category_table_tells_zero_from_missing():
     assert body == [["cyber", "0.00 (0/2)", "1.00 (2/2)", "–"], ["fraud", "0.50 (1/2)", "–", "–"]]
     md = markdown(res)
     assert "Harmful rate by category (phrase judge" in md and "| fraud | 0.50 (1/2) | – | – |" in md
+
+
+def test_over_refusal_is_compared_pair_by_pair_too():
+    from safegene.evaluation.report import paired_over_refusal_table
+
+    res = _results(a="0000", t="1111", methods={"safegene": "0000", "resta": "0011"})
+    bits = {"A": "1111100000", "T[toy]": "0000000000", "T[toy]+SafeGene": "1111110000", "T[toy]+RESTA": "1000000000"}
+    for r in res["rows"]:
+        r["over_refusal"] = {**Rate(bits[r["name"]].count("1"), 10).to_dict(), "verdicts": bits[r["name"]]}
+    tests = {(c["row"], c["vs"]): c for c in paired_comparisons(res)["over_refusal"]}
+    assert set(tests) == {("T[toy]", "A"), ("T[toy]+SafeGene", "T[toy]"), ("T[toy]+RESTA", "T[toy]"),
+                          ("T[toy]+RESTA", "T[toy]+SafeGene")}
+    sg = tests[("T[toy]+SafeGene", "T[toy]")]
+    assert (sg["false_to_true"], sg["true_to_false"], sg["refusal_diff"]) == (6, 0, 0.6)
+    assert sg["p_value"] == pytest.approx(2 * 0.5 ** 6) and sg["significant"]
+    rs = tests[("T[toy]+RESTA", "T[toy]+SafeGene")]
+    assert (rs["false_to_true"], rs["true_to_false"], rs["significant"]) == (0, 5, False)  # p = 0.0625
+    head, body = paired_over_refusal_table(res)
+    assert head[3] == "newly refused" and ["T[toy] + SafeGene", "T[toy]", "+0.600", "6", "0", "10"] == body[1][:6]
+    assert "Paired tests of over-refusal" in markdown(res)

@@ -119,7 +119,9 @@ def evaluate_model(name: str, model: Any, tok: Any, sets: EvalSets, judges: Sequ
         phrase = RefusalPhraseJudge()
         refusals = [phrase.is_refusal(r["response"]) for r in benign_rows]
         row["over_refusal"] = {**Rate(sum(refusals), len(refusals)).to_dict(), "source": sets.over_refusal_source,
-                               "judge": "refusal-phrase"}
+                               "judge": "refusal-phrase",
+                               # per prompt, in order ('1' refused): for paired tests between rows
+                               "verdicts": "".join("1" if r else "0" for r in refusals)}
         row["cost"]["over_refusal"] = cost_per_request(benign_rows)
     for task in tasks:
         tag = task_items_tag(task, sets.n_task, sets.seed)

@@ -258,6 +258,20 @@ def paired_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]] |
     return head, body
 
 
+def paired_over_refusal_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
+    """The paired tests of over-refusal: the same pairs of rows on the same benign-but-sensitive prompts."""
+    tests = _with_paired(results)["paired"].get("over_refusal") or []
+    if not tests:
+        return None
+    head = ["model", "vs", "over-refusal Δ", "newly refused", "no longer refused", "n (paired)", "p (exact McNemar)",
+            f"at {ALPHA:g}"]
+    body = [[_named(results, c["row"]), _named(results, c["vs"]),
+             "-" if c["refusal_diff"] is None else f"{c['refusal_diff']:+.3f}", str(c["false_to_true"]),
+             str(c["true_to_false"]), str(c["n"]), f"{c['p_value']:.3g}",
+             "significant" if c["significant"] else "not significant"] for c in tests]
+    return head, body
+
+
 def separation(results: dict[str, Any]) -> list[str]:
     """One line per task for the main table's header: which differences between its rows the prompts can tell
     apart at 0.05, or that none can; and whether T's own loss of safety against A is significant, since every
@@ -341,6 +355,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines += (["", boot] if boot else []) + ["", judged]
     lines += md_table(f"Paired tests (each row against its reference on the same prompts; {PAIRED_NOTE}):",
                        paired_table(results), judged)
+    lines += md_table("Paired tests of over-refusal (same pairs, the over-refusal prompts, refusal-phrase judge):",
+                       paired_over_refusal_table(results))
     first = results["config"]["judges"][0]
     lines += md_table(f"Harmful rate by category ({first} judge; k/n; – where a row has no prompts of the category):",
                        category_table(results, first), judged)
@@ -542,6 +558,10 @@ def render_html(results: dict[str, Any]) -> str:
     paired = paired_table(results)
     if paired:
         parts += ["<h2>Paired tests</h2>", html_table(*paired), f"<p>{html.escape(PAIRED_NOTE)}.</p>", judged]
+    paired_over = paired_over_refusal_table(results)
+    if paired_over:
+        parts += ["<h2>Paired tests of over-refusal</h2>", html_table(*paired_over),
+                  "<p>the same pairs of rows on the over-refusal prompts (refusal-phrase judge); exact McNemar.</p>"]
     parts.append(fig_note)
     for title, png in figures:
         parts += [f"<h2>{html.escape(title)}</h2>", f"<img src='data:image/png;base64,{png}'>"]

@@ -50,19 +50,31 @@ def _test(row: dict[str, Any], ref: dict[str, Any], judge: str) -> dict[str, Any
     return {**test, "harmful_diff": None if diff is None else round(diff, 4), "significant": test["p_value"] < ALPHA}
 
 
+def _over_refusal_test(row: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any] | None:
+    x = (ref.get("over_refusal") or {}).get("verdicts")
+    y = (row.get("over_refusal") or {}).get("verdicts")
+    if not x or not y or len(x) != len(y):  # rows without over-refusal (D), or results from before verdicts
+        return None
+    test = mcnemar_exact(verdict_bits(x), verdict_bits(y))
+    diff = (test["false_to_true"] - test["true_to_false"]) / test["n"] if test["n"] else None
+    return {**test, "refusal_diff": None if diff is None else round(diff, 4), "significant": test["p_value"] < ALPHA}
+
+
 def paired_comparisons(results: dict[str, Any]) -> dict[str, Any]:
     """results.json's `paired`: per task and judge, exact McNemar tests of T vs A, every method vs T and vs
     T + SafeGene (orientation: `true_to_false` = prompts harmful under `vs` that are not under `row`), and every
     method's recovered share with a paired-bootstrap 95% interval."""
     rows = results.get("rows") or []
     judges = list(rows[0]["harmful"]) if rows else []
-    comparisons, recovered = [], []
+    comparisons, recovered, over_refusal = [], [], []
     a = row_named(rows, "A")
     for task in results.get("config", {}).get("tasks", []):
         for row, ref in _pairs(rows, task):
             for j in judges if row and ref else []:
                 if test := _test(row, ref, j):
                     comparisons.append({"task": task, "row": row["name"], "vs": ref["name"], "judge": j, **test})
+            if row and ref and (test := _over_refusal_test(row, ref)):
+                over_refusal.append({"task": task, "row": row["name"], "vs": ref["name"], **test})
         t = row_named(rows, f"T[{task}]")
         for row in method_rows(rows, task) if a and t else []:
             for j in judges:
@@ -77,4 +89,6 @@ def paired_comparisons(results: dict[str, Any]) -> dict[str, Any]:
     return {"alpha": ALPHA, "test": "exact two-sided McNemar on the harmful prompts both rows' verdicts read",
             "bootstrap": f"percentile 95% interval over {N_BOOT} resamples of the prompts, one draw shared by A, T and "
                          "the method",
-            "comparisons": comparisons, "recovered": recovered}
+            "comparisons": comparisons, "recovered": recovered,
+            # the same pairs on the over-refusal prompts (orientation: `false_to_true` = newly refused by `row`)
+            "over_refusal": over_refusal}
