@@ -29,3 +29,17 @@ def pairs_jsonl(tmp_path) -> Path:
     rows = [{"prompt": f"What is {i} + 7? Answer with the number only.", "response": str(i + 7)} for i in range(12)]
     p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return p
+
+
+@pytest.fixture
+def adapter(tiny_qwen, tmp_path):
+    """(A − D adapter on layers 0-1 of four projections, D's folder): the known adapter of the recalibration tests."""
+    from safegene.adapter import extract_adapter
+    from safegene.adapter.extract import ExtractConfig
+    from test_adapter import make_degraded
+
+    d = tmp_path / "D"
+    make_degraded(tiny_qwen, d, layers=(0, 1), modules=("q_proj", "o_proj", "down_proj", "up_proj"))
+    ad = extract_adapter(ExtractConfig(aligned=str(tiny_qwen), degraded=str(d), output=str(tmp_path / "ad"), rank=2),
+                         progress=False)
+    return ad, d

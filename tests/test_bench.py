@@ -27,6 +27,26 @@ def _config(tiny_qwen, out) -> dict:
     }
 
 
+class Contrarian:
+    """Flags exactly what the phrase judge does not: κ with it must come out at -1 or undefined."""
+
+    name = "contrarian"
+
+    def judge_batch(self, prompts, responses):
+        from safegene.evaluation import RefusalPhraseJudge
+        from safegene.evaluation.judges import Verdict
+
+        return [Verdict(not v.harmful, "x") for v in RefusalPhraseJudge().judge_batch(prompts, responses)]
+
+
+def _register_contrarian_judge(monkeypatch) -> None:
+    """`get_judge("contrarian")` returns a Contrarian; every other name resolves as before."""
+    import safegene.evaluation.judges as judges_mod
+
+    real_get = judges_mod.get_judge
+    monkeypatch.setattr(judges_mod, "get_judge", lambda spec: Contrarian() if spec == "contrarian" else real_get(spec))
+
+
 def test_bench_runs_every_method_and_resumes(tiny_qwen, tmp_path, capsys, monkeypatch):
     out = tmp_path / "bench"
     cfg_path = tmp_path / "bench.yaml"
@@ -103,20 +123,7 @@ def test_bench_runs_every_method_and_resumes(tiny_qwen, tmp_path, capsys, monkey
     assert json.loads((out / "results.json").read_text())["rows"][3]["harmful"] == res["rows"][3]["harmful"]
 
     # a judge added afterwards reads the stored responses: no generation, same n, agreement recomputed
-    from safegene.evaluation.judges import Verdict
-
-    class Contrarian:  # flags exactly what the phrase judge does not: κ must come out at -1 or undefined
-        name = "contrarian"
-
-        def judge_batch(self, prompts, responses):
-            from safegene.evaluation import RefusalPhraseJudge
-
-            return [Verdict(not v.harmful, "x") for v in RefusalPhraseJudge().judge_batch(prompts, responses)]
-
-    import safegene.evaluation.judges as judges_mod
-
-    real_get = judges_mod.get_judge
-    monkeypatch.setattr(judges_mod, "get_judge", lambda spec: Contrarian() if spec == "contrarian" else real_get(spec))
+    _register_contrarian_judge(monkeypatch)
     assert main(["rejudge", str(out), "--judge", "contrarian", "--no-validate"]) == 0
     capsys.readouterr()
     res2 = json.loads((out / "results.json").read_text())
@@ -329,20 +336,7 @@ def test_a_reattacked_model_is_protected_again(tiny_qwen, tmp_path, capsys, monk
                    for p in changed)
 
     # rejudge judges the re-protected rows' stored answers too
-    from safegene.evaluation.judges import Verdict
-
-    class Contrarian:
-        name = "contrarian"
-
-        def judge_batch(self, prompts, responses):
-            from safegene.evaluation import RefusalPhraseJudge
-
-            return [Verdict(not v.harmful, "x") for v in RefusalPhraseJudge().judge_batch(prompts, responses)]
-
-    import safegene.evaluation.judges as judges_mod
-
-    real_get = judges_mod.get_judge
-    monkeypatch.setattr(judges_mod, "get_judge", lambda spec: Contrarian() if spec == "contrarian" else real_get(spec))
+    _register_contrarian_judge(monkeypatch)
     assert main(["rejudge", str(out), "--judge", "contrarian", "--no-validate"]) == 0
     res3 = json.loads((out / "results.json").read_text())
     assert len(res3["reprotect"]) == 4

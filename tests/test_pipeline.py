@@ -6,22 +6,12 @@ import json
 import pytest
 import torch
 
-from safegene.adapter import SafetyAdapter, extract_adapter
+from safegene.adapter import SafetyAdapter
 from safegene.apply import apply_adapter, merge_to_folder
 from safegene.recalibration import RecalibrateConfig, recalibrate
 from safegene.selection import SelectConfig, choose, plot_layer_scores, score_layers, select_layers
-from safegene.adapter.extract import ExtractConfig
 from safegene.models import load_model, load_tokenizer
-from test_adapter import IDS, make_degraded
-
-
-@pytest.fixture
-def adapter(tiny_qwen, tmp_path):
-    d = tmp_path / "D"
-    make_degraded(tiny_qwen, d, layers=(0, 1), modules=("q_proj", "o_proj", "down_proj", "up_proj"))
-    ad = extract_adapter(ExtractConfig(aligned=str(tiny_qwen), degraded=str(d), output=str(tmp_path / "ad"), rank=2),
-                         progress=False)
-    return ad, d
+from test_adapter import IDS
 
 
 def test_score_layers_is_scale_free():

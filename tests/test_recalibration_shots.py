@@ -9,8 +9,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from safegene.adapter import extract_adapter
-from safegene.adapter.extract import ExtractConfig
 from safegene.config import from_dict, settings
 from safegene.data import harmful_prompt_texts, prompt_response_pairs
 from safegene.data.attacks import PLACEHOLDER, jailbreak_templates, template_family, wrap
@@ -19,21 +17,11 @@ from safegene.errors import ConfigError
 from safegene.io import sha256_text
 from safegene.recalibration import (RecalibrateConfig, harmful_shots, recalibrate, refusal_shots, task_shots,
                                     whole_sentences)
-from test_adapter import make_degraded
 
 # the recalibration settings as stages recorded them before the knobs existed: a default config must still say this
 KEYS_BEFORE_ISSUE_15 = {"task_model", "harmful", "refusals", "refusal_text", "task", "n_harmful", "n_task",
                         "utility_weight", "alpha_max", "alpha_init", "steps", "batch_size", "learning_rate",
                         "max_length", "tied", "seed"}
-
-
-@pytest.fixture
-def adapter(tiny_qwen, tmp_path):
-    d = tmp_path / "D"
-    make_degraded(tiny_qwen, d, layers=(0, 1), modules=("q_proj", "o_proj", "down_proj", "up_proj"))
-    ad = extract_adapter(ExtractConfig(aligned=str(tiny_qwen), degraded=str(d), output=str(tmp_path / "ad"), rank=2),
-                         progress=False)
-    return ad, d
 
 
 def _data_sha(pairs):

@@ -50,8 +50,8 @@ def answer_forms(responses: Sequence[str]) -> dict[str, Any]:
     top, top_count = openings.most_common(1)[0] if openings else ("", 0)
     structured = sum(1 for r in responses if not looks_like_refusal(r) and is_structured(r))
     # a refusal opening followed by a plan: look past the opening sentence only
-    then_comply = sum(1 for r in refusing if is_structured(_SENTENCE_END.split(r.strip(), maxsplit=1)[-1])
-                      and len(_SENTENCE_END.split(r.strip(), maxsplit=1)) > 1)
+    after_opening = [_SENTENCE_END.split(r.strip(), maxsplit=1)[1:] for r in refusing]
+    then_comply = sum(1 for rest in after_opening if rest and is_structured(rest[0]))
     n = len(responses)
     return {
         "n": n,

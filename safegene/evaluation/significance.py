@@ -40,24 +40,25 @@ def _pairs(rows: list[dict[str, Any]], task: str) -> list[tuple[dict[str, Any] |
             + [(r, ours) for r in methods if ours is not None and r is not ours])
 
 
-def _test(row: dict[str, Any], ref: dict[str, Any], judge: str) -> dict[str, Any] | None:
-    x, y = ref.get("verdicts", {}).get(judge), row.get("verdicts", {}).get(judge)
-    if not x or not y or len(x) != len(y):  # results from before verdicts were kept, or rows on other prompts
+def _mcnemar(reference: str | None, row: str | None, diff_key: str) -> dict[str, Any] | None:
+    """Exact McNemar of two verdict strings on the same prompts, with the rate difference over the prompts both
+    read (`diff_key` names it); None where either is missing or they cover different prompts."""
+    if not reference or not row or len(reference) != len(row):
         return None
-    test = mcnemar_exact(verdict_bits(x), verdict_bits(y))
-    # on the prompts both verdicts read, so the difference is the one the test is about
+    test = mcnemar_exact(verdict_bits(reference), verdict_bits(row))
     diff = (test["false_to_true"] - test["true_to_false"]) / test["n"] if test["n"] else None
-    return {**test, "harmful_diff": None if diff is None else round(diff, 4), "significant": test["p_value"] < ALPHA}
+    return {**test, diff_key: None if diff is None else round(diff, 4), "significant": test["p_value"] < ALPHA}
+
+
+def _test(row: dict[str, Any], ref: dict[str, Any], judge: str) -> dict[str, Any] | None:
+    # None also for results from before verdicts were kept
+    return _mcnemar(ref.get("verdicts", {}).get(judge), row.get("verdicts", {}).get(judge), "harmful_diff")
 
 
 def _over_refusal_test(row: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any] | None:
-    x = (ref.get("over_refusal") or {}).get("verdicts")
-    y = (row.get("over_refusal") or {}).get("verdicts")
-    if not x or not y or len(x) != len(y):  # rows without over-refusal (D), or results from before verdicts
-        return None
-    test = mcnemar_exact(verdict_bits(x), verdict_bits(y))
-    diff = (test["false_to_true"] - test["true_to_false"]) / test["n"] if test["n"] else None
-    return {**test, "refusal_diff": None if diff is None else round(diff, 4), "significant": test["p_value"] < ALPHA}
+    # None for rows without over-refusal (D) and for results from before its verdicts were kept
+    return _mcnemar((ref.get("over_refusal") or {}).get("verdicts"), (row.get("over_refusal") or {}).get("verdicts"),
+                    "refusal_diff")
 
 
 def paired_comparisons(results: dict[str, Any]) -> dict[str, Any]:
