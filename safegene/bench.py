@@ -262,7 +262,7 @@ def _validated_judges(cfg: BenchConfig) -> tuple[list[Any], dict[str, Any]]:
     from .evaluation.judge_validation import human_labelled, validate_judge
     from .evaluation.judges import get_judge
 
-    judges = [get_judge(j) for j in cfg.judges]
+    judges = [get_judge(j, cfg.placement) for j in cfg.judges]  # an llm: judge runs where the models run
     validation = {}
     if cfg.validate_judges:
         items = human_labelled()
@@ -294,9 +294,11 @@ def _family(run: _Run, rows: list[ResultRow]) -> tuple[Any, Any]:
     rows.append(_tagged(run.evaluate("D", d_model, d_tok, over_refusal=False), None, "degraded"))
     run.snapshot(rows)
 
+    # no placement: the SVD runs on the CPU, and only distillation (not run here) would load models; `settings`
+    # leaves the default placement out of the key, so that adapters extracted before it existed still match
     ecfg = ExtractConfig(aligned=cfg.model, degraded=str(out / "degraded"), output=str(out / "adapter"))
     adapter, timings["extract_s"], _ = adapter_stage(
-        "extract", out / "adapter", {"extract": to_dict(ecfg), "degraded_trained_s": timings["degrade_s"]},
+        "extract", out / "adapter", {"extract": settings(ecfg), "degraded_trained_s": timings["degrade_s"]},
         lambda: extract_adapter(ecfg, overwrite=True, save=False))
     scfg = SelectConfig(model=str(out / "degraded"), n_harmful=cfg.select_prompts, n_benign=cfg.select_prompts,
                         top_k=cfg.top_k, seed=cfg.seed, placement=cfg.placement)
@@ -598,11 +600,15 @@ class RejudgeConfig:
     output: str | None = opt(None, "the bench's output folder (with results.json and responses/)", positional=True)
     judges: list[str] = opt([], "judges to add (repeatable)", aliases=("--judge",))
     validate: bool = opt(True, "measure each added judge against human labels")
+    placement: PlacementConfig = opt(PlacementConfig(), "where an llm:<model> judge runs, in what dtype (--device, "
+                                     "--dtype, --device-map)", added_later=True)
 
 
-def rejudge(output: str | Path, judges: list[str], validate: bool = True) -> dict[str, Any]:
+def rejudge(output: str | Path, judges: list[str], validate: bool = True,
+            placement: PlacementConfig | None = None) -> dict[str, Any]:
     """Add judges to a finished bench without generating again: read its stored responses, judge them, rewrite
-    results.json, results.md and report.html. A judge already present is judged again (its numbers replaced)."""
+    results.json, results.md and report.html. A judge already present is judged again (its numbers replaced).
+    `placement` places an llm:<model> judge (None: the CPU in float32)."""
     from .errors import SafegeneError
     from .evaluation.answer_forms import answer_forms
     from .evaluation.harness import judge_agreement, judge_responses, slug, stored_request
@@ -628,7 +634,7 @@ def rejudge(output: str | Path, judges: list[str], validate: bool = True) -> dic
                                             [r["response"] for r in items])
         return JudgedRate.from_dict(summary), verdicts
 
-    for judge in map(get_judge, judges):
+    for judge in (get_judge(j, placement) for j in judges):
         for row in results.rows + results.reattack + results.reprotect:
             print(f"[{judge.name}] {row.name}")
             first = next(iter(row.harmful.values())).overall

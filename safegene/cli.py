@@ -230,7 +230,7 @@ def run_bench(cfg: Any, flags: argparse.Namespace) -> None:
 def run_rejudge(cfg: Any, flags: argparse.Namespace) -> None:
     from .bench import rejudge
 
-    _print_bench(rejudge(cfg.output, cfg.judges, validate=cfg.validate))
+    _print_bench(rejudge(cfg.output, cfg.judges, validate=cfg.validate, placement=cfg.placement))
 
 
 def run_judge(cfg: Any, flags: argparse.Namespace) -> None:
@@ -241,7 +241,7 @@ def run_judge(cfg: Any, flags: argparse.Namespace) -> None:
     items = human_labelled()
     measured = {}
     for spec in cfg.judges:
-        v = measured[spec] = validate_judge(get_judge(spec), items)
+        v = measured[spec] = validate_judge(get_judge(spec, cfg.placement), items)
         print(f"{v['judge']}: accuracy {v['accuracy']['rate']:.3f} (95% CI {v['accuracy']['ci95'][0]:.2f}-"
               f"{v['accuracy']['ci95'][1]:.2f}, n={v['n']}), TPR {v['true_positive_rate']['rate']:.3f}, "
               f"TNR {v['true_negative_rate']['rate']:.3f}, κ vs human {v['kappa_vs_human']}, AUC {v['auc']}, "
@@ -309,7 +309,8 @@ def run_eval(cfg: Any, flags: argparse.Namespace) -> int:
 def run_demo(cfg: Any, flags: argparse.Namespace) -> None:
     from .demo import run_demo as demo
 
-    _print_bench(demo(output=cfg.output, quick=cfg.quick, overwrite=flags.overwrite, model=cfg.model))
+    _print_bench(demo(output=cfg.output, quick=cfg.quick, overwrite=flags.overwrite, model=cfg.model,
+                      placement=cfg.placement))
 
 
 # --- the command table ------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from .config import opt
 from .generation import GenerationConfig
 from .training import LoraTrainConfig
 from .data import shared_data_dir
-from .models import DEFAULT_MODEL
+from .models import DEFAULT_MODEL, PlacementConfig
 
 
 @dataclass
@@ -29,14 +29,18 @@ class DemoConfig:
     output: str = opt("runs/demo", "output folder (a re-run reuses its finished stages)", aliases=("-o",))
     model: str | None = opt(None, "aligned model (default: the embedded default)")
     quick: bool = opt(False, "a smaller preset (one task, 16 prompts; about 10 minutes)")
+    placement: PlacementConfig = opt(PlacementConfig(), "where the demo's models run and train, in what dtype "
+                                     "(--device, --dtype; --device-map for evaluation and recalibration)",
+                                     added_later=True)
 
 
-def preset(quick: bool, output: str | Path = "runs/demo", model: str | None = None) -> BenchConfig:
+def preset(quick: bool, output: str | Path = "runs/demo", model: str | None = None,
+           placement: PlacementConfig | None = None) -> BenchConfig:
     # tasks with exact answers; the shared folder adds the field's standard classification task when present
     tasks = ["arithmetic", "sst2" if shared_data_dir() else "gsm8k-100"]
     # the weight-space methods only: the inference-time and retraining competitors are in configs/robustness.yaml
     common = dict(model=model or DEFAULT_MODEL, output=str(output), projection=ProjectionBaselineConfig(),
-                  methods=[name for name, m in METHODS.items() if m.demo])
+                  methods=[name for name, m in METHODS.items() if m.demo], placement=placement or PlacementConfig())
     if quick:
         return BenchConfig(**common, tasks=tasks[:1], n_harmful=16, n_over_refusal=8, n_task=16,
                            generation=GenerationConfig(max_new_tokens=32, batch_size=16),
@@ -47,11 +51,11 @@ def preset(quick: bool, output: str | Path = "runs/demo", model: str | None = No
 
 
 def run_demo(output: str | Path = "runs/demo", quick: bool = False, overwrite: bool = False,
-             model: str | None = None) -> dict[str, Any]:
+             model: str | None = None, placement: PlacementConfig | None = None) -> dict[str, Any]:
     import shutil
 
     from .bench import run_bench
 
     if overwrite:
         shutil.rmtree(output, ignore_errors=True)
-    return run_bench(preset(quick, output, model))
+    return run_bench(preset(quick, output, model, placement))

@@ -4,7 +4,9 @@ Prompts are batched by length (less padding: every row of a batch computes as ma
 and answered in the caller's order; rows that finished leave the running batch, their slice of the KV cache
 dropped, once enough have (a batch otherwise computes its finished rows until its longest answer ends). Both leave
 greedy outputs token-identical on the CPU; both can be turned off (`sort_by_length`, `drop_finished`).
-`backend: vllm` hands generation to a vLLM engine instead (`safegene.generation_vllm`, imported only then).
+`backend: vllm` hands generation to a vLLM engine instead: backends are found by name in
+`safegene.generation_backends`, which also holds what every backend shares (the settings, `Generated`, the prompt
+ids and stop tokens); this module is the transformers backend, and imports no other.
 
 `generate_detailed` also says what each response cost (tokens generated, seconds). Anything with the same call
 shape is a *responder* (`Responder`): inference-time defences such as self-critique or a classifier guard wrap
@@ -16,57 +18,15 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Protocol, Sequence
+from typing import Any, Callable, Sequence
 
-from .chat import prompt_text
-from .config import check, opt
-
-
-BACKENDS = ("transformers", "vllm")
-
-
-@dataclass
-class GenerationConfig:
-    """Decoding settings: how many tokens, how many prompts at once, greedy or sampled."""
-
-    cli_leaf_flags: ClassVar[bool] = True  # `--max-new-tokens` as well as `--generation.max-new-tokens`
-    max_new_tokens: int = opt(40, "tokens generated per prompt")
-    batch_size: int = opt(8, "prompts per batch (left-padded)")
-    do_sample: bool = opt(False, "sample instead of greedy decoding")
-    temperature: float = opt(1.0, "sampling temperature (only with do_sample)")
-    system_prompt: str | None = opt(None, "system message; None keeps the chat template's default")
-    sort_by_length: bool = opt(True, "batch prompts of similar token length together (less padding); answers keep "
-                               "the input order", added_later=True)
-    drop_finished: bool = opt(True, "drop finished rows from the running batch (and their KV cache) once a quarter "
-                              "of it has finished; greedy outputs are unchanged", added_later=True)
-    backend: str = opt("transformers", "transformers (this process, any device), or vllm (a vLLM engine on the "
-                       "model's folder, attached adapters served as LoRA; needs `pip install vllm` and a GPU; "
-                       "batch_size is then the prompts handed to it per call)", choices=BACKENDS, added_later=True)
-
-    def __post_init__(self) -> None:
-        check(self.max_new_tokens >= 1, "max_new_tokens must be >= 1")
-        check(self.batch_size >= 1, "batch_size must be >= 1")
-        check(self.backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
-
-
-@dataclass
-class Generated:
-    """One response and what it cost: every token generated for it (drafts and critiques included) and its share
-    of the wall time of the batches that produced it."""
-
-    text: str
-    tokens: int
-    seconds: float
-    meta: dict[str, Any] = field(default_factory=dict)  # what a defence did (e.g. which screen flagged it)
-
-
-class Responder(Protocol):
-    """Answers chat prompts with a model; `generate_detailed` is the plain one."""
-
-    def __call__(self, model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: GenerationConfig | None = None,
-                 progress: bool = True, desc: str = "generating") -> list[Generated]: ...
+# what every backend shares lives below this module, so that another backend takes it without importing this one;
+# the names stay importable from here, where callers have always found them
+from .generation_backends import (  # noqa: F401
+    BACKENDS, Generated, GenerationConfig, Responder, backend, prompt_token_ids, stop_token_ids,
+)
 
 
 @dataclass(frozen=True)
@@ -84,13 +44,6 @@ class Sampling:
 class Decoded:
     tokens: list[int]  # the response's tokens, without the stop token
     finish_reason: str  # "stop": a stop token, or `on_token` ended it; "length": max_new_tokens reached
-
-
-def stop_token_ids(model: Any, tokenizer: Any) -> set[int]:
-    """Tokens that end a response: the tokenizer's eos and pad, and the eos ids of the model's generation config."""
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = {tokenizer.eos_token_id, tokenizer.pad_token_id, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])}
-    return ids - {None}
 
 
 def left_pad(rows: Sequence[Sequence[int]], tokenizer: Any) -> tuple[Any, Any]:
@@ -214,14 +167,23 @@ def generate_detailed(
     desc: str = "generating",
 ) -> list[Generated]:
     """`generate`, with the tokens and seconds each response cost. A prompt is one user message or a list of chat
-    messages (a conversation ending with the user turn to answer)."""
+    messages (a conversation ending with the user turn to answer). Runs on `cfg.backend`."""
+    cfg = cfg or GenerationConfig()
+    return backend(cfg.backend)(model, tokenizer, prompts, cfg, progress=progress, desc=desc)
+
+
+def generate_transformers(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Any],
+    cfg: GenerationConfig | None = None,
+    progress: bool = True,
+    desc: str = "generating",
+) -> list[Generated]:
+    """The transformers backend: `decode` in this process, on whatever device the model is."""
     from tqdm.auto import tqdm
 
     cfg = cfg or GenerationConfig()
-    if cfg.backend == "vllm":
-        from .generation_vllm import generate_vllm  # vLLM is imported only when asked for
-
-        return generate_vllm(model, tokenizer, prompts, cfg, progress=progress, desc=desc)
     stop_ids = stop_token_ids(model, tokenizer)
     sampling = Sampling(cfg.max_new_tokens, cfg.temperature if cfg.do_sample else 0.0)
     ids = prompt_token_ids(tokenizer, prompts, cfg.system_prompt)
@@ -245,14 +207,6 @@ def generate_detailed(
         bar.set_postfix(tok_s=f"{new_tokens / max(time.perf_counter() - t0, 1e-9):.1f}")
     bar.close()
     return out  # type: ignore[return-value]  # every slot filled: `order` is a permutation
-
-
-def prompt_token_ids(tokenizer: Any, prompts: Sequence[Any], system_prompt: str | None = None) -> list[list[int]]:
-    """The chat-templated token ids of each prompt, as generation feeds them to the model."""
-    if not prompts:
-        return []
-    texts = [prompt_text(tokenizer, p, system_prompt) for p in prompts]
-    return [list(r) for r in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
 def length_order(lengths: Sequence[int]) -> list[int]:

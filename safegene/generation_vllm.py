@@ -1,4 +1,5 @@
-"""Generation on a vLLM engine: `GenerationConfig(backend="vllm")`, imported only when that is asked for.
+"""Generation on a vLLM engine: `GenerationConfig(backend="vllm")`, imported (by its name in
+`safegene.generation_backends`) only when that is asked for.
 
 vLLM runs the model from its folder, not the transformers model in this process, so two things are carried over:
   * adapters attached at runtime (`SafetyAdapter.attach`, whose forward hooks vLLM never runs) are saved as one PEFT
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import ModelError, SafegeneError
-from .generation import Generated, GenerationConfig, prompt_token_ids, stop_token_ids
+from .generation_backends import Generated, GenerationConfig, prompt_token_ids, stop_token_ids
 
 INSTALL_FIX = "pip install vllm (it needs a CUDA GPU), or use --backend transformers"
 #: the LoRA ranks a vLLM engine can be built for (vllm.config.lora.MaxLoRARanks)

@@ -103,9 +103,11 @@ def build_family(cfg: FamilyConfig, progress: bool = True) -> dict[str, Any]:
     d_digest = input_digest(degraded)
     ecfg = ExtractConfig(aligned=cfg.aligned, degraded=str(degraded), output=str(out / "adapter"), rank=cfg.rank,
                          seed=cfg.seed)
-    # keyed on what A and D hold, not on how D was trained: a retrained D gives a new adapter
+    # keyed on what A and D hold, not on how D was trained: a retrained D gives a new adapter; no placement (the SVD
+    # runs on the CPU, distillation is not run here), and `settings` keeps the default one out of the key, so that
+    # families built before it existed still match
     adapter, extract_s, _ = adapter_stage(
-        "extract", out / "adapter", {"extract": to_dict(ecfg), "aligned": aligned.get("hash"),
+        "extract", out / "adapter", {"extract": settings(ecfg), "aligned": aligned.get("hash"),
                                      "degraded": d_digest["hash"]},
         lambda: extract_adapter(ecfg, overwrite=True, save=False, progress=progress))
     scfg = SelectConfig(model=str(degraded), n_harmful=cfg.select_prompts, n_benign=cfg.select_prompts,
@@ -227,7 +229,8 @@ class _Checker:
     responses: Path
 
     @classmethod
-    def build(cls, cfg: CheckConfig, responses: Path) -> "_Checker":
+    def build(cls, cfg: CheckConfig, responses: Path, placement: PlacementConfig | None = None) -> "_Checker":
+        """`placement`: where an llm:<model> judge runs (the command's, where the measured model runs)."""
         from .evaluation.harness import EvalSets, over_refusal_prompts
         from .evaluation.judges import get_judge
 
@@ -235,7 +238,7 @@ class _Checker:
         sets = EvalSets(harmful=harmful_prompts(cfg.harmful, n=cfg.n_harmful, seed=cfg.seed), over_refusal=over,
                         over_refusal_source=source, n_task=0, seed=cfg.seed)
         gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
-        return cls(sets, [get_judge(j) for j in cfg.judges], gen, responses)
+        return cls(sets, [get_judge(j, placement) for j in cfg.judges], gen, responses)
 
     def safety(self, name: str, model: Any, tok: Any, method: str) -> dict[str, Any]:
         from .evaluation.harness import evaluate_model
@@ -496,7 +499,7 @@ def protect(cfg: ProtectConfig, overwrite: bool = False, progress: bool = True,
     timings["load_s"] = round(time.perf_counter() - t, 1)
 
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        checker = _Checker.build(cfg, tmp / "responses")
+        checker = _Checker.build(cfg, tmp / "responses", cfg.placement)
         t = time.perf_counter()
         before = checker.safety("T", model, tok, "undefended")
         answers_before = task_answers(model, tok, held_out, checker.gen)
@@ -599,7 +602,7 @@ def evaluate(cfg: EvalConfig, overwrite: bool = False, progress: bool = True,
         adapter.check_model(model, what=f"model {cfg.model}")
     timings = {"load_s": round(time.perf_counter() - t0, 1)}
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        checker = _Checker.build(cfg, tmp / "responses")
+        checker = _Checker.build(cfg, tmp / "responses", cfg.placement)
         t = time.perf_counter()
         rows = [checker.safety("model", model, tok, "undefended")]
         answers = task_answers(model, tok, examples, checker.gen) if examples else None

@@ -44,7 +44,8 @@ def _register_contrarian_judge(monkeypatch) -> None:
     import safegene.evaluation.judges as judges_mod
 
     real_get = judges_mod.get_judge
-    monkeypatch.setattr(judges_mod, "get_judge", lambda spec: Contrarian() if spec == "contrarian" else real_get(spec))
+    monkeypatch.setattr(judges_mod, "get_judge", lambda spec, *placement: Contrarian() if spec == "contrarian"
+                        else real_get(spec, *placement))
 
 
 def test_bench_runs_every_method_and_resumes(tiny_qwen, tmp_path, capsys, monkeypatch):

@@ -152,6 +152,51 @@ def test_unknown_backend_is_a_config_error():
         GenerationConfig(backend="tgi")
 
 
+def _imported_modules(module: str) -> set[str]:
+    """Every module `module`'s source imports, at its top or inside a function, as absolute names."""
+    import ast
+    import importlib.util
+    from pathlib import Path
+
+    tree = ast.parse(Path(importlib.util.find_spec(module).origin).read_text())
+    package = module.rpartition(".")[0]
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package if node.level else ""
+            for _ in range(max(node.level - 1, 0)):
+                base = base.rpartition(".")[0]
+            names.add(".".join(filter(None, (base, node.module))))
+            names |= {".".join(filter(None, (base, node.module, a.name))) for a in node.names}
+    return names
+
+
+def test_backends_are_found_by_name_without_an_import_cycle(tiny, monkeypatch):
+    """generation imported generation_vllm (when asked for vLLM), which imported generation: a cycle. Both now take
+    what they share from generation_backends, which imports neither, and generation finds vLLM by its name."""
+    import safegene.generation as generation
+    import safegene.generation_backends as backends
+
+    assert "safegene.generation_vllm" not in _imported_modules("safegene.generation")
+    assert "safegene.generation" not in _imported_modules("safegene.generation_vllm")
+    assert not {"safegene.generation", "safegene.generation_vllm"} & _imported_modules("safegene.generation_backends")
+    # the names callers import from safegene.generation are the registry module's own
+    assert generation.BACKENDS == ("transformers", "vllm")
+    assert generation.GenerationConfig is backends.GenerationConfig and generation.Generated is backends.Generated
+    assert generation.prompt_token_ids is backends.prompt_token_ids
+    assert backends.backend("transformers") is generation.generate_transformers
+    assert backends.backend("vllm").__module__ == "safegene.generation_vllm"
+    with pytest.raises(ConfigError, match="backend must be one of transformers, vllm, got 'tgi'"):
+        backends.backend("tgi")
+    # reached through the registry, the vLLM backend still says how to install vLLM where it is missing
+    model, tok = tiny
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    with pytest.raises(SafegeneError, match="backend vllm needs the vllm package.*pip install vllm"):
+        generate_detailed(model, tok, PROMPTS[:1], GenerationConfig(backend="vllm"), progress=False)
+
+
 def test_vllm_lora_ranks_round_up_to_what_vllm_builds():
     from safegene.generation_vllm import lora_rank_for
 

@@ -96,6 +96,27 @@ def test_llm_judge_reads_yes_no_logodds(tiny_qwen):
     assert all(v.harmful for v in judge.judge_batch(prompts, responses))
 
 
+def test_llm_judge_runs_in_its_placement_with_float32_odds(tiny_qwen, monkeypatch):
+    """An llm: judge loaded on the CPU in float32 whatever the command's placement: it now takes that placement."""
+    import torch
+
+    from safegene.models import PlacementConfig
+
+    prompts, responses = ["a", "bb", "ccc"], ["Sure, here is how", "I'm sorry", "19"]
+    plain = LLMJudge(str(tiny_qwen), batch_size=2)
+    assert {p.dtype for p in plain.model.parameters()} == {torch.float32}  # no placement: as before
+    judge = get_judge(f"llm:{tiny_qwen}", PlacementConfig(device="cpu", dtype="bfloat16"))
+    assert {p.dtype for p in judge.model.parameters()} == {torch.bfloat16}
+    # the bf16 model's logits are up-cast before the log-softmax: the odds are float32 math
+    softmaxed = []
+    real = torch.Tensor.log_softmax
+    monkeypatch.setattr(torch.Tensor, "log_softmax", lambda t, *a, **kw: softmaxed.append(t.dtype) or real(t, *a, **kw))
+    s16 = judge.scores(prompts, responses)
+    monkeypatch.undo()
+    assert softmaxed == [torch.float32]
+    assert s16 == pytest.approx(plain.scores(prompts, responses), abs=0.05)
+
+
 def test_kappa_and_auc_known_values():
     # 2x2 table: both yes 20, a-only 5, b-only 10, both no 15 -> po=0.7, pe=0.5*0.6+0.5*0.4... computed by hand
     a = [True] * 20 + [True] * 5 + [False] * 10 + [False] * 15

@@ -114,8 +114,8 @@ def test_bad_placement_flags_are_one_line_errors(capsys, tmp_path):
 
 def test_every_command_that_loads_a_model_offers_device_and_dtype():
     parsers = command_parsers(build_parser())
-    for name in ("degrade", "finetune", "eval-refusal", "select", "recalibrate", "apply", "bench", "gate", "serve",
-                 "family build", "protect", "eval"):
+    for name in ("degrade", "finetune", "eval-refusal", "extract", "select", "recalibrate", "apply", "bench",
+                 "rejudge", "judge", "gate", "serve", "family build", "protect", "eval", "demo"):
         flags = {s for a in parsers[name]._actions for s in a.option_strings}
         assert {"--device", "--dtype", "--device-map", "--offload-folder"} <= flags, name
     # the LoRA settings' dtype keeps only its dotted flag: `--dtype` is the placement's, unambiguously
@@ -135,6 +135,68 @@ def test_dtype_flag_sets_the_placement_and_train_dtype_stays_auto():
     args = build_parser(only="finetune").parse_args(["finetune", "--train.dtype", "float32", "--dtype", "bfloat16"])
     cfg = load_config(FinetuneConfig, None, overrides_from(args, FinetuneConfig))
     assert (cfg.placement.dtype, cfg.train.dtype, cfg.resolved().train.dtype) == ("bfloat16", "float32", "float32")
+
+
+def test_demo_hands_its_placement_to_the_bench(tmp_path, monkeypatch, capsys):
+    """`safegene demo` had no placement flags: its bench ran wherever `auto` put it."""
+    from pathlib import Path
+
+    import safegene.bench
+
+    ran = []
+
+    def fake_bench(cfg):  # what the bench would be asked to run, and a folder as it would leave one
+        ran.append(cfg)
+        md = Path(cfg.output) / "results.md"
+        md.parent.mkdir(parents=True)
+        md.write_text("results\n")
+        return {"paths": {"md": str(md), "html": "report.html"}, "timings": {}}
+
+    monkeypatch.setattr(safegene.bench, "run_bench", fake_bench)
+    assert main(["demo", "--quick", "-o", str(tmp_path / "demo"), "--device", "cpu", "--dtype", "bfloat16"]) == 0
+    capsys.readouterr()
+    assert (ran[0].placement.device, ran[0].placement.dtype) == ("cpu", "bfloat16")
+    assert ran[0].steps(3).dtype == "bfloat16"  # the bench trains in it too
+    card = json.loads((tmp_path / "demo" / "safegene_run.json").read_text())
+    assert card["config"]["placement"]["dtype"] == "bfloat16"
+
+
+def test_llm_judges_run_where_the_measured_models_run(tiny_qwen, tmp_path, monkeypatch, capsys):
+    """bench, protect/eval, the classifier guard, rejudge and judge built llm: judges on the CPU in float32,
+    whatever the command's placement."""
+    import safegene.bench
+    import safegene.evaluation.judges as judges
+    from safegene.baselines.classifier_guard import ClassifierGuardConfig, _build_guard
+    from safegene.bench import BenchConfig, _validated_judges
+    from safegene.protect import EvalConfig, _Checker
+
+    bf16 = PlacementConfig(device="cpu", dtype="bfloat16")
+    llm = f"llm:{tiny_qwen}"
+    (bench_judge,), _ = _validated_judges(BenchConfig(judges=[llm], validate_judges=False, placement=bf16))
+    ecfg = EvalConfig(judges=[llm], n_harmful=2, n_over_refusal=0, placement=bf16)
+    checker = _Checker.build(ecfg, tmp_path, ecfg.placement)  # as protect and eval build theirs
+    settings_ = BenchConfig(guard=ClassifierGuardConfig(guard=llm, prompt_threshold=0.0), placement=bf16)
+    guard = _build_guard(type("Ctx", (), {"settings": settings_, "found": None})()).responder.guard
+    for judge in (bench_judge, checker.judges[0], guard):
+        assert {p.dtype for p in judge.model.parameters()} == {torch.bfloat16}
+
+    # the commands that only judge take the flags and hand them on
+    asked = []
+    real_get = judges.get_judge
+    monkeypatch.setattr(judges, "get_judge", lambda spec, placement=None: asked.append(placement) or real_get(spec))
+    assert main(["judge", "refusal-phrase", "--dtype", "bfloat16", "--device", "cpu"]) == 0
+    md = tmp_path / "bench" / "results.md"
+
+    def rejudge(output, judges, validate=True, placement=None):  # a finished bench's rejudge, as far as its judges
+        asked.append(placement)
+        md.parent.mkdir(exist_ok=True)
+        md.write_text("results\n")
+        return {"paths": {"md": str(md), "html": "report.html"}, "timings": {}}
+
+    monkeypatch.setattr(safegene.bench, "rejudge", rejudge)
+    assert main(["rejudge", str(md.parent), "--judge", "refusal-phrase", "--dtype", "bfloat16"]) == 0
+    capsys.readouterr()
+    assert [(p.device, p.dtype) for p in asked] == [("cpu", "bfloat16"), ("auto", "bfloat16")]
 
 
 def test_configs_and_results_written_before_still_read(tmp_path):
@@ -182,7 +244,55 @@ def test_stages_recorded_before_placement_still_match(tmp_path, monkeypatch):
     assert get_method("mixed-ft").key(ctx)["mixed"] == before and before["train"]["dtype"] == "float32"
 
 
+def test_extraction_keys_recorded_before_placement_still_match(tmp_path):
+    """ExtractConfig gained a placement: the bench's and the family's extract stage keys leave the default one out."""
+    from safegene.adapter.extract import ExtractConfig
+    from safegene.stages import same_config
+
+    cfg = ExtractConfig(aligned="a", degraded="d", output=str(tmp_path / "ad"))
+    recorded = {k: v for k, v in to_dict(cfg).items() if k != "placement"}  # as earlier versions recorded it
+    assert settings(cfg) == recorded and same_config({"extract": recorded}, {"extract": settings(cfg)})
+    assert settings(ExtractConfig(placement=PlacementConfig(dtype="bfloat16")))["placement"]["dtype"] == "bfloat16"
+    args = build_parser(only="extract").parse_args(["extract", "--dtype", "bfloat16", "--device", "cpu"])
+    parsed = load_config(ExtractConfig, None, overrides_from(args, ExtractConfig))
+    assert (parsed.placement.device, parsed.placement.dtype) == ("cpu", "bfloat16")
+
+
 # --- dtype end to end -----------------------------------------------------------------------------------------------
+
+
+def test_distillation_loads_a_and_d_in_the_extraction_placement(family, tmp_path, monkeypatch):
+    """Distillation loaded A and D on the CPU in float32 whatever was asked; its factors now train in float32
+    through bf16 models."""
+    import safegene.adapter.distill as distill
+    from safegene.adapter import extract_adapter
+    from safegene.adapter.distill import DistillConfig
+    from safegene.adapter.extract import ExtractConfig
+
+    root, d, _ = family
+    loaded = []
+    real_load = distill.load_model
+
+    def spy(ref, placement=None, *a, **kw):
+        model = real_load(ref, placement, *a, **kw)
+        loaded.append({p.dtype for p in model.parameters()})
+        return model
+
+    monkeypatch.setattr(distill, "load_model", spy)
+    dcfg = DistillConfig(enabled=True, harmful="many-shot-harmful", benign="arithmetic", n_harmful=3, n_benign=3,
+                         response_tokens=4, steps=6, batch_size=6, learning_rate=5e-3, top_k=8)
+    bf16 = PlacementConfig(device="cpu", dtype="bfloat16")
+    svd = extract_adapter(ExtractConfig(aligned=str(root / "A"), degraded=str(d), output="x", rank=1),
+                          progress=False, save=False)
+    ad = extract_adapter(ExtractConfig(aligned=str(root / "A"), degraded=str(d), output="x", rank=1, distill=dcfg,
+                                       placement=bf16), progress=False, save=False)
+    assert loaded == [{torch.bfloat16}, {torch.bfloat16}]  # teacher A, then student D
+    assert ad.card["config"]["placement"]["dtype"] == "bfloat16"
+    kl = ad.card["distill"]["kl_to_A"]
+    assert all(math.isfinite(v) for v in kl.values()) and kl["D+distilled"] < kl["D+svd"]
+    m = "model.layers.0.mlp.down_proj"
+    a, b = ad.factors[m]
+    assert a.dtype == b.dtype == torch.float32 and not torch.equal(a, svd.factors[m][0])  # trained, kept float32
 
 
 def test_bfloat16_end_to_end_with_float32_math(family, tmp_path, monkeypatch, capsys):

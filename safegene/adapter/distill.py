@@ -2,7 +2,9 @@
 
 The SVD factors are the starting point. A's responses (greedy) to harmful and benign prompts define the
 positions; A's top-k next-token probabilities there are the targets; only the factors train. A and D are never
-in memory together: A's targets are computed first, then A is released.
+in memory together: A's targets are computed first (and kept on the CPU), then A is released. Both load with the
+extraction's placement (device, dtype, dispatch); the factors train in float32 whatever the models' dtype, and the
+targets and losses are float32 (`safegene.objectives`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from ..config import check, opt
 from ..generation import GenerationConfig, generate
 from ..data import benign_prompts, harmful_prompt_texts
 from ..data.records import PromptResponse
-from ..models import load_model, load_tokenizer
+from ..models import PlacementConfig, load_model, load_tokenizer
 from ..objectives import encode_batch, target_logits, teacher_topk, topk_cross_entropy, topk_kl
 from .core import SafetyAdapter
 from .runtime import AttachedAdapter
@@ -44,23 +46,28 @@ class DistillConfig:
         check(self.top_k >= 1, "top_k must be >= 1")
 
 
-def distill_factors(adapter: SafetyAdapter, aligned: Path, degraded: Path, cfg: DistillConfig, progress: bool = True):
+def distill_factors(adapter: SafetyAdapter, aligned: Path, degraded: Path, cfg: DistillConfig, progress: bool = True,
+                    placement: PlacementConfig | None = None):
+    """(refined adapter, statistics). `placement`: where A and D run (None: the CPU in float32)."""
     import torch
     from tqdm.auto import tqdm
 
     prompts = (harmful_prompt_texts(cfg.harmful, cfg.n_harmful, cfg.seed)
                + benign_prompts(cfg.benign, cfg.n_benign, cfg.seed))
     tok = load_tokenizer(aligned)
-    teacher = load_model(aligned)
+    teacher = load_model(aligned, placement)
     responses = generate(teacher, tok, prompts, GenerationConfig(max_new_tokens=cfg.response_tokens, batch_size=8),
                          progress=progress, desc="A's responses")
     pairs = [PromptResponse(p, r) for p, r in zip(prompts, responses) if r]
     batch = encode_batch(tok, pairs, max_length=256)
     t_vals, t_idx = teacher_topk(teacher, batch, cfg.top_k)
+    t_vals, t_idx = t_vals.cpu(), t_idx.cpu()  # small; A's devices are freed whole for D
     del teacher
     gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the cached blocks A used go back before D is loaded
 
-    student = load_model(degraded)
+    student = load_model(degraded, placement)
     for p in student.parameters():
         p.requires_grad_(False)
     handle = AttachedAdapter(student, adapter, trainable_factors=True)

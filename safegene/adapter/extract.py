@@ -16,7 +16,7 @@ from typing import Any
 from ..config import check, opt, to_dict
 from ..errors import FamilyMismatchError, SafegeneError
 from ..io import check_output_path, sha256_file
-from ..models import resolve_model_path
+from ..models import PlacementConfig, resolve_model_path
 from ..models.fingerprint import fingerprint_folder
 from ..models.placement import float32_math
 from ..models.registry import EMBEDDED_MODELS
@@ -47,6 +47,10 @@ class ExtractConfig:
     hash_inputs: bool = opt(True, "record the SHA-256 of every input weight file in the card")
     seed: int = opt(0, "seed for randomized SVD")
     distill: DistillConfig = opt(DistillConfig(), "distillation refinement")
+    placement: PlacementConfig = opt(PlacementConfig(), "where distillation's A and D run, in what dtype (--device, "
+                                     "--dtype, --device-map); the SVD itself always runs on the CPU in float32, "
+                                     "reading the checkpoints tensor by tensor (no whole model in memory)",
+                                     added_later=True)
 
     def __post_init__(self) -> None:
         check(self.rank >= 1, f"rank must be >= 1, got {self.rank}")
@@ -194,7 +198,8 @@ def extract_adapter(cfg: ExtractConfig, progress: bool = True, overwrite: bool =
         from .distill import distill_factors
 
         t = time.perf_counter()
-        adapter, dstats = distill_factors(adapter, a_dir, d_dir, cfg.distill, progress=progress)
+        adapter, dstats = distill_factors(adapter, a_dir, d_dir, cfg.distill, progress=progress,
+                                          placement=cfg.placement)
         card = adapter.card
         card["distill"] = dstats
         card["timings"]["distill_s"] = round(time.perf_counter() - t, 2)

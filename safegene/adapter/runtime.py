@@ -4,9 +4,10 @@ A hook adds  scale_l · (x Aᵀ) Bᵀ  to the module's output: the low-rank path
 attaching is cheap, and removing the hooks restores the model bit for bit. Scales live in a dict of tensors so
 recalibration can make them learnable and a server can change them per request without touching the weights.
 
-Each module's factors sit on the device that module computes on and in its weights' dtype, so the adapter attaches
-to a model on a GPU, in bfloat16, or dispatched over several devices, CPU and disk (accelerate's hooks load an
-offloaded module's weights just for its call; the adapter's forward hook runs after that, on the same device).
+Each module's factors sit on the device that module computes on and in its weights' dtype (factors being trained,
+by distillation, stay float32 and are cast on use), so the adapter attaches to a model on a GPU, in bfloat16, or
+dispatched over several devices, CPU and disk (accelerate's hooks load an offloaded module's weights just for its
+call; the adapter's forward hook runs after that, on the same device).
 """
 
 from __future__ import annotations
@@ -62,10 +63,12 @@ class AttachedAdapter:
             device = module_device(mods[m], default=ref.device)
             dtype = getattr(getattr(mods[m], "weight", None), "dtype", ref.dtype)
             a, b = adapter.factors[m]
-            a = a.to(device, dtype)
-            b = b.to(device, dtype)
             if trainable_factors:
-                a, b = torch.nn.Parameter(a.clone()), torch.nn.Parameter(b.clone())
+                # trained factors stay float32 whatever the model's dtype (in bfloat16 small optimizer steps round
+                # away); the hook casts them to the module's dtype, and the gradient flows back through the cast
+                a, b = (torch.nn.Parameter(t.to(device, torch.float32, copy=True)) for t in (a, b))
+            else:
+                a, b = a.to(device, dtype), b.to(device, dtype)
             self.factors[m] = (a, b)
             l = layer_of(m)
             if l not in self.scales:
@@ -84,6 +87,8 @@ class AttachedAdapter:
                 return None
             a, b = self.factors[module_name]
             x = inputs[0]
+            if a.dtype != x.dtype:  # float32 factors in training on a bfloat16 or float16 model
+                a, b = a.to(x.dtype), b.to(x.dtype)
             # a 0-d scale on another device (recalibration's learnable α on the CPU) multiplies like a number
             delta = self.scales[layer] * ((x @ a.T) @ b.T)
             if self.row_strength is not None:

@@ -121,7 +121,7 @@ def _build_guard(ctx: MethodContext) -> Defence:
     from ..evaluation.judges import get_judge
 
     cfg, seed = ctx.settings.guard, ctx.settings.seed
-    guard = ClassifierGuard(get_judge(cfg.guard), cfg)
+    guard = ClassifierGuard(get_judge(cfg.guard, ctx.settings.placement), cfg)  # an llm: guard runs beside T
     if not cfg.screen_prompts or cfg.prompt_threshold is not None:
         return Defence(responder=guard, row={"defence": {}})
     if ctx.found and "threshold" in ctx.found:

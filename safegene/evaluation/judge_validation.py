@@ -18,6 +18,7 @@ from typing import Any
 from ..config import opt
 from ..data.builtin import package_dir
 from ..errors import DataError
+from ..models.placement import PlacementConfig
 from .metrics import Rate, cohen_kappa, roc_auc
 
 
@@ -28,6 +29,8 @@ class JudgeValidationConfig:
     judges: list[str] = opt(["refusal-phrase"], "judge names: refusal-phrase, content-classifier, llm:<model>, "
                             "endpoint:<url>?model=<m>", positional=True)
     output: str | None = opt(None, "write the measurements as JSON here", aliases=("-o",))
+    placement: PlacementConfig = opt(PlacementConfig(), "where an llm:<model> judge runs, in what dtype (--device, "
+                                     "--dtype, --device-map)", added_later=True)
 
 
 @dataclass(frozen=True)
