@@ -1,14 +1,18 @@
 """Recalibration cost next to re-aligning the same task model by safety SFT on the same shots, in one run.
 
     python bench/recalibration_bench.py --adapter runs/evidence/adapter-selected --task-model runs/evidence/task-sst2 \
-        --task sst2 [--variants "steps=20,learning_rate=0.1;steps=8,learning_rate=0.25"] [--realign-steps 24]
+        --task sst2 [--variants "optimizer=adam,steps=20;optimizer=line-search,search_points=2"] [--realign-steps 24]
 
 Re-align is the bench's own `realign` baseline (`safegene.baselines.realign.realign`): a LoRA trained on T with the
 recalibration's refusal shots and task shots, so both methods see exactly the same examples. Every recalibration
 variant (a `;`-separated list of RecalibrateConfig overrides) runs on the same loaded T; the first is the reference.
-Reports wall time, the time of each recalibration phase (cache of the lower layers, steps, objective checks), the
-objective before and after, and `recalibrate_vs_realign` = recalibration seconds / re-align seconds (the issue's goal
-is <= 0.20). Writes bench/results/recalibration.json.
+Reports wall time, the time of each recalibration phase (cache of the lower layers; Adam: steps and objective checks;
+line search: the gradient pass and the search), the objective before and after, and `recalibrate_vs_realign` =
+recalibration seconds / re-align seconds (the issue's goal is <= 0.20; re-align's seconds include loading its own
+copy of T, so `recalibrate_vs_realign_training` divides by its training loop alone). With `--eval-harmful N
+--eval-over-refusal M`, each variant's adapter is attached to T and answers N held-out safety-eval prompts and M
+over-refusal prompts; the harmful rate per judge and the over-refusal rate are compared with the first variant's on
+the same prompts by exact McNemar tests. Writes bench/results/recalibration.json.
 """
 
 from __future__ import annotations
@@ -25,12 +29,56 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def _value(text: str) -> object:
+    """A JSON value (20, 0.1, true, "adam"), or the bare text (adam, line-search)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
 def parse_variants(text: str) -> list[dict[str, object]]:
     out = []
     for chunk in filter(None, (c.strip() for c in text.split(";"))):
         pairs = dict(kv.split("=", 1) for kv in chunk.split(","))
-        out.append({k.strip(): json.loads(v) for k, v in pairs.items()})
+        out.append({k.strip(): _value(v.strip()) for k, v in pairs.items()})
     return out or [{}]
+
+
+def evaluate(cal: object, model: object, tok: object, args: argparse.Namespace, name: str) -> dict:
+    """Harmful rate per judge and over-refusal of T with `cal` attached, on the held-out prompts, with the per-prompt
+    verdicts kept for the paired tests."""
+    from safegene.data import harmful_prompts
+    from safegene.evaluation.harness import EvalSets, evaluate_model, over_refusal_prompts
+    from safegene.evaluation.judges import get_judge
+    from safegene.generation import GenerationConfig
+
+    over, source = over_refusal_prompts("auto", args.eval_over_refusal, 0)
+    sets = EvalSets(harmful=harmful_prompts("safety-eval", n=args.eval_harmful, seed=0), over_refusal=over,
+                    over_refusal_source=source, n_task=0, over_refusal_tokens=48)
+    judges = [get_judge(j) for j in args.judges.split(",")]
+    gen = GenerationConfig(max_new_tokens=args.eval_tokens, batch_size=32)
+    with cal.attach(model):
+        row = evaluate_model(name, model, tok, sets, judges, gen, Path(args.work) / "responses").to_dict()
+    return {"n_harmful": len(sets.harmful), "n_over_refusal": len(over), "over_refusal_source": source,
+            "max_new_tokens": args.eval_tokens,
+            "harmful": {j: h["overall"] for j, h in row["harmful"].items()}, "verdicts": row["verdicts"],
+            "over_refusal": row.get("over_refusal")}
+
+
+def paired_with_first(rows: list[dict]) -> None:
+    """Exact McNemar of each variant against the first on the same prompts: harmful (each judge), over-refusal."""
+    from safegene.evaluation.metrics import mcnemar_exact
+
+    def bools(v: str) -> list:
+        return [None if c == "?" else c == "1" for c in v]
+
+    ref = rows[0]["eval"]
+    for r in rows[1:]:
+        ev = r["eval"]
+        r["paired_vs_first"] = {
+            **{f"harmful.{j}": mcnemar_exact(bools(ref["verdicts"][j]), bools(v)) for j, v in ev["verdicts"].items()},
+            "over_refusal": mcnemar_exact(bools(ref["over_refusal"]["verdicts"]), bools(ev["over_refusal"]["verdicts"]))}
 
 
 def main() -> None:
@@ -39,8 +87,18 @@ def main() -> None:
     ap.add_argument("--task-model", required=True)
     ap.add_argument("--task", default="sst2")
     ap.add_argument("--shots", type=int, default=32, help="harmful and task shots (each), as the bench")
-    ap.add_argument("--variants", default="steps=20", help="';'-separated RecalibrateConfig overrides, k=v,k=v")
+    ap.add_argument("--variants", default="optimizer=adam,steps=20;optimizer=line-search",
+                    help="';'-separated RecalibrateConfig overrides, k=v,k=v (default: the bench's Adam fit as first "
+                         "written, then the line search)")
     ap.add_argument("--realign-steps", type=int, default=24, help="LoRA steps of re-align (the bench's default)")
+    ap.add_argument("--eval-harmful", type=int, default=0,
+                    help="also answer this many held-out safety-eval prompts with each variant's adapter attached "
+                         "(0: off), for paired tests of the harmful rate against the first variant")
+    ap.add_argument("--eval-over-refusal", type=int, default=0, help="and this many over-refusal prompts (XSTest's "
+                                                                     "safe prompts when ../shared/data is there)")
+    ap.add_argument("--eval-tokens", type=int, default=64, help="new tokens per harmful answer (over-refusal: 48)")
+    ap.add_argument("--judges", default="refusal-phrase,content-classifier")
+    ap.add_argument("--work", default="runs/recalibration-bench", help="where the evaluation's answers are stored")
     ap.add_argument("-o", "--output", default=str(ROOT / "bench" / "results" / "recalibration.json"))
     args = ap.parse_args()
 
@@ -67,12 +125,18 @@ def main() -> None:
                      "final_loss": rc["history"][-1]["loss"] if rc["history"] else None})
         print(f"recalibrate {overrides or '(defaults)'}: {rows[-1]['seconds']} s, phases {rows[-1]['phases']}, "
               f"after {rc['objective']['after']}", flush=True)
+        if args.eval_harmful:
+            rows[-1]["eval"] = evaluate(cal, model, tok, args, name=f"variant-{len(rows)}")
+    if args.eval_harmful:
+        paired_with_first(rows)
     del model
     t = time.perf_counter()
     realigned = realign(args.task_model, base, LoraTrainConfig(max_steps=args.realign_steps))
     realign_s = round(time.perf_counter() - t, 1)
     for r in rows:
         r["recalibrate_vs_realign"] = round(r["seconds"] / realign_s, 3)
+        # re-align's own seconds include loading its copy of T; its training loop alone, for a stricter comparison
+        r["recalibrate_vs_realign_training"] = round(r["seconds"] / realigned.card["training"]["seconds"], 3)
     out = {"date": datetime.date.today().isoformat(), "machine": "2 CPU cores, float32",
            "task_model": args.task_model, "adapter": args.adapter, "layers": adapter.layers, "shots": 2 * args.shots,
            "model_load_s": load_s, "realign": {"steps": args.realign_steps, "seconds": realign_s,

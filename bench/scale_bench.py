@@ -7,9 +7,10 @@ The weights are random (no download; the costs do not depend on the values), the
 model's (Qwen2.5's vocabulary), and the adapter is random rank-8 factors on every target module of every layer. Each
 stage runs through the library API, as `protect` runs it:
   * layer selection (`select_layers`, refusal-gain, linearised) on a few harmful + benign prompts,
-  * recalibration (`recalibrate`) on 8 layers spread evenly from layer 0 (the worst case: every step re-runs the
-    whole model from the lowest selected layer; a random adapter's own selection would be arbitrary): seconds per
-    optimiser step, from two runs of different step counts (so the one-off activation capture is not counted),
+  * recalibration (`recalibrate`) on 8 layers spread evenly from layer 0 (the worst case: every pass re-runs the
+    whole model from the lowest selected layer; a random adapter's own selection would be arbitrary): the default
+    line search whole (seconds of each phase), and the Adam fit's seconds per optimiser step, from two runs of
+    different step counts (so the one-off activation capture is not counted),
   * generation (`generate_detailed`): tokens/s batched vs one prompt at a time (a random model rarely emits a stop
     token, so every answer runs to max_new_tokens: a like-for-like count).
 Memory per stage: torch.cuda.max_memory_allocated on a GPU (reset before each stage), else the peak RSS sampled
@@ -19,6 +20,7 @@ every 5 ms while the stage runs. Writes bench/results/scale_<device>.json (`--ou
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import threading
 import time
@@ -171,25 +173,35 @@ def main() -> None:
                            "selected": selected.layers}
     print(f"selection: {result['selection']['seconds']} s on {2 * k} prompts, peak {result['selection']['peak_mb']} MB")
 
-    # --- recalibration: seconds per step from two runs -----------------------------------------------------------
+    # --- recalibration: the line search (the default), and Adam's seconds per step from two runs ------------------
     n = args.recal_shots
     n_layers = model.config.num_hidden_layers
     spread = sorted({round(i * (n_layers - 1) / 7) for i in range(8)}) if n_layers > 8 else list(range(n_layers))
     to_fit = adapter.select(spread)
+    base = RecalibrateConfig(n_harmful=n, n_task=n)
+    t = time.perf_counter()
+    with Memory(device) as mem:
+        fitted = recalibrate(to_fit, base, model, tok, progress=False)
+    rc = fitted.card["recalibration"]
+    result["recalibration"] = {"line_search": {"seconds": round(time.perf_counter() - t, 2), "phases": rc["phases"],
+                                               "points": len(rc["history"]) - 1, "peak_mb": round(mem.peak_mb)},
+                               "shots": 2 * n, "layers": spread}
+    print(f"recalibration, line search: {result['recalibration']['line_search']['seconds']} s "
+          f"({rc['phases']}), peak {round(mem.peak_mb)} MB")
     timings = {}
     peak = 0.0
     for steps in (1, 1 + args.recal_steps):
-        rcfg = RecalibrateConfig(n_harmful=n, n_task=n, steps=steps, batch_size=8)
+        rcfg = dataclasses.replace(base, optimizer="adam", steps=steps, batch_size=8)
         t = time.perf_counter()
         with Memory(device) as mem:
             recalibrate(to_fit, rcfg, model, tok, progress=False)
         timings[steps] = time.perf_counter() - t
         peak = max(peak, mem.peak_mb)
     per_step = (timings[1 + args.recal_steps] - timings[1]) / args.recal_steps
-    result["recalibration"] = {"seconds_per_step": round(per_step, 3), "fixed_seconds": round(timings[1] - per_step, 2),
-                               "shots": 2 * n, "batch_size": 8, "layers": spread,
-                               "peak_mb": round(peak)}
-    print(f"recalibration: {per_step:.3f} s/step (+{timings[1] - per_step:.1f} s once), peak {round(peak)} MB")
+    result["recalibration"]["adam"] = {"seconds_per_step": round(per_step, 3),
+                                       "fixed_seconds": round(timings[1] - per_step, 2), "batch_size": 8,
+                                       "peak_mb": round(peak)}
+    print(f"recalibration, adam: {per_step:.3f} s/step (+{timings[1] - per_step:.1f} s once), peak {round(peak)} MB")
 
     # --- generation -----------------------------------------------------------------------------------------------
     prompts = harmful_prompt_texts("harmful-pairs", args.gen_prompts, 3)

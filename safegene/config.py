@@ -22,16 +22,22 @@ C = TypeVar("C")
 
 def opt(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple[str, ...] | None = None,  # noqa: A002
         aliases: tuple[str, ...] = (), positional: bool = False, cli_only: bool = False, added_later: bool = False,
-        leaf_flag: bool = True, **kw) -> Any:
+        earlier_value: Any = dataclasses.MISSING, leaf_flag: bool = True, **kw) -> Any:
     """A dataclass field that carries what the command line needs: help text, allowed values (checked when a config
     is read), extra flag spellings (`aliases`, e.g. "-o"), whether it is a positional argument, and whether it only
     says where the command reads or writes (`cli_only`: not a setting of the computation, left out of `settings`),
     and whether it came after stages were first recorded (`added_later`: left out of `settings` while at its
-    default, so that stages finished before it existed still match). In a nested config that offers short flags
+    default, so that stages finished before it existed still match). `earlier_value` is for a field added later
+    whose default is *not* what came before (a new default method): stages recorded before it existed ran with
+    `earlier_value`, so the field is left out of `settings` at that value instead, and a default config no longer
+    matches them. In a nested config that offers short flags
     (`cli_leaf_flags`), `leaf_flag=False` keeps one field to its dotted flag only, where its short name would mean
     something else to the user (`train.dtype` next to the placement's `--dtype`)."""
     meta = {"help": help, "choices": choices, "aliases": tuple(aliases), "positional": positional,
-            "cli_only": cli_only, "added_later": added_later, "leaf_flag": leaf_flag}
+            "cli_only": cli_only, "added_later": added_later or earlier_value is not dataclasses.MISSING,
+            "leaf_flag": leaf_flag}
+    if earlier_value is not dataclasses.MISSING:
+        meta["earlier_value"] = earlier_value
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
     if dataclasses.is_dataclass(default):
@@ -77,8 +83,15 @@ def settings(cfg: Any) -> dict[str, Any]:
     folders). Stage keys use it, so that a command-line field does not invalidate a finished stage."""
     fields_ = cfg.__dataclass_fields__
     default = to_dict(type(cfg)())
-    return {k: v for k, v in to_dict(cfg).items() if not fields_[k].metadata.get("cli_only")
-            and not (fields_[k].metadata.get("added_later") and v == default[k])}
+
+    def implicit(k: str, v: Any) -> bool:
+        """Is `v` what a stage recorded before field `k` existed ran with (so its record lacks `k`)?"""
+        meta = fields_[k].metadata
+        if "earlier_value" in meta:
+            return v == meta["earlier_value"]
+        return bool(meta.get("added_later")) and v == default[k]
+
+    return {k: v for k, v in to_dict(cfg).items() if not fields_[k].metadata.get("cli_only") and not implicit(k, v)}
 
 
 def _type_hints(cls: type) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from .data.attacks import EVALUATION_FAMILY, TRAINING_FAMILIES
 from .data.records import PromptResponse
 from .errors import ConfigError, DataError
 from .io import sha256_text
-from .forward import capture, decoder_parts, run_from
+from .forward import capture_from, decoder_parts, run_from
 from .models.placement import PlacementConfig, float32_math
 from .objectives import encode_batch, preference_loss, token_nll, topk_kl
 
@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 
 #: what the refusal shots are trained to say: the fixed text (or the refusals file), or A's own refusals
 REFUSAL_TARGETS = ("fixed", "aligned")
+#: how the coefficients are fitted (see RecalibrateConfig.optimizer)
+OPTIMIZERS = ("line-search", "adam")
 
 
 @dataclass
@@ -61,9 +63,18 @@ class RecalibrateConfig(AdapterInOut):
     utility_weight: float = opt(1.0, "weight of the KL-to-T term on task shots")
     alpha_max: float = opt(2.0, "coefficients are bounded to [0, alpha_max]")
     alpha_init: float = opt(1.0, "starting coefficient")
-    steps: int = opt(30, "optimizer steps")
-    batch_size: int = opt(8, "shots per step (half harmful, half task)")
-    learning_rate: float = opt(0.1, "Adam learning rate on the coefficients' logits")
+    optimizer: str = opt("line-search", "how the coefficients are fitted: line-search (the objective's gradient over "
+                         "every shot at alpha_init, then the objective over every shot at up to `search_points` points "
+                         "along it, clipped to [0, alpha_max], forward passes only; the best point wins) or adam "
+                         "(`steps` Adam steps on mini-batches of `batch_size` shots, the method as first written)",
+                         choices=OPTIMIZERS, earlier_value="adam")
+    search_points: int = opt(3, "line-search: points tried along the gradient, each one forward pass over every shot",
+                             added_later=True)
+    chunk_size: int = opt(16, "shots per forward pass when the objective runs over every shot (bounds the activation "
+                          "memory of the gradient pass)", added_later=True)
+    steps: int = opt(30, "adam: optimizer steps")
+    batch_size: int = opt(8, "adam: shots per step (half harmful, half task)")
+    learning_rate: float = opt(0.1, "adam: learning rate on the coefficients' logits")
     max_length: int = opt(96, "token limit per shot")
     tied: bool = opt(False, "one coefficient shared by all layers (the RESTA baseline) instead of one per layer")
     sensitive: str | None = opt(None, "benign-but-sensitive prompts whose answers must not move: T's own greedy "
@@ -101,6 +112,10 @@ class RecalibrateConfig(AdapterInOut):
         check(self.alpha_max > 0, "alpha_max must be > 0")
         check(0 < self.alpha_init < self.alpha_max, f"alpha_init must be in (0, alpha_max={self.alpha_max})")
         check(self.steps >= 1 and self.batch_size >= 2, "steps >= 1 and batch_size >= 2 are needed")
+        check(self.optimizer in OPTIMIZERS,
+              f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        check(self.search_points >= 1, f"search_points must be >= 1, got {self.search_points}")
+        check(self.chunk_size >= 1, f"chunk_size must be >= 1, got {self.chunk_size}")
         check(self.n_harmful >= 1 and self.n_task >= 1, "need at least one harmful and one task shot")
         check(self.refusal_target in REFUSAL_TARGETS,
               f"refusal_target must be one of {', '.join(REFUSAL_TARGETS)}, got {self.refusal_target!r}")
@@ -260,13 +275,102 @@ def _n_layers(model: Any) -> int:
     return len(decoder_parts(model)[0])
 
 
+class ShotObjective:
+    """The recalibration objective on the shots, run from the lowest selected layer on the recorded lower layers.
+
+    `terms` is the mini-batch form (Adam); `evaluate` runs every shot in chunks of `chunk_size` and weights each chunk
+    by its share of target tokens (NLL), target positions (KL) or shots (preference), so the chunked value and
+    gradient are those of one pass over every shot, with the activation memory of one chunk."""
+
+    def __init__(self, model: Any, start_layer: int, cfg: RecalibrateConfig, harmful: Any, task: Any,
+                 compliant: Any | None, harmful_in: Any, task_in: Any, compliant_in: Any | None) -> None:
+        self.model, self.start, self.cfg = model, start_layer, cfg
+        self.hb, self.tb, self.cb = harmful, task, compliant
+        self.h_in, self.t_in, self.c_in = harmful_in, task_in, compliant_in
+        self.t_vals = self.t_idx = None
+
+    def _logits(self, inputs: Any, batch: Any, idx: list[int]) -> Any:
+        return run_from(self.model, self.start, inputs.subset(idx), batch.target_mask[idx])
+
+    def fix_reference(self) -> None:
+        """T's own top-64 answer distribution on the task shots (call while the adapter is disabled): what must not
+        move."""
+        import torch
+
+        vals, idxs = [], []
+        with torch.inference_mode():
+            for idx in self._chunks(len(self.tb)):
+                logp = torch.log_softmax(float32_math(self._logits(self.t_in, self.tb, idx)), -1)
+                v, i = logp.topk(64, -1)
+                vals.append(v)
+                idxs.append(i)
+        self.t_vals, self.t_idx = torch.cat(vals).clone(), torch.cat(idxs).clone()
+
+    def _chunks(self, n: int) -> list[list[int]]:
+        return [list(range(s, min(s + self.cfg.chunk_size, n))) for s in range(0, n, self.cfg.chunk_size)]
+
+    def harmful_terms(self, idx: list[int]) -> dict[str, Any]:
+        """The refusal NLL on harmful shots `idx` and, when on, the preference term on the same shots."""
+        logits = self._logits(self.h_in, self.hb, idx)
+        terms = {"refusal_nll": token_nll(logits, self.hb.targets[idx][self.hb.target_mask[idx]])}
+        if self.cb is not None:
+            c_logits = self._logits(self.c_in, self.cb, idx)
+            terms["preference"] = preference_loss(logits, self.hb.subset(idx), c_logits, self.cb.subset(idx))
+        return terms
+
+    def task_kl(self, idx: list[int]) -> Any:
+        rows = self.tb.target_rows(idx)
+        return topk_kl(self._logits(self.t_in, self.tb, idx), self.t_vals[rows], self.t_idx[rows])
+
+    def terms(self, h_idx: list[int], t_idx: list[int]) -> dict[str, Any]:
+        return {**self.harmful_terms(h_idx), "task_kl": self.task_kl(t_idx)}
+
+    def loss(self, terms: dict[str, Any]) -> Any:
+        total = terms["refusal_nll"] + self.cfg.utility_weight * terms["task_kl"]
+        if "preference" in terms:
+            total = total + self.cfg.preference_weight * terms["preference"]
+        return total
+
+    def evaluate(self, grad: bool = False, task: bool = True, before_chunk: Any = None) -> dict[str, float]:
+        """Every term over every shot (the task KL only with `task`), and their weighted sum as `loss`. With `grad`,
+        the loss's gradient accumulates into the coefficients' leaf; `before_chunk()` runs before each chunk (it
+        re-derives the per-layer coefficients, whose graph each backward frees)."""
+        import torch
+
+        hm, tm = self.hb.target_mask, self.tb.target_mask
+        n_tokens, n_positions, n_shots = int(hm.sum()), int(tm.sum()), len(self.hb)
+        out: dict[str, float] = {}
+        with torch.enable_grad() if grad else torch.no_grad():
+            for idx in self._chunks(len(self.hb)):
+                if before_chunk:
+                    before_chunk()
+                terms = self.harmful_terms(idx)
+                weights = {"refusal_nll": int(hm[idx].sum()) / n_tokens, "preference": len(idx) / n_shots}
+                part = weights["refusal_nll"] * terms["refusal_nll"]
+                if "preference" in terms:
+                    part = part + self.cfg.preference_weight * weights["preference"] * terms["preference"]
+                if grad:
+                    part.backward()
+                for k, v in terms.items():
+                    out[k] = out.get(k, 0.0) + weights[k] * float(v.detach())
+            if task:
+                out["task_kl"] = 0.0
+                for idx in self._chunks(len(self.tb)):
+                    if before_chunk:
+                        before_chunk()
+                    kl = self.task_kl(idx)
+                    share = int(tm[idx].sum()) / n_positions
+                    if grad:
+                        (self.cfg.utility_weight * share * kl).backward()
+                    out["task_kl"] += share * float(kl.detach())
+        out["loss"] = float(self.loss({**out, "task_kl": out.get("task_kl", 0.0)}))
+        return out
+
+
 def recalibrate(adapter: SafetyAdapter, cfg: RecalibrateConfig, model: Any = None, tokenizer: Any = None,
                 progress: bool = True, aligned_model: Any = None, aligned_tokenizer: Any = None) -> SafetyAdapter:
     """Learn α_l for `adapter`'s selected layers on task model `cfg.task_model`; returns the calibrated adapter.
     With refusal_target 'aligned', A is `aligned_model` if given, else loaded from `cfg.aligned` for the targets."""
-    import torch
-    from tqdm.auto import tqdm
-
     from .models import load_model, load_tokenizer
 
     t0 = time.perf_counter()
@@ -291,80 +395,20 @@ def recalibrate(adapter: SafetyAdapter, cfg: RecalibrateConfig, model: Any = Non
     try:
         handle.disable()
         t_phase = time.perf_counter()
-        # layers below the lowest selected one never change: record their output once, run only the rest per step
-        upper = list(range(start_layer, _n_layers(model)))
-        h_rec = capture(model, hb.input_ids, hb.attention_mask, upper)
-        t_rec = capture(model, tb.input_ids, tb.attention_mask, upper)
-        c_rec = capture(model, cb.input_ids, cb.attention_mask, upper) if preference else None
-        with torch.inference_mode():
-            t_logp = torch.log_softmax(float32_math(run_from(model, start_layer, t_rec, tb.target_mask)), -1)
-            t_vals, t_idx = t_logp.topk(64, -1)  # T's own answer distribution: what must not move
-        t_vals, t_idx = t_vals.clone(), t_idx.clone()
-        handle.enable()
-        frac = cfg.alpha_init / cfg.alpha_max
-        # θ is a float32 CPU tensor whatever the model's dtype and devices: each α_l reaches its layer's hook as a
-        # 0-d tensor, which multiplies a bfloat16 or GPU activation like a number and takes its gradient back
-        # tied: one θ broadcast over every layer (RESTA's single global coefficient, fitted by the same objective)
-        theta = torch.nn.Parameter(torch.full((1 if cfg.tied else len(layers),), math.log(frac / (1 - frac))))
-        opt = torch.optim.Adam([theta], lr=cfg.learning_rate)
-
-        def set_alphas() -> Any:
-            alpha = (cfg.alpha_max * torch.sigmoid(theta)).expand(len(layers))
-            for j, l in enumerate(layers):
-                handle.scales[l] = alpha[j]
-            return alpha
-
-        def harmful_terms(h_idx: list[int]) -> dict[str, Any]:
-            """The refusal NLL on shots `h_idx` and, when on, the preference term on the same shots."""
-            hm = hb.target_mask[h_idx]
-            logits = run_from(model, start_layer, h_rec.subset(h_idx), hm)
-            terms = {"refusal_nll": token_nll(logits, hb.targets[h_idx][hm])}
-            if preference:
-                cm = cb.target_mask[h_idx]
-                c_logits = run_from(model, start_layer, c_rec.subset(h_idx), cm)
-                terms["preference"] = preference_loss(logits, hb.subset(h_idx), c_logits, cb.subset(h_idx))
-            return terms
-
-        def objective(h_idx: list[int], t_idx_: list[int]) -> dict[str, Any]:
-            rows = tb.target_rows(t_idx_)
-            tm = tb.target_mask[t_idx_]
-            kl = topk_kl(run_from(model, start_layer, t_rec.subset(t_idx_), tm), t_vals[rows], t_idx[rows])
-            return {**harmful_terms(h_idx), "task_kl": kl}
-
-        every_shot = list(range(len(hb)))
-
-        def full_eval() -> dict[str, float]:
-            with torch.no_grad():
-                return {k: float(v) for k, v in objective(every_shot, list(range(len(tb)))).items()}
-
-        handle.disable()
-        with torch.no_grad():  # T alone: its KL to itself is 0 by definition, so only the harmful terms are run
-            before = {**{k: float(v) for k, v in harmful_terms(every_shot).items()}, "task_kl": 0.0}
+        # layers below the lowest selected one never change: run them once, and only the rest per evaluation
+        objective = ShotObjective(
+            model, start_layer, cfg, hb, tb, cb, capture_from(model, hb.input_ids, hb.attention_mask, start_layer),
+            capture_from(model, tb.input_ids, tb.attention_mask, start_layer),
+            capture_from(model, cb.input_ids, cb.attention_mask, start_layer) if preference else None)
+        objective.fix_reference()
+        # T alone: its KL to itself is 0 by definition, so only the harmful terms are run
+        before = {**objective.evaluate(task=False), "task_kl": 0.0}
+        before.pop("loss")
         handle.enable()
         phases = {"cache_lower_layers_s": round(time.perf_counter() - t_phase, 2)}
-        t_phase = time.perf_counter()
-        set_alphas()
-        rng = random.Random(cfg.seed)
-        half = max(1, cfg.batch_size // 2)
-        history = []
-        for _ in tqdm(range(cfg.steps), desc="recalibrating α", unit="step", disable=not progress):
-            alpha = set_alphas()
-            terms = objective(rng.sample(range(len(hb)), min(half, len(hb))), rng.sample(range(len(tb)), min(half, len(tb))))
-            loss = terms["refusal_nll"] + cfg.utility_weight * terms["task_kl"]
-            if preference:
-                loss = loss + cfg.preference_weight * terms["preference"]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            history.append({"loss": round(loss.detach().item(), 4),
-                            **_rounded({k: v.detach() for k, v in terms.items()})})
-        alpha = set_alphas().detach()
-        phases["steps_s"] = round(time.perf_counter() - t_phase, 2)
-        t_phase = time.perf_counter()
-        after = full_eval()
-        handle.set_coefficients(1.0)
-        unit = full_eval()  # α = 1 everywhere: the uncalibrated adapter, for comparison
-        phases["objective_checks_s"] = round(time.perf_counter() - t_phase, 2)
+        fit = fit_line_search if cfg.optimizer == "line-search" else fit_adam
+        alpha, unit, after, history, fit_phases = fit(objective, handle, layers, cfg, progress)
+        phases.update(fit_phases)
     finally:
         handle.remove()
     coeffs = {l: round(float(a), 6) for l, a in zip(layers, alpha)}
@@ -384,6 +428,129 @@ def recalibrate(adapter: SafetyAdapter, cfg: RecalibrateConfig, model: Any = Non
         "phases": phases,
     }
     return out
+
+
+def _coefficient_setter(handle: AttachedAdapter, layers: list[int], cfg: RecalibrateConfig) -> Any:
+    """set(values) puts α (one value, tied, or one per layer) on the attached layers, each as a 0-d tensor that
+    multiplies a bfloat16 or GPU activation like a number and takes its gradient back to `values`."""
+
+    def set_(values: Any) -> Any:
+        alpha = values.expand(len(layers))
+        for j, l in enumerate(layers):
+            handle.scales[l] = alpha[j]
+        return alpha
+
+    return set_
+
+
+def _terms_only(evaluated: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in evaluated.items() if k != "loss"}
+
+
+def fit_line_search(objective: ShotObjective, handle: AttachedAdapter, layers: list[int], cfg: RecalibrateConfig,
+                    progress: bool) -> tuple[Any, dict, dict, list, dict]:
+    """One gradient of the whole objective at α = alpha_init, then the objective at up to `search_points` points
+    α(t) = clip(α0 − t·g/‖g‖∞, 0, alpha_max). The first point puts the layer the gradient pushes hardest on its
+    bound; a point that improves is followed by one twice as far (up to where every pushed layer sits on its
+    bound), one that does not by one a quarter as far, until a step back from an improvement; the best point seen,
+    α0 included, wins.
+
+    Why not many small steps: the shots are few and the parameters are |S| scalars, so the objective over every shot
+    is cheap next to the passes themselves, and on the default model its optimum sits at or near the bound (the Adam
+    path's coefficients ended where its step budget let them). A handful of forward passes over every shot reaches
+    that point; Adam's mini-batch steps paid a backward pass each for noisy gradients."""
+    import torch
+
+    set_alphas = _coefficient_setter(handle, layers, cfg)
+    n = 1 if cfg.tied else len(layers)
+    a0 = torch.full((n,), float(cfg.alpha_init), requires_grad=True)
+    t_phase = time.perf_counter()
+    at_a0 = objective.evaluate(grad=True, before_chunk=lambda: set_alphas(a0))
+    grad = a0.grad.detach().clone()
+    a0 = a0.detach()
+    phases = {"gradient_s": round(time.perf_counter() - t_phase, 2)}
+    t_phase = time.perf_counter()
+    history: list[dict[str, Any]] = [{"t": 0.0, **_rounded(at_a0), "gradient": [round(float(g), 6) for g in grad]}]
+    best_a, best = a0, at_a0
+    scale = float(grad.abs().max())
+    if math.isfinite(scale) and scale > 0:
+        d = -grad / scale
+        # how far along d each coordinate may go before its bound (inf where d does not move it)
+        room = torch.where(d > 0, (cfg.alpha_max - a0) / d.clamp(min=1e-12),
+                           torch.where(d < 0, a0 / (-d).clamp(min=1e-12), torch.full_like(d, math.inf)))
+        t_lead = float(room[d.abs() == 1].min())
+        t_all = float(room[torch.isfinite(room)].max())
+        t, improved_once = t_lead, False
+        bar = tqdm_or_none(cfg.search_points, progress)
+        for _ in range(cfg.search_points):
+            a = (a0 + t * d).clamp(0.0, cfg.alpha_max)
+            with torch.no_grad():
+                set_alphas(a)
+                value = objective.evaluate()
+            history.append({"t": round(t, 6), **_rounded(value), "alpha": [round(float(x), 6) for x in a]})
+            if bar:
+                bar.update(1)
+            if value["loss"] < best["loss"]:
+                best_a, best, improved_once = a, value, True
+                if t >= t_all:
+                    break  # every pushed coefficient is on its bound: further along changes nothing
+                t = min(2 * t, t_all)
+            elif improved_once:
+                break  # past the best point along the line
+            else:
+                t /= 4
+        if bar:
+            bar.close()
+    phases["search_s"] = round(time.perf_counter() - t_phase, 2)
+    unit = at_a0
+    if cfg.alpha_init != 1.0:  # the card compares with the uncalibrated adapter, α = 1
+        with torch.no_grad():
+            set_alphas(torch.ones(n))
+            unit = objective.evaluate()
+    return (set_alphas(best_a).detach(), _terms_only(unit), _terms_only(best), history, phases)
+
+
+def tqdm_or_none(total: int, progress: bool) -> Any:
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="recalibrating α (line search)", unit="point")
+
+
+def fit_adam(objective: ShotObjective, handle: AttachedAdapter, layers: list[int], cfg: RecalibrateConfig,
+             progress: bool) -> tuple[Any, dict, dict, list, dict]:
+    """`steps` Adam steps on θ, α = alpha_max·sigmoid(θ), each on `batch_size` shots (half harmful, half task)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    set_alphas = _coefficient_setter(handle, layers, cfg)
+    frac = cfg.alpha_init / cfg.alpha_max
+    # tied: one θ broadcast over every layer (RESTA's single global coefficient, fitted by the same objective)
+    theta = torch.nn.Parameter(torch.full((1 if cfg.tied else len(layers),), math.log(frac / (1 - frac))))
+    opt = torch.optim.Adam([theta], lr=cfg.learning_rate)
+    t_phase = time.perf_counter()
+    rng = random.Random(cfg.seed)
+    half = max(1, cfg.batch_size // 2)
+    n_h, n_t = len(objective.hb), len(objective.tb)
+    history = []
+    for _ in tqdm(range(cfg.steps), desc="recalibrating α", unit="step", disable=not progress):
+        set_alphas(cfg.alpha_max * torch.sigmoid(theta))
+        terms = objective.terms(rng.sample(range(n_h), min(half, n_h)), rng.sample(range(n_t), min(half, n_t)))
+        loss = objective.loss(terms)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        history.append({"loss": round(loss.detach().item(), 4),
+                        **_rounded({k: v.detach() for k, v in terms.items()})})
+    alpha = set_alphas(cfg.alpha_max * torch.sigmoid(theta)).detach()
+    phases = {"steps_s": round(time.perf_counter() - t_phase, 2)}
+    t_phase = time.perf_counter()
+    after = objective.evaluate()
+    handle.set_coefficients(1.0)
+    unit = objective.evaluate()  # α = 1 everywhere: the uncalibrated adapter, for comparison
+    phases["objective_checks_s"] = round(time.perf_counter() - t_phase, 2)
+    return alpha, _terms_only(unit), _terms_only(after), history, phases
 
 
 def _rounded(terms: dict[str, Any]) -> dict[str, float]:

@@ -187,11 +187,15 @@ def test_stage_keys_leave_out_command_line_fields():
                   "top_k", "threshold", "batch_size", "seed"]
     old_recal = ["task_model", "harmful", "refusals", "refusal_text", "task", "n_harmful", "n_task", "utility_weight",
                  "alpha_max", "alpha_init", "steps", "batch_size", "learning_rate", "max_length", "tied", "seed"]
+    # (the recalibration of that version was the Adam fit; today's default is the line search, see below)
     for cfg, old in ((SelectConfig(adapter="a", output="o"), old_select),
-                     (RecalibrateConfig(adapter="a", output="o"), old_recal)):
+                     (RecalibrateConfig(adapter="a", output="o", optimizer="adam"), old_recal)):
         recorded = {k: v for k, v in settings(cfg).items() if k in old}
         assert list(settings(cfg)) == old
         assert same_config({"stage": recorded}, {"stage": settings(cfg)})
+    # a stage recorded by the Adam fit is not today's default recalibration
+    recorded = {k: v for k, v in settings(RecalibrateConfig(optimizer="adam")).items()}
+    assert not same_config({"stage": recorded}, {"stage": settings(RecalibrateConfig())})
 
 
 def test_stored_answers_are_dropped_only_for_the_kind_whose_decoding_changed(tmp_path):
@@ -297,7 +301,8 @@ def test_a_reattacked_model_is_protected_again(tiny_qwen, tmp_path, capsys, monk
     fitted = {name: json.loads((folder / "safegene.json").read_text())["recalibration"] for name, folder in (
         ("T", out / "methods" / "arithmetic" / "safegene"),
         ("again", out / "reattack" / "arithmetic" / "safegene-1" / "reprotected" / "safegene"))}
-    assert fitted["again"]["coefficients"] != fitted["T"]["coefficients"]
+    # fitted anew on the re-attacked weights: another gradient (the line search may still land both on the same bounds)
+    assert fitted["again"]["history"][0]["gradient"] != fitted["T"]["history"][0]["gradient"]
     assert fitted["again"]["task_model"] == str(out / "reattack" / "arithmetic" / "safegene-1" / "model")
     alone = [f["objective"]["task_model_alone"]["refusal_nll"] for f in fitted.values()]
     assert alone[0] != alone[1]  # the refusal loss of the model it started from: another model

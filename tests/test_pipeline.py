@@ -154,7 +154,7 @@ def test_partial_forward_equals_the_full_model(adapter):
 def test_recalibration_learns_bounded_coefficients(adapter, tmp_path):
     ad, d = adapter
     cfg = RecalibrateConfig(task_model=str(d), harmful="many-shot-harmful", task="arithmetic", n_harmful=6, n_task=6,
-                            steps=15, batch_size=4, learning_rate=0.3, alpha_max=2.0)
+                            optimizer="adam", steps=15, batch_size=4, learning_rate=0.3, alpha_max=2.0)
     cal = recalibrate(ad, cfg, progress=False)
     rc = cal.card["recalibration"]
     alphas = [cal.coefficients[l] for l in ad.layers]
@@ -184,8 +184,8 @@ def test_recalibration_learns_bounded_coefficients(adapter, tmp_path):
 
 def test_recalibration_with_huge_utility_weight_stays_near_zero_push(adapter):
     ad, d = adapter
-    cfg = RecalibrateConfig(task_model=str(d), n_harmful=4, n_task=4, steps=20, batch_size=4, learning_rate=0.5,
-                            utility_weight=1e4)
+    cfg = RecalibrateConfig(task_model=str(d), n_harmful=4, n_task=4, optimizer="adam", steps=20, batch_size=4,
+                            learning_rate=0.5, utility_weight=1e4)
     cal = recalibrate(ad, cfg, progress=False)
     obj = cal.card["recalibration"]["objective"]
     assert obj["after"]["task_kl"] < obj["alpha_1"]["task_kl"]

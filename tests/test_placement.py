@@ -313,8 +313,8 @@ def test_bfloat16_end_to_end_with_float32_math(family, tmp_path, monkeypatch, ca
     assert main(["select", str(root / "ad-saved"), "-o", str(sel), "--model", str(d), "--dtype", "bfloat16",
                  "--harmful", "many-shot-harmful", "--n-harmful", "4", "--n-benign", "4", "--top-k", "2"]) == 0
     assert main(["recalibrate", str(sel), "-o", str(cal), "--task-model", str(d), "--dtype", "bfloat16",
-                 "--harmful", "many-shot-harmful", "--n-harmful", "4", "--n-task", "4", "--steps", "4",
-                 "--batch-size", "4", "--learning-rate", "0.3"]) == 0
+                 "--harmful", "many-shot-harmful", "--n-harmful", "4", "--n-task", "4", "--optimizer", "adam",
+                 "--steps", "4", "--batch-size", "4", "--learning-rate", "0.3"]) == 0
     capsys.readouterr()
     assert loaded == [{torch.bfloat16}, {torch.bfloat16}]  # both commands loaded the model in bf16
     card = json.loads((cal / "safegene.json").read_text())

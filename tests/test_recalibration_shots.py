@@ -30,11 +30,17 @@ def _data_sha(pairs):
 
 def test_defaults_leave_stage_keys_and_shots_unchanged():
     cfg = RecalibrateConfig()
-    assert set(settings(cfg)) == KEYS_BEFORE_ISSUE_15
+    # `optimizer` is the one new key a default config carries: the default fit changed from Adam steps to the line
+    # search, so a stage recorded before (no optimizer: Adam) must not be taken for today's default, but is still
+    # the same stage as an explicit Adam fit
+    assert set(settings(cfg)) == KEYS_BEFORE_ISSUE_15 | {"optimizer"}
+    assert settings(cfg)["optimizer"] == "line-search"
+    assert set(settings(dataclasses.replace(cfg, optimizer="adam"))) == KEYS_BEFORE_ISSUE_15
+    KEYS = KEYS_BEFORE_ISSUE_15 | {"optimizer"}
     # each knob, once set, enters the key (so a variant never reuses plain SafeGene's stage)
     for change in ({"preference_weight": 1.0}, {"jailbreak_shots": 0.5}, {"refusal_target": "aligned", "aligned": "A"},
                    {"aligned_tokens": 12}, {"jailbreak_max_length": 200}):
-        assert set(settings(dataclasses.replace(cfg, **change))) == KEYS_BEFORE_ISSUE_15 | set(change)
+        assert set(settings(dataclasses.replace(cfg, **change))) == KEYS | set(change)
     small = RecalibrateConfig(n_harmful=5)
     assert refusal_shots(small) == [PromptResponse(p, small.refusal_text) for p in harmful_prompt_texts("harmful-pairs", 5, 0)]
     shots = harmful_shots(small)
@@ -121,7 +127,7 @@ def test_preference_term_is_recorded_and_moves_the_coefficients(adapter):
 
     ad, d = adapter
     base = RecalibrateConfig(task_model=str(d), harmful="many-shot-harmful", task="arithmetic", n_harmful=6, n_task=6,
-                             steps=12, batch_size=4, learning_rate=0.3)
+                             optimizer="adam", steps=12, batch_size=4, learning_rate=0.3)
     cfg = dataclasses.replace(base, preference_weight=1.0)
     shots = harmful_shots(cfg)
     pairs = prompt_response_pairs("many-shot-harmful", n=6, seed=0)

@@ -5,7 +5,8 @@ recalibration).
 Then SafeGene with the opt-in shot knobs of `RecalibrateConfig` (issue 15), one per row so the benchmark compares
 each with plain SafeGene on the same layers and shots: A's own refusals as targets, the preference term against
 compliance, half of the harmful shots jailbreak-wrapped (a template family disjoint from the evaluation's), and all
-three together. They are left out of the demo preset."""
+three together; and SafeGene fitted as first written (Adam steps on mini-batches instead of the line search), to
+compare the two fits on the same rows. They are left out of the demo preset."""
 
 from __future__ import annotations
 
@@ -51,6 +52,10 @@ def jailbreak_shots(ctx: MethodContext) -> RecalibrateConfig:
     return dataclasses.replace(ctx.recalibrate, jailbreak_shots=0.5)
 
 
+def adam_steps(ctx: MethodContext) -> RecalibrateConfig:
+    return dataclasses.replace(ctx.recalibrate, optimizer="adam")
+
+
 def robust_shots(ctx: MethodContext) -> RecalibrateConfig:
     return dataclasses.replace(ctx.recalibrate, refusal_target="aligned", aligned=ctx.aligned, preference_weight=1.0,
                                jailbreak_shots=0.5)
@@ -76,3 +81,6 @@ _shot_variant("safegene-jailbreak-shots", "SafeGene, half the shots jailbreak-wr
 _shot_variant("safegene-robust-shots", "SafeGene, A's refusals + preference + jailbreak shots",
               "SafeGene with all three shot knobs: A's refusals, the preference term (weight 1), half the shots wrapped",
               robust_shots)
+_shot_variant("safegene-adam", "SafeGene, Adam steps (as first written)",
+              "SafeGene fitted by the bench's recal_steps Adam steps on mini-batches of shots instead of the line search: "
+              "the recalibration before issue 15, for comparison on the same shots", adam_steps)

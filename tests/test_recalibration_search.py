@@ -1,0 +1,174 @@
+"""Recalibration's cost: the partial forward runs only what changes, and the line search is a handful of passes."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from safegene.data.records import PromptResponse
+from safegene.forward import capture, capture_from, decoder_parts, run_from
+from safegene.models import load_model, load_tokenizer
+from safegene.objectives import encode_batch
+from safegene.recalibration import RecalibrateConfig, recalibrate
+
+
+def _counting(model):
+    """Forward calls of every decoder layer and of the LM head, counted by hooks on the modules themselves."""
+    layers, _, head = decoder_parts(model)
+    calls = {"head": 0, **{l: 0 for l in range(len(layers))}}
+
+    def count(key):
+        def f(*_):
+            calls[key] += 1
+        return f
+
+    hooks = [layers[l].register_forward_hook(count(l)) for l in range(len(layers))]
+    hooks.append(head.register_forward_hook(count("head")))
+    return calls, hooks
+
+
+def _batch(d):
+    tok = load_tokenizer(d, padding_side="right")
+    return encode_batch(tok, [PromptResponse("a short one", "ok"), PromptResponse("a much longer prompt here " * 3, "fine")], 64)
+
+
+def test_capture_from_runs_only_the_layers_below_start_and_equals_the_full_model(adapter):
+    ad, d = adapter
+    model = load_model(d)
+    batch = _batch(d)
+    layers = list(decoder_parts(model)[0])
+    calls, hooks = _counting(model)
+    try:
+        rec = capture_from(model, batch.input_ids, batch.attention_mask, 1)
+    finally:
+        for h in hooks:
+            h.remove()
+    # layer 0 ran once; layer 1 and the LM head (over every position) never did
+    assert calls == {"head": 0, 0: 1, 1: 0}
+    assert list(decoder_parts(model)[0]) == layers  # the real layers are back, the same objects
+    assert set(rec.hidden) == {1} and set(rec.calls) == {1}
+    with torch.no_grad(), ad.select([1]).attach(model):
+        want = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[batch.target_mask]
+        assert torch.allclose(run_from(model, 1, rec, batch.target_mask), want, atol=1e-5)
+
+
+def test_capture_from_puts_the_layers_back_when_the_pass_fails(adapter):
+    ad, d = adapter
+    model = load_model(d)
+    batch = _batch(d)
+    layers = list(decoder_parts(model)[0])
+
+    def boom(*_):
+        raise RuntimeError("lower layer failed")
+
+    h = layers[0].register_forward_pre_hook(boom)
+    try:
+        with pytest.raises(RuntimeError, match="lower layer failed"):
+            capture_from(model, batch.input_ids, batch.attention_mask, 1)
+    finally:
+        h.remove()
+    assert list(decoder_parts(model)[0]) == layers
+    with pytest.raises(Exception, match="outside the model's 2 layers"):
+        capture_from(model, batch.input_ids, batch.attention_mask, 2)
+
+
+def test_capture_stops_at_the_highest_wanted_layer(adapter):
+    _, d = adapter
+    model = load_model(d)
+    batch = _batch(d)
+    calls, hooks = _counting(model)
+    try:
+        only_0 = capture(model, batch.input_ids, batch.attention_mask, [0])
+        assert calls == {"head": 0, 0: 0, 1: 0}  # layer 0's input is the embedding: nothing ran
+        both = capture(model, batch.input_ids, batch.attention_mask)
+        assert calls == {"head": 0, 0: 1, 1: 0}
+    finally:
+        for h in hooks:
+            h.remove()
+    assert torch.equal(only_0.hidden[0], both.hidden[0])
+    with torch.no_grad():
+        assert torch.allclose(run_from(model, 0, both, batch.target_mask),
+                              model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[batch.target_mask],
+                              atol=1e-5)
+
+
+def _cfg(d, **kw):
+    return RecalibrateConfig(task_model=str(d), harmful="many-shot-harmful", task="arithmetic", n_harmful=5, n_task=5,
+                             **kw)
+
+
+def test_line_search_is_one_gradient_and_a_few_forward_passes(adapter):
+    ad, d = adapter
+    ad = ad.select([1])  # layer 0 never changes: it runs only at capture
+    model, tok = load_model(d), load_tokenizer(d)
+    cfg = _cfg(d, search_points=3)
+    calls, hooks = _counting(model)
+    try:
+        rc = recalibrate(ad, cfg, model=model, tokenizer=tok, progress=False).card["recalibration"]
+    finally:
+        for h in hooks:
+            h.remove()
+    points = rc["history"][1:]
+    assert 1 <= len(points) <= 3
+    # the top layer runs once per chunk (5 shots: one chunk per set) in: T's reference on the task shots, T alone on
+    # the harmful shots, the gradient (harmful + task), and each point (harmful + task); nothing else
+    assert calls[1] == 1 + 1 + 2 + 2 * len(points)
+    assert calls[0] == 2  # the lower layer: once per shot set, at capture
+    assert set(rc["phases"]) == {"cache_lower_layers_s", "gradient_s", "search_s"}
+    obj = rc["objective"]
+    # the gradient point is α = alpha_init = 1: the card's alpha_1 comes free with it
+    assert rc["history"][0]["t"] == 0.0 and rc["history"][0]["loss"] == pytest.approx(
+        obj["alpha_1"]["refusal_nll"] + obj["alpha_1"]["task_kl"], abs=2e-4)
+    # the winner is the best point seen, and it is no worse than α = 1
+    best = min(rc["history"], key=lambda h: h["loss"])
+    assert obj["after"]["refusal_nll"] == pytest.approx(best["refusal_nll"], abs=1e-4)
+    assert best["loss"] <= rc["history"][0]["loss"]
+    alphas = [float(a) for a in rc["coefficients"].values()]
+    assert all(0.0 <= a <= cfg.alpha_max for a in alphas)
+    if best is not rc["history"][0]:
+        assert alphas == pytest.approx(best["alpha"], abs=1e-6)
+
+
+def test_line_search_moves_along_the_gradient(adapter):
+    ad, d = adapter
+    rc = recalibrate(ad, _cfg(d), progress=False).card["recalibration"]
+    g = rc["history"][0]["gradient"]
+    assert any(abs(x) > 0 for x in g)
+    first = rc["history"][1]
+    # each coefficient moved against its gradient's sign (or stayed on a bound), the steepest one to its bound
+    for a, gi in zip(first["alpha"], g):
+        assert (a - 1.0) * gi <= 1e-9
+    lead = max(range(len(g)), key=lambda i: abs(g[i]))
+    assert first["alpha"][lead] == pytest.approx(2.0 if g[lead] < 0 else 0.0)
+
+
+def test_chunked_objective_equals_one_pass(adapter):
+    """Chunks are weighted by their tokens, positions and shots: the value and the gradient do not depend on the
+    chunk size (a plain mean over chunks would weight a short shot like a long one)."""
+    ad, d = adapter
+    base = _cfg(d, preference_weight=0.5)
+    one = recalibrate(ad, dataclasses.replace(base, chunk_size=64), progress=False).card["recalibration"]
+    small = recalibrate(ad, dataclasses.replace(base, chunk_size=2), progress=False).card["recalibration"]
+    for k in ("refusal_nll", "task_kl", "preference", "loss"):
+        assert small["history"][0][k] == pytest.approx(one["history"][0][k], abs=2e-5)
+    assert small["history"][0]["gradient"] == pytest.approx(one["history"][0]["gradient"], rel=1e-4, abs=1e-7)
+    assert small["coefficients"] == pytest.approx(one["coefficients"], abs=1e-5)
+
+
+def test_tied_line_search_and_adam_share_t_alone(adapter):
+    ad, d = adapter
+    tied = recalibrate(ad, _cfg(d, tied=True), progress=False)
+    assert len(set(tied.coefficients[l] for l in ad.layers)) == 1
+    assert len(tied.card["recalibration"]["history"][0]["gradient"]) == 1
+    adam = recalibrate(ad, _cfg(d, optimizer="adam", steps=2, batch_size=4), progress=False).card["recalibration"]
+    assert adam["objective"]["task_model_alone"] == tied.card["recalibration"]["objective"]["task_model_alone"]
+    assert set(adam["phases"]) == {"cache_lower_layers_s", "steps_s", "objective_checks_s"}
+
+
+def test_optimizer_and_search_settings_are_validated():
+    from safegene.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="optimizer must be one of line-search, adam"):
+        RecalibrateConfig(optimizer="sgd")
+    with pytest.raises(ConfigError, match="search_points must be >= 1"):
+        RecalibrateConfig(search_points=0)
