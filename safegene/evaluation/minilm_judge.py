@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 from ..errors import DataError, ModelError, SafegeneError
 from ..io import atomic_file, sha256_file, sha256_text
-from .judges import EMBEDDER_PACKAGE, Verdict, embedder_path
+from .verdict import EMBEDDER_PACKAGE, Verdict, embedder_path
 
 log = logging.getLogger(__name__)
 
