@@ -68,7 +68,10 @@ class RecalibrateConfig(AdapterInOut):
                          "along it, clipped to [0, alpha_max], forward passes only; the best point wins) or adam "
                          "(`steps` Adam steps on mini-batches of `batch_size` shots, the method as first written)",
                          choices=OPTIMIZERS, earlier_value="adam")
-    search_points: int = opt(3, "line-search: points tried along the gradient, each one forward pass over every shot",
+    search_points: int = opt(1, "line-search: points tried along the gradient, each one forward pass over every shot "
+                             "(1: one step, to where the layer the gradient pushes hardest meets its bound; 3 also tries "
+                             "further along, towards every pushed layer on its bound: safer, more over-refusal, see "
+                             "bench/results/recalibration.json)",
                              added_later=True)
     chunk_size: int = opt(16, "shots per forward pass when the objective runs over every shot (bounds the activation "
                           "memory of the gradient pass)", added_later=True)
