@@ -458,10 +458,11 @@ def fit_line_search(objective: ShotObjective, handle: AttachedAdapter, layers: l
     bound), one that does not by one a quarter as far, until a step back from an improvement; the best point seen,
     α0 included, wins.
 
-    Why not many small steps: the shots are few and the parameters are |S| scalars, so the objective over every shot
-    is cheap next to the passes themselves, and on the default model its optimum sits at or near the bound (the Adam
-    path's coefficients ended where its step budget let them). A handful of forward passes over every shot reaches
-    that point; Adam's mini-batch steps paid a backward pass each for noisy gradients."""
+    Why not many small steps: the parameters are |S| scalars and the shots a few dozen, so one exact gradient over
+    every shot says where to go, and on the default model the objective falls towards the bound (the Adam fit's
+    coefficients ended where its step budget let them). Adam's mini-batch steps paid a backward pass each for noisy
+    gradients. Measured (bench/results/recalibration.json): one point reached a lower objective than 20 Adam steps
+    in 39 % of their time; three points put every coefficient on its bound."""
     import torch
 
     set_alphas = _coefficient_setter(handle, layers, cfg)
@@ -484,7 +485,7 @@ def fit_line_search(objective: ShotObjective, handle: AttachedAdapter, layers: l
         t_lead = float(room[d.abs() == 1].min())
         t_all = float(room[torch.isfinite(room)].max())
         t, improved_once = t_lead, False
-        bar = tqdm_or_none(cfg.search_points, progress)
+        bar = _progress_bar(cfg.search_points, progress)
         for _ in range(cfg.search_points):
             a = (a0 + t * d).clamp(0.0, cfg.alpha_max)
             with torch.no_grad():
@@ -513,7 +514,7 @@ def fit_line_search(objective: ShotObjective, handle: AttachedAdapter, layers: l
     return (set_alphas(best_a).detach(), _terms_only(unit), _terms_only(best), history, phases)
 
 
-def tqdm_or_none(total: int, progress: bool) -> Any:
+def _progress_bar(total: int, progress: bool) -> Any:
     if not progress:
         return None
     from tqdm.auto import tqdm
