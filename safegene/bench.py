@@ -81,7 +81,8 @@ class BenchConfig:
     select_prompts: int = opt(32, "harmful and benign prompts for layer selection")
     top_k: int = opt(8, "layers kept by selection")
     shots: int = opt(32, "few-shot harmful and task shots for recalibration, RESTA and re-align")
-    recal_steps: int = opt(20, "optimizer steps of recalibration and RESTA")
+    recal_steps: int = opt(20, "Adam steps of the Adam-fitted rows (safegene-adam; the default line search of SafeGene "
+                                "and RESTA takes none)")
     realign_steps: int = opt(24, "LoRA steps of the re-align baseline (on the same shots)")
     projection: ProjectionBaselineConfig = opt(ProjectionBaselineConfig(), "Safe LoRA / SafeMERGE settings")
     self_critique: SelfCritiqueConfig = opt(SelfCritiqueConfig(), "the self-critique baseline")
