@@ -69,16 +69,16 @@ def evaluate(cal: object, model: object, tok: object, args: argparse.Namespace, 
 def paired_with_first(rows: list[dict]) -> None:
     """Exact McNemar of each variant against the first on the same prompts: harmful (each judge), over-refusal."""
     from safegene.evaluation.metrics import mcnemar_exact
-
-    def bools(v: str) -> list:
-        return [None if c == "?" else c == "1" for c in v]
+    from safegene.evaluation.significance import verdict_bits
 
     ref = rows[0]["eval"]
     for r in rows[1:]:
         ev = r["eval"]
         r["paired_vs_first"] = {
-            **{f"harmful.{j}": mcnemar_exact(bools(ref["verdicts"][j]), bools(v)) for j, v in ev["verdicts"].items()},
-            "over_refusal": mcnemar_exact(bools(ref["over_refusal"]["verdicts"]), bools(ev["over_refusal"]["verdicts"]))}
+            **{f"harmful.{j}": mcnemar_exact(verdict_bits(ref["verdicts"][j]), verdict_bits(v))
+               for j, v in ev["verdicts"].items()},
+            "over_refusal": mcnemar_exact(verdict_bits(ref["over_refusal"]["verdicts"]),
+                                          verdict_bits(ev["over_refusal"]["verdicts"]))}
 
 
 def main() -> None:

@@ -36,7 +36,7 @@ from .data.attacks import EVALUATION_FAMILY, TRAINING_FAMILIES
 from .data.records import PromptResponse
 from .errors import ConfigError, DataError
 from .io import sha256_text
-from .forward import capture_from, decoder_parts, run_from
+from .forward import capture_from, run_from
 from .models.placement import PlacementConfig, float32_math
 from .objectives import encode_batch, preference_loss, token_nll, topk_kl
 
@@ -274,10 +274,6 @@ def sensitive_shots(cfg: RecalibrateConfig, model: Any, tokenizer: Any) -> list[
     return [PromptResponse(p, a) for p, a in zip(prompts, answers) if a.strip()]
 
 
-def _n_layers(model: Any) -> int:
-    return len(decoder_parts(model)[0])
-
-
 class ShotObjective:
     """The recalibration objective on the shots, run from the lowest selected layer on the recorded lower layers.
 
@@ -433,7 +429,7 @@ def recalibrate(adapter: SafetyAdapter, cfg: RecalibrateConfig, model: Any = Non
     return out
 
 
-def _coefficient_setter(handle: AttachedAdapter, layers: list[int], cfg: RecalibrateConfig) -> Any:
+def _coefficient_setter(handle: AttachedAdapter, layers: list[int]) -> Any:
     """set(values) puts α (one value, tied, or one per layer) on the attached layers, each as a 0-d tensor that
     multiplies a bfloat16 or GPU activation like a number and takes its gradient back to `values`."""
 
@@ -465,7 +461,7 @@ def fit_line_search(objective: ShotObjective, handle: AttachedAdapter, layers: l
     in 39 % of their time; three points put every coefficient on its bound."""
     import torch
 
-    set_alphas = _coefficient_setter(handle, layers, cfg)
+    set_alphas = _coefficient_setter(handle, layers)
     n = 1 if cfg.tied else len(layers)
     a0 = torch.full((n,), float(cfg.alpha_init), requires_grad=True)
     t_phase = time.perf_counter()
@@ -528,7 +524,7 @@ def fit_adam(objective: ShotObjective, handle: AttachedAdapter, layers: list[int
     import torch
     from tqdm.auto import tqdm
 
-    set_alphas = _coefficient_setter(handle, layers, cfg)
+    set_alphas = _coefficient_setter(handle, layers)
     frac = cfg.alpha_init / cfg.alpha_max
     # tied: one θ broadcast over every layer (RESTA's single global coefficient, fitted by the same objective)
     theta = torch.nn.Parameter(torch.full((1 if cfg.tied else len(layers),), math.log(frac / (1 - frac))))
