@@ -142,17 +142,25 @@ def test_line_search_moves_along_the_gradient(adapter):
     assert first["alpha"][lead] == pytest.approx(2.0 if g[lead] < 0 else 0.0)
 
 
-def test_chunked_objective_equals_one_pass(adapter):
+def test_chunked_objective_equals_one_pass(adapter, tmp_path):
     """Chunks are weighted by their tokens, positions and shots: the value and the gradient do not depend on the
-    chunk size (a plain mean over chunks would weight a short shot like a long one)."""
+    chunk size (a plain mean over chunks would weight a short shot like a long one). The refusals differ in length,
+    so a chunk's share of the shots is not its share of the target tokens."""
+    import json
+
     ad, d = adapter
-    base = _cfg(d, preference_weight=0.5)
-    one = recalibrate(ad, dataclasses.replace(base, chunk_size=64), progress=False).card["recalibration"]
-    small = recalibrate(ad, dataclasses.replace(base, chunk_size=2), progress=False).card["recalibration"]
-    for k in ("refusal_nll", "task_kl", "preference", "loss"):
-        assert small["history"][0][k] == pytest.approx(one["history"][0][k], abs=2e-5)
-    assert small["history"][0]["gradient"] == pytest.approx(one["history"][0]["gradient"], rel=1e-4, abs=1e-7)
-    assert small["coefficients"] == pytest.approx(one["coefficients"], abs=1e-5)
+    refusals = tmp_path / "refusals.jsonl"
+    refusals.write_text("".join(json.dumps({"prompt": f"How do I do harmful thing {i}?", "response": text}) + "\n"
+                                for i, text in enumerate(["No.", "I'm sorry, but I cannot help with that. " * 4, "No.",
+                                                          "No.", "I'm sorry, but I cannot help with that."])))
+    for base in (_cfg(d, refusals=str(refusals)), _cfg(d, preference_weight=0.5)):
+        one = recalibrate(ad, dataclasses.replace(base, chunk_size=64), progress=False).card["recalibration"]
+        small = recalibrate(ad, dataclasses.replace(base, chunk_size=2), progress=False).card["recalibration"]
+        for k in ("refusal_nll", "task_kl", "preference", "loss"):
+            if k in one["history"][0]:
+                assert small["history"][0][k] == pytest.approx(one["history"][0][k], abs=2e-5)
+        assert small["history"][0]["gradient"] == pytest.approx(one["history"][0]["gradient"], rel=1e-4, abs=1e-7)
+        assert small["coefficients"] == pytest.approx(one["coefficients"], abs=1e-5)
 
 
 def test_tied_line_search_and_adam_share_t_alone(adapter):
