@@ -177,12 +177,170 @@ def _plain(v):
     return v
 
 
-def run_from(model: Any, start: int, inputs: LayerInputs, positions: Any) -> Any:
-    """Logits at `positions` (a bool mask over batch x time) after running layers start.. on the recorded input."""
+def run_from(model: Any, start: int, inputs: LayerInputs, positions: Any, prefix: dict[int, tuple] | None = None) -> Any:
+    """Logits at `positions` (a bool mask over batch x time) after running layers start.. on the recorded input.
+    With `prefix` (from `prefix_keys_values`), `inputs` holds the positions after a shared prefix (`cut_positions`)
+    and each attention layer reads the prefix's keys and values in front of its own."""
     layers, norm, head = decoder_parts(model)
     h = inputs.hidden[start]
+    cache = _PrefixKV(prefix) if prefix else None
     for l in range(start, len(layers)):
         args, kw = inputs.calls[l]
+        if cache is not None:
+            kw = {**kw, "past_key_values": cache}
         h = _first(layers[l](h, *args, **kw))
     # a dispatched model's hooks move the hidden states from layer to layer: the mask follows them
     return head(norm(h[positions.to(h.device)]))
+
+
+# Cutting recorded positions. A recorded layer call of these model types carries per-position tensors by these names
+# only (transformers 5), and their attention layers read a cache through `update(key, value, layer_idx)` alone.
+# Masks are cut, or built when the model skipped one (no padding), for the two attention kernels whose mask format
+# is known; other kernels (flash attention's unpadding) run whole sequences.
+CUTTABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+CUTTABLE_ATTENTION = ("sdpa", "eager")
+_PER_POSITION = {"attention_mask", "position_embeddings", "position_ids", "cache_position"}
+_PASSED_THROUGH = {"past_key_values", "use_cache", "output_attentions"}
+
+
+def can_cut_positions(model: Any, inputs: LayerInputs) -> bool:
+    """Whether `cut_positions` and a prefix cache are known to be exact for `model` and these recorded calls."""
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "model_type", None) not in CUTTABLE_MODEL_TYPES:
+        return False
+    if getattr(cfg, "_attn_implementation", None) not in CUTTABLE_ATTENTION:
+        return False
+    return all(not args and set(kw) <= _PER_POSITION | _PASSED_THROUGH for args, kw in inputs.calls.values())
+
+
+class _PrefixKV:
+    """Stands in for a transformers Cache in `run_from`: each attention layer's keys and values get the shared
+    prefix's (computed once, on one row) put in front, expanded over the batch."""
+
+    def __init__(self, prefix: dict[int, tuple]) -> None:
+        self.prefix = prefix
+
+    def update(self, key: Any, value: Any, layer_idx: int, *_: Any, **__: Any) -> tuple[Any, Any]:
+        import torch
+
+        pk, pv = self.prefix[layer_idx]
+        b = key.shape[0]
+        return (torch.cat([pk.expand(b, *pk.shape[1:]), key], dim=2),
+                torch.cat([pv.expand(b, *pv.shape[1:]), value], dim=2))
+
+
+class _RecordKV:
+    """Stands in for a cache while the prefix runs: keeps each attention layer's keys and values."""
+
+    def __init__(self) -> None:
+        self.kv: dict[int, tuple] = {}
+
+    def update(self, key: Any, value: Any, layer_idx: int, *_: Any, **__: Any) -> tuple[Any, Any]:
+        self.kv[layer_idx] = (key, value)
+        return key, value
+
+
+def prefix_keys_values(model: Any, start: int, prefix_inputs: LayerInputs) -> dict[int, tuple]:
+    """Every attention layer's keys and values over a prefix (one row, `cut_positions(inputs, 0, P)`), layers
+    start.. with the model as it is now (adapter and coefficients included; with grad where grad is on)."""
+    layers, _, _ = decoder_parts(model)
+    record = _RecordKV()
+    h = prefix_inputs.hidden[start]
+    for l in range(start, len(layers)):
+        args, kw = prefix_inputs.calls[l]
+        h = _first(layers[l](h, *args, **{**kw, "past_key_values": record}))
+    return record.kv
+
+
+def cut_positions(inputs: LayerInputs, begin: int, end: int, attention: str) -> LayerInputs:
+    """The recorded inputs of positions begin..end-1 alone, attending to keys 0..end-1: those below `begin` come
+    from a prefix cache, and positions from `end` on (padding past every row's end) are dropped. Only for
+    `can_cut_positions` models; `attention` is the model's attention kernel, which sets the format of a mask built
+    where the model passed none."""
+    import torch
+
+    def cut(name: str, v: Any) -> Any:
+        if name == "attention_mask":
+            if v is not None:
+                return v[:, :, begin:end, :end]
+            # none recorded: no row is padded, so plain causal attention over keys 0..end-1
+            q = torch.arange(begin, end, device=device).unsqueeze(1)
+            allowed = (torch.arange(end, device=device).unsqueeze(0) <= q)[None, None].expand(batch, 1, -1, -1)
+            if attention == "sdpa":
+                return allowed
+            return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+        if name == "position_embeddings":
+            return tuple(t[:, begin:end] for t in v)
+        if name == "position_ids":
+            return v[:, begin:end]
+        if name == "cache_position":
+            return v[begin:end]
+        return v
+
+    first = next(iter(inputs.hidden.values()))
+    device, dtype, batch = first.device, first.dtype, first.shape[0]
+    calls = {l: (args, {k: cut(k, v) for k, v in kw.items()}) for l, (args, kw) in inputs.calls.items()}
+    return LayerInputs({l: h[:, begin:end] for l, h in inputs.hidden.items()}, calls)
+
+
+class ShotPasses:
+    """Repeated partial passes (layers start..) over a fixed set of right-padded sequences, without the work every
+    pass would repeat: the prefix all rows share (a chat template's system prompt and opening: 24 of 57 tokens of
+    the default harmful shots, 45 of 63 of the sst2 task shots) runs once per pass on one row and reaches the
+    other rows as cached keys and values, and a group of rows runs only up to its longest row, not to the width of
+    the whole set. `groups` orders the rows by length so that a group's rows are alike.
+
+    Exact up to float rounding (tested against whole sequences); for models `can_cut_positions` does not know, or
+    with `cut=False`, every pass runs whole padded rows as before."""
+
+    def __init__(self, model: Any, start: int, inputs: LayerInputs, batch: Any, cut: bool = True) -> None:
+        """`batch` has the rows' `input_ids`, `attention_mask` and `target_mask` (an objectives.SeqBatch);
+        `inputs` is what `capture_from(model, batch.input_ids, batch.attention_mask, start)` recorded."""
+        self.model, self.start, self.inputs, self.target_mask = model, start, inputs, batch.target_mask
+        self.lengths = [int(n) for n in batch.attention_mask.sum(1)]
+        self.cut = cut and can_cut_positions(model, inputs)
+        self.attention = getattr(model.config, "_attn_implementation", "sdpa") if self.cut else ""
+        self.prefix_length = shared_prefix_length(batch.input_ids, batch.attention_mask,
+                                                  batch.target_mask) if self.cut else 0
+        self._prefix_inputs = (cut_positions(inputs.subset([0]), 0, self.prefix_length, self.attention)
+                               if self.prefix_length else None)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def groups(self, size: int) -> list[list[int]]:
+        """Row indices in groups of at most `size`, shortest rows first (the original order without cutting)."""
+        order = sorted(range(len(self)), key=lambda i: self.lengths[i]) if self.cut else list(range(len(self)))
+        return [order[s:s + size] for s in range(0, len(order), size)]
+
+    def prefix(self) -> dict[int, tuple] | None:
+        """The shared prefix's keys and values with the model as it is now (None where nothing is shared)."""
+        if self._prefix_inputs is None:
+            return None
+        return prefix_keys_values(self.model, self.start, self._prefix_inputs)
+
+    def logits(self, idx: list[int], prefix: Any = "compute") -> Any:
+        """Logits at the target positions of rows `idx`, flattened in row then position order. `prefix` is the
+        result of `prefix()` when one pass runs many groups; by default each call computes its own."""
+        rows = self.inputs.subset(idx)
+        mask = self.target_mask[idx]
+        if not self.cut:
+            return run_from(self.model, self.start, rows, mask)
+        if isinstance(prefix, str):
+            prefix = self.prefix()
+        begin, end = self.prefix_length, max(self.lengths[i] for i in idx)
+        return run_from(self.model, self.start, cut_positions(rows, begin, end, self.attention),
+                        mask[:, begin:end], prefix)
+
+
+def shared_prefix_length(input_ids: Any, attention_mask: Any, target_mask: Any) -> int:
+    """How many leading positions every row shares: the same tokens (under causal attention, so the same states in
+    every layer), none of them scored, and at least one position left per row. 0 for fewer than two rows."""
+    n = min(int(x) for x in attention_mask.sum(1)) - 1
+    scored = target_mask.any(0).nonzero()
+    if len(scored):
+        n = min(n, int(scored[0]))
+    if n <= 0 or input_ids.shape[0] < 2:
+        return 0
+    differs = (input_ids[:, :n] != input_ids[:1, :n]).any(0).nonzero()
+    return int(differs[0]) if len(differs) else n

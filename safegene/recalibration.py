@@ -36,7 +36,7 @@ from .data.attacks import EVALUATION_FAMILY, TRAINING_FAMILIES
 from .data.records import PromptResponse
 from .errors import ConfigError, DataError
 from .io import sha256_text
-from .forward import capture_from, run_from
+from .forward import ShotPasses, capture_from
 from .models.placement import PlacementConfig, float32_math
 from .objectives import encode_batch, preference_loss, token_nll, topk_kl
 
@@ -75,6 +75,10 @@ class RecalibrateConfig(AdapterInOut):
                              added_later=True)
     chunk_size: int = opt(16, "shots per forward pass when the objective runs over every shot (bounds the activation "
                           "memory of the gradient pass)", added_later=True)
+    reuse_prefix: bool = opt(True, "run the prefix every shot shares (the chat template's opening) once per pass as "
+                             "cached keys and values, and each chunk of shots, sorted by length, only to its longest "
+                             "shot; the same objective up to float rounding, on Llama/Mistral/Qwen2/Qwen3 layouts with "
+                             "sdpa or eager attention (others run whole padded shots)", added_later=True)
     steps: int = opt(30, "adam: optimizer steps")
     batch_size: int = opt(8, "adam: shots per step (half harmful, half task)")
     learning_rate: float = opt(0.1, "adam: learning rate on the coefficients' logits")
@@ -279,47 +283,54 @@ class ShotObjective:
 
     `terms` is the mini-batch form (Adam); `evaluate` runs every shot in chunks of `chunk_size` and weights each chunk
     by its share of target tokens (NLL), target positions (KL) or shots (preference), so the chunked value and
-    gradient are those of one pass over every shot, with the activation memory of one chunk."""
+    gradient are those of one pass over every shot, with the activation memory of one chunk. Each pass runs the
+    prefix the shots share once and each chunk only to its longest shot (`forward.ShotPasses`)."""
 
     def __init__(self, model: Any, start_layer: int, cfg: RecalibrateConfig, harmful: Any, task: Any,
                  compliant: Any | None, harmful_in: Any, task_in: Any, compliant_in: Any | None) -> None:
         self.model, self.start, self.cfg = model, start_layer, cfg
         self.hb, self.tb, self.cb = harmful, task, compliant
-        self.h_in, self.t_in, self.c_in = harmful_in, task_in, compliant_in
+        cut = cfg.reuse_prefix
+        self.h = ShotPasses(model, start_layer, harmful_in, harmful, cut)
+        self.t = ShotPasses(model, start_layer, task_in, task, cut)
+        # the compliant answers pair with the harmful shots row by row: they are grouped as the harmful rows are
+        self.c = ShotPasses(model, start_layer, compliant_in, compliant, cut) if compliant is not None else None
         self.t_vals = self.t_idx = None
-
-    def _logits(self, inputs: Any, batch: Any, idx: list[int]) -> Any:
-        return run_from(self.model, self.start, inputs.subset(idx), batch.target_mask[idx])
 
     def fix_reference(self) -> None:
         """T's own top-64 answer distribution on the task shots (call while the adapter is disabled): what must not
-        move."""
+        move. Stored by target position in the shots' order, whatever order the chunks ran in."""
         import torch
 
-        vals, idxs = [], []
         with torch.inference_mode():
-            for idx in self._chunks(len(self.tb)):
-                logp = torch.log_softmax(float32_math(self._logits(self.t_in, self.tb, idx)), -1)
+            prefix = self.t.prefix()
+            vals = idxs = None
+            for idx in self._chunks(self.t):
+                logp = torch.log_softmax(float32_math(self.t.logits(idx, prefix)), -1)
                 v, i = logp.topk(64, -1)
-                vals.append(v)
-                idxs.append(i)
-        self.t_vals, self.t_idx = torch.cat(vals).clone(), torch.cat(idxs).clone()
+                if vals is None:
+                    n = int(self.tb.target_mask.sum())
+                    vals, idxs = v.new_empty((n, v.shape[1])), i.new_empty((n, i.shape[1]))
+                rows = self.tb.target_rows(idx)
+                vals[rows], idxs[rows] = v, i
+        self.t_vals, self.t_idx = vals.clone(), idxs.clone()
 
-    def _chunks(self, n: int) -> list[list[int]]:
-        return [list(range(s, min(s + self.cfg.chunk_size, n))) for s in range(0, n, self.cfg.chunk_size)]
+    def _chunks(self, passes: ShotPasses) -> list[list[int]]:
+        return passes.groups(self.cfg.chunk_size)
 
-    def harmful_terms(self, idx: list[int]) -> dict[str, Any]:
+    def harmful_terms(self, idx: list[int], prefixes: dict[str, Any] | None = None) -> dict[str, Any]:
         """The refusal NLL on harmful shots `idx` and, when on, the preference term on the same shots."""
-        logits = self._logits(self.h_in, self.hb, idx)
+        prefixes = prefixes or {}
+        logits = self.h.logits(idx, prefixes.get("h", "compute"))
         terms = {"refusal_nll": token_nll(logits, self.hb.targets[idx][self.hb.target_mask[idx]])}
-        if self.cb is not None:
-            c_logits = self._logits(self.c_in, self.cb, idx)
+        if self.c is not None:
+            c_logits = self.c.logits(idx, prefixes.get("c", "compute"))
             terms["preference"] = preference_loss(logits, self.hb.subset(idx), c_logits, self.cb.subset(idx))
         return terms
 
-    def task_kl(self, idx: list[int]) -> Any:
+    def task_kl(self, idx: list[int], prefix: Any = "compute") -> Any:
         rows = self.tb.target_rows(idx)
-        return topk_kl(self._logits(self.t_in, self.tb, idx), self.t_vals[rows], self.t_idx[rows])
+        return topk_kl(self.t.logits(idx, prefix), self.t_vals[rows], self.t_idx[rows])
 
     def terms(self, h_idx: list[int], t_idx: list[int]) -> dict[str, Any]:
         return {**self.harmful_terms(h_idx), "task_kl": self.task_kl(t_idx)}
@@ -340,10 +351,13 @@ class ShotObjective:
         n_tokens, n_positions, n_shots = int(hm.sum()), int(tm.sum()), len(self.hb)
         out: dict[str, float] = {}
         with torch.enable_grad() if grad else torch.no_grad():
-            for idx in self._chunks(len(self.hb)):
+            if before_chunk:
+                before_chunk()
+            prefixes = _PrefixPass({"h": self.h, **({"c": self.c} if self.c is not None else {})}, grad)
+            for idx in self._chunks(self.h):
                 if before_chunk:
                     before_chunk()
-                terms = self.harmful_terms(idx)
+                terms = self.harmful_terms(idx, prefixes.values)
                 weights = {"refusal_nll": int(hm[idx].sum()) / n_tokens, "preference": len(idx) / n_shots}
                 part = weights["refusal_nll"] * terms["refusal_nll"]
                 if "preference" in terms:
@@ -352,18 +366,48 @@ class ShotObjective:
                     part.backward()
                 for k, v in terms.items():
                     out[k] = out.get(k, 0.0) + weights[k] * float(v.detach())
+            prefixes.backward()
             if task:
                 out["task_kl"] = 0.0
-                for idx in self._chunks(len(self.tb)):
+                if before_chunk:
+                    before_chunk()
+                prefixes = _PrefixPass({"t": self.t}, grad)
+                for idx in self._chunks(self.t):
                     if before_chunk:
                         before_chunk()
-                    kl = self.task_kl(idx)
+                    kl = self.task_kl(idx, prefixes.values["t"])
                     share = int(tm[idx].sum()) / n_positions
                     if grad:
                         (self.cfg.utility_weight * share * kl).backward()
                     out["task_kl"] += share * float(kl.detach())
+                prefixes.backward()
         out["loss"] = float(self.loss({**out, "task_kl": out.get("task_kl", 0.0)}))
         return out
+
+
+class _PrefixPass:
+    """The shared prefixes of one pass over every chunk. With grad, each chunk's backward stops at a detached copy
+    of the prefix's keys and values and leaves its gradient there; `backward()` then takes the sum of those through
+    the prefix's own graph once, so the prefix runs once per pass, not once per chunk."""
+
+    def __init__(self, passes: dict[str, ShotPasses], grad: bool) -> None:
+        self.values: dict[str, Any] = {}
+        self._graphs: list[tuple[Any, Any]] = []
+        for name, p in passes.items():
+            kv = p.prefix()
+            if kv is not None and grad:
+                leaves = {l: tuple(t.detach().requires_grad_() for t in pair) for l, pair in kv.items()}
+                self._graphs += [(t, leaf) for l in kv for t, leaf in zip(kv[l], leaves[l])]
+                kv = leaves
+            self.values[name] = kv
+
+    def backward(self) -> None:
+        import torch
+
+        pairs = [(t, leaf.grad) for t, leaf in self._graphs if leaf.grad is not None and t.requires_grad]
+        if pairs:
+            torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+        self._graphs = []
 
 
 def recalibrate(adapter: SafetyAdapter, cfg: RecalibrateConfig, model: Any = None, tokenizer: Any = None,

@@ -101,7 +101,8 @@ def test_line_search_is_one_gradient_and_a_few_forward_passes(adapter):
     ad, d = adapter
     ad = ad.select([1])  # layer 0 never changes: it runs only at capture
     model, tok = load_model(d), load_tokenizer(d)
-    cfg = _cfg(d, search_points=3)
+    # whole padded shots: the prefix shared by the shots would add one top-layer call per pass (tested below)
+    cfg = _cfg(d, search_points=3, reuse_prefix=False)
     calls, hooks = _counting(model)
     try:
         rc = recalibrate(ad, cfg, model=model, tokenizer=tok, progress=False).card["recalibration"]
@@ -180,3 +181,125 @@ def test_optimizer_and_search_settings_are_validated():
         RecalibrateConfig(optimizer="sgd")
     with pytest.raises(ConfigError, match="search_points must be >= 1"):
         RecalibrateConfig(search_points=0)
+
+
+def _prefixed_batch(tok, same_length=False):
+    """Right-padded shots that share a chat-template opening; their own parts differ in length unless
+    `same_length`, where no row is padded and the model records no attention mask."""
+    prompts = (["What is 1 + 7?", "What is 2 + 7?", "What is 3 + 7?"] if same_length else
+               ["What is 1 + 7?", "Classify the sentiment: positive negative " * 2, "What is 12 + 7? Answer.",
+                "The quick brown fox"])
+    return encode_batch(tok, [PromptResponse(p, "19") for p in prompts], 64)
+
+
+@pytest.mark.parametrize("arch,attention", [("qwen2", "sdpa"), ("llama", "eager"), ("qwen2", "eager")])
+@pytest.mark.parametrize("same_length", [False, True])
+def test_cut_passes_equal_whole_padded_rows(arch, attention, same_length):
+    """The shared prefix as cached keys and values, and groups cut to their longest row, give the logits and the
+    coefficient gradient of whole padded rows, in padded and unpadded batches (where a mask must be built)."""
+    from safegene.forward import ShotPasses
+    from tiny import make_model
+
+    model, tok = make_model(arch, layers=3)
+    model.config._attn_implementation = attention
+    batch = _prefixed_batch(tok, same_length)
+    rec = capture_from(model, batch.input_ids, batch.attention_mask, 1)
+    whole = ShotPasses(model, 1, rec, batch, cut=False)
+    cut = ShotPasses(model, 1, rec, batch)
+    assert cut.cut and not whole.cut
+    assert cut.prefix_length >= 5  # "<|im_start|>user\n" and at least "What is"/the shared opening
+    widths = [cut.lengths[i] for i in range(len(cut))]
+    assert (len(set(widths)) == 1) == same_length
+    groups = cut.groups(2)
+    assert sorted(i for g in groups for i in g) == list(range(len(cut)))
+    assert all(widths[a] <= widths[b] for a, b in zip([g[0] for g in groups], [g[-1] for g in groups]))
+    scale = torch.tensor(1.0, requires_grad=True)
+    # a delta on layer 2's MLP, scaled by `scale`: what the prefix's keys and values carry to the gradient
+    mlp = decoder_parts(model)[0][2].mlp.down_proj
+    delta = torch.randn_like(mlp.weight) * 0.3
+    hook = mlp.register_forward_hook(lambda m, i, o: o + scale * torch.nn.functional.linear(i[0], delta))
+    try:
+        for idx in groups + [list(range(len(cut)))]:
+            want = whole.logits(idx)
+            (gw,) = torch.autograd.grad(want.square().mean(), scale)
+            prefix = cut.prefix()
+            got = cut.logits(idx, prefix)
+            assert got.shape == want.shape
+            assert torch.allclose(got, want, atol=1e-5)
+            (gc,) = torch.autograd.grad(got.square().mean(), scale)
+            assert gc == pytest.approx(float(gw), rel=1e-4, abs=1e-7)
+    finally:
+        hook.remove()
+
+
+def test_cut_is_off_where_the_model_is_not_known():
+    from safegene.forward import ShotPasses
+    from tiny import make_model
+
+    model, tok = make_model("qwen2", layers=2)
+    batch = _prefixed_batch(tok)
+    rec = capture_from(model, batch.input_ids, batch.attention_mask, 1)
+    model.config._attn_implementation = "flash_attention_2"  # unpads from the 2-D mask: a cut mask would be wrong
+    passes = ShotPasses(model, 1, rec, batch)
+    assert not passes.cut and passes.prefix_length == 0 and passes.prefix() is None
+    assert passes.groups(3) == [[0, 1, 2], [3]]
+
+
+def test_shared_prefix_stops_before_any_scored_position():
+    from safegene.forward import shared_prefix_length
+
+    ids = torch.tensor([[1, 2, 3, 4, 5], [1, 2, 3, 4, 6]])
+    att = torch.ones_like(ids)
+    tmask = torch.zeros_like(ids, dtype=torch.bool)
+    assert shared_prefix_length(ids, att, tmask) == 4
+    tmask[1, 2] = True  # position 2 predicts a target token: it must run with the rows, not in the prefix
+    assert shared_prefix_length(ids, att, tmask) == 2
+    assert shared_prefix_length(ids[:1], att[:1], tmask[:1]) == 0  # one row shares nothing with anyone
+    att[0, 2:] = 0  # a row of 2 tokens keeps its last one
+    assert shared_prefix_length(ids, att, torch.zeros_like(tmask)) == 1
+
+
+def test_recalibration_with_the_prefix_cut_matches_whole_shots_on_fewer_positions(adapter):
+    """The same objective, gradient and coefficients as whole padded shots, while the top layer runs fewer
+    positions (counted on the layer's input)."""
+    ad, d = adapter  # layers 0 and 1: the prefix's keys and values in layer 1 depend on layer 0's coefficient
+    cards, positions = {}, {}
+    for reuse in (False, True):
+        model, tok = load_model(d), load_tokenizer(d)
+        seen = [0]
+        hook = decoder_parts(model)[0][1].register_forward_pre_hook(
+            lambda m, a, kw: seen.__setitem__(0, seen[0] + (a[0] if a else kw["hidden_states"]).shape[:2].numel()),
+            with_kwargs=True)
+        try:
+            cards[reuse] = recalibrate(ad, _cfg(d, reuse_prefix=reuse, chunk_size=2), model=model, tokenizer=tok,
+                                       progress=False).card["recalibration"]
+        finally:
+            hook.remove()
+        positions[reuse] = seen[0]
+    whole, cut = cards[False], cards[True]
+    for a, b in zip(whole["history"], cut["history"]):
+        for k in ("refusal_nll", "task_kl", "loss"):
+            assert b[k] == pytest.approx(a[k], abs=2e-5)
+    assert cut["history"][0]["gradient"] == pytest.approx(whole["history"][0]["gradient"], rel=1e-4, abs=1e-7)
+    assert cut["coefficients"] == pytest.approx(whole["coefficients"], abs=1e-5)
+    assert cut["objective"]["task_model_alone"] == pytest.approx(whole["objective"]["task_model_alone"], abs=2e-5)
+    # what the top layer ran: per pass, whole rows at the set's width, or the prefix once and each group of 2
+    # (sorted by length) from the prefix to its longest row
+    from safegene.forward import shared_prefix_length
+    from safegene.recalibration import harmful_shots, task_shots
+
+    cfg, tok = _cfg(d), load_tokenizer(d)
+    passes = {"h": 2 + len(whole["history"]) - 1, "t": 2 + len(whole["history"]) - 1}  # T alone / reference,
+    want = {False: 0, True: 0}                                                        # gradient, each point
+    for name, pairs in (("h", harmful_shots(cfg).refusal), ("t", task_shots(cfg))):
+        b = encode_batch(tok, pairs, cfg.max_length)
+        lengths = sorted(int(n) for n in b.attention_mask.sum(1))
+        # the task shots share "<|im_start|>user\nWhat is"; one harmful shot, cut from the left to max_length,
+        # shares nothing, so the harmful set is only cut to each group's longest row
+        p = shared_prefix_length(b.input_ids, b.attention_mask, b.target_mask)
+        assert (p > 0) == (name == "t")
+        want[False] += passes[name] * b.input_ids.numel()
+        want[True] += passes[name] * (p + sum(len(lengths[i:i + 2]) * (max(lengths[i:i + 2]) - p)
+                                              for i in range(0, len(lengths), 2)))
+    assert positions == want
+    assert positions[True] < positions[False]
