@@ -134,14 +134,20 @@ def capture(model: Any, input_ids: Any, attention_mask: Any, layers_wanted: list
     return _as_plain(hidden, calls)
 
 
-def capture_from(model: Any, input_ids: Any, attention_mask: Any, start: int) -> LayerInputs:
+def capture_from(model: Any, input_ids: Any, attention_mask: Any, start: int, prefix_length: int = 0) -> LayerInputs:
     """What `run_from(model, start, ...)` needs, computing only the layers below `start`: the hidden states entering
     layer `start` and the call arguments of every layer from `start` up (masks and positions can differ by layer,
     e.g. sliding-window layers). While it runs, layers `start`.. are swapped for recorders that pass the hidden
-    states through, and the last one ends the pass; they are put back whatever happens."""
+    states through, and the last one ends the pass; they are put back whatever happens.
+
+    With `prefix_length` P > 0 (the rows' first P tokens are the same; `shared_prefix_length`, for a
+    `can_cut_positions` model), the layers below `start` run those P positions once, on one row, and the rest of
+    every row with the prefix as cached keys and values; what is returned is the same."""
     layers, _, _ = decoder_parts(model)
     if not 0 <= start < len(layers):
         raise SafegeneError(f"capture_from: start layer {start} is outside the model's {len(layers)} layers")
+    if prefix_length > 0 and start > 0:
+        return _capture_from_with_prefix(model, input_ids, attention_mask, start, prefix_length)
     hidden: dict[int, Any] = {}
     calls: dict[int, tuple[tuple, dict]] = {}
 
@@ -165,6 +171,32 @@ def capture_from(model: Any, input_ids: Any, attention_mask: Any, start: int) ->
     if start not in hidden or len(calls) != len(originals):
         raise SafegeneError("capture_from: the model did not call its decoder layers in order; use capture()")
     return _as_plain(hidden, calls)
+
+
+def _capture_from_with_prefix(model: Any, input_ids: Any, attention_mask: Any, start: int, prefix: int) -> LayerInputs:
+    """`capture_from` with the shared prefix run once: every layer's call is recorded from the embeddings up (the
+    model computes masks and positions), then layers 0..start-1 run here, the prefix on row 0 and the rest of every
+    row on its keys and values."""
+    import torch
+
+    whole = capture_from(model, input_ids, attention_mask, 0)
+    if not can_cut_positions(model, whole):
+        raise SafegeneError("capture_from: this model's layer calls cannot be cut at a prefix; pass prefix_length=0")
+    attention = model.config._attn_implementation
+    layers, _, _ = decoder_parts(model)
+    width = whole.hidden[0].shape[1]
+    lower = LayerInputs(whole.hidden, {l: c for l, c in whole.calls.items() if l < start})
+    with torch.inference_mode():
+        head = cut_positions(lower.subset([0]), 0, prefix, attention)
+        record = _RecordKV()
+        rest = cut_positions(lower, prefix, width, attention)
+        h_head, h_rest = head.hidden[0], rest.hidden[0]
+        cache = _PrefixKV(record.kv)
+        for l in range(start):
+            h_head = _first(layers[l](h_head, *head.calls[l][0], **{**head.calls[l][1], "past_key_values": record}))
+            h_rest = _first(layers[l](h_rest, *rest.calls[l][0], **{**rest.calls[l][1], "past_key_values": cache}))
+        hidden = torch.cat([h_head.expand(h_rest.shape[0], -1, -1), h_rest.to(h_head.device)], dim=1)
+    return _as_plain({start: hidden}, {l: c for l, c in whole.calls.items() if l >= start})
 
 
 def _plain(v):
@@ -203,14 +235,16 @@ _PER_POSITION = {"attention_mask", "position_embeddings", "position_ids", "cache
 _PASSED_THROUGH = {"past_key_values", "use_cache", "output_attentions"}
 
 
-def can_cut_positions(model: Any, inputs: LayerInputs) -> bool:
-    """Whether `cut_positions` and a prefix cache are known to be exact for `model` and these recorded calls."""
+def can_cut_positions(model: Any, inputs: LayerInputs | None = None) -> bool:
+    """Whether `cut_positions` and a prefix cache are known to be exact for `model` and (when given) these recorded
+    calls."""
     cfg = getattr(model, "config", None)
     if getattr(cfg, "model_type", None) not in CUTTABLE_MODEL_TYPES:
         return False
     if getattr(cfg, "_attn_implementation", None) not in CUTTABLE_ATTENTION:
         return False
-    return all(not args and set(kw) <= _PER_POSITION | _PASSED_THROUGH for args, kw in inputs.calls.values())
+    return inputs is None or all(not args and set(kw) <= _PER_POSITION | _PASSED_THROUGH
+                                 for args, kw in inputs.calls.values())
 
 
 class _PrefixKV:
@@ -304,6 +338,15 @@ class ShotPasses:
                                                   batch.target_mask) if self.cut else 0
         self._prefix_inputs = (cut_positions(inputs.subset([0]), 0, self.prefix_length, self.attention)
                                if self.prefix_length else None)
+
+    @classmethod
+    def capture(cls, model: Any, start: int, batch: Any, cut: bool = True) -> "ShotPasses":
+        """Run the layers below `start` once over `batch` (their shared prefix once, when `cut` applies) and make
+        the passes from `start` up."""
+        cut = cut and can_cut_positions(model)
+        prefix = shared_prefix_length(batch.input_ids, batch.attention_mask, batch.target_mask) if cut else 0
+        inputs = capture_from(model, batch.input_ids, batch.attention_mask, start, prefix)
+        return cls(model, start, inputs, batch, cut)
 
     def __len__(self) -> int:
         return len(self.lengths)

@@ -36,7 +36,7 @@ from .data.attacks import EVALUATION_FAMILY, TRAINING_FAMILIES
 from .data.records import PromptResponse
 from .errors import ConfigError, DataError
 from .io import sha256_text
-from .forward import ShotPasses, capture_from
+from .forward import ShotPasses
 from .models.placement import PlacementConfig, float32_math
 from .objectives import encode_batch, preference_loss, token_nll, topk_kl
 
@@ -287,14 +287,15 @@ class ShotObjective:
     prefix the shots share once and each chunk only to its longest shot (`forward.ShotPasses`)."""
 
     def __init__(self, model: Any, start_layer: int, cfg: RecalibrateConfig, harmful: Any, task: Any,
-                 compliant: Any | None, harmful_in: Any, task_in: Any, compliant_in: Any | None) -> None:
-        self.model, self.start, self.cfg = model, start_layer, cfg
-        self.hb, self.tb, self.cb = harmful, task, compliant
+                 compliant: Any | None) -> None:
+        """Runs the layers below `start_layer` once over each set of shots (call with the adapter disabled: they
+        never change)."""
+        self.cfg, self.hb, self.tb, self.cb = cfg, harmful, task, compliant
         cut = cfg.reuse_prefix
-        self.h = ShotPasses(model, start_layer, harmful_in, harmful, cut)
-        self.t = ShotPasses(model, start_layer, task_in, task, cut)
+        self.h = ShotPasses.capture(model, start_layer, harmful, cut)
+        self.t = ShotPasses.capture(model, start_layer, task, cut)
         # the compliant answers pair with the harmful shots row by row: they are grouped as the harmful rows are
-        self.c = ShotPasses(model, start_layer, compliant_in, compliant, cut) if compliant is not None else None
+        self.c = ShotPasses.capture(model, start_layer, compliant, cut) if compliant is not None else None
         self.t_vals = self.t_idx = None
 
     def fix_reference(self) -> None:
@@ -439,10 +440,7 @@ def recalibrate(adapter: SafetyAdapter, cfg: RecalibrateConfig, model: Any = Non
         handle.disable()
         t_phase = time.perf_counter()
         # layers below the lowest selected one never change: run them once, and only the rest per evaluation
-        objective = ShotObjective(
-            model, start_layer, cfg, hb, tb, cb, capture_from(model, hb.input_ids, hb.attention_mask, start_layer),
-            capture_from(model, tb.input_ids, tb.attention_mask, start_layer),
-            capture_from(model, cb.input_ids, cb.attention_mask, start_layer) if preference else None)
+        objective = ShotObjective(model, start_layer, cfg, hb, tb, cb)
         objective.fix_reference()
         # T alone: its KL to itself is 0 by definition, so only the harmful terms are run
         before = {**objective.evaluate(task=False), "task_kl": 0.0}

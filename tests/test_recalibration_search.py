@@ -303,3 +303,34 @@ def test_recalibration_with_the_prefix_cut_matches_whole_shots_on_fewer_position
                                               for i in range(0, len(lengths), 2)))
     assert positions == want
     assert positions[True] < positions[False]
+
+
+@pytest.mark.parametrize("arch,attention", [("qwen2", "sdpa"), ("llama", "eager")])
+def test_capture_with_the_prefix_once_records_what_the_whole_capture_does(arch, attention):
+    """The layers below the start run the shared prefix on one row and the rest of every row on its keys and values:
+    the same hidden states and calls as running every row whole, on fewer positions of the lower layers."""
+    from safegene.forward import shared_prefix_length
+    from tiny import make_model
+
+    model, tok = make_model(arch, layers=3)
+    model.config._attn_implementation = attention
+    batch = _prefixed_batch(tok)
+    p = shared_prefix_length(batch.input_ids, batch.attention_mask, batch.target_mask)
+    assert p >= 5
+    ran = []
+    hook = decoder_parts(model)[0][0].register_forward_pre_hook(
+        lambda m, a, kw: ran.append((a[0] if a else kw["hidden_states"]).shape[:2].numel()), with_kwargs=True)
+    try:
+        whole = capture_from(model, batch.input_ids, batch.attention_mask, 2)
+        n_whole = sum(ran)
+        ran.clear()
+        once = capture_from(model, batch.input_ids, batch.attention_mask, 2, prefix_length=p)
+    finally:
+        hook.remove()
+    rows, width = batch.input_ids.shape
+    assert n_whole == rows * width and ran == [p, rows * (width - p)]
+    assert set(once.hidden) == {2} and set(once.calls) == {2}
+    assert torch.allclose(once.hidden[2], whole.hidden[2], atol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(run_from(model, 2, once, batch.target_mask), run_from(model, 2, whole, batch.target_mask),
+                              atol=1e-5)
