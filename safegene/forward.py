@@ -181,7 +181,7 @@ def _capture_from_with_prefix(model: Any, input_ids: Any, attention_mask: Any, s
 
     whole = capture_from(model, input_ids, attention_mask, 0)
     if not can_cut_positions(model, whole):
-        raise SafegeneError("capture_from: this model's layer calls cannot be cut at a prefix; pass prefix_length=0")
+        return capture_from(model, input_ids, attention_mask, start)  # calls of a form not known: whole rows
     attention = model.config._attn_implementation
     layers, _, _ = decoder_parts(model)
     width = whole.hidden[0].shape[1]
@@ -196,7 +196,8 @@ def _capture_from_with_prefix(model: Any, input_ids: Any, attention_mask: Any, s
             h_head = _first(layers[l](h_head, *head.calls[l][0], **{**head.calls[l][1], "past_key_values": record}))
             h_rest = _first(layers[l](h_rest, *rest.calls[l][0], **{**rest.calls[l][1], "past_key_values": cache}))
         hidden = torch.cat([h_head.expand(h_rest.shape[0], -1, -1), h_rest.to(h_head.device)], dim=1)
-    return _as_plain({start: hidden}, {l: c for l, c in whole.calls.items() if l >= start})
+    # the recorded calls are plain already (capture_from cloned them): only the new hidden states need it
+    return LayerInputs({start: hidden.clone()}, {l: c for l, c in whole.calls.items() if l >= start})
 
 
 def _plain(v):
@@ -221,6 +222,10 @@ def run_from(model: Any, start: int, inputs: LayerInputs, positions: Any, prefix
         if cache is not None:
             kw = {**kw, "past_key_values": cache}
         h = _first(layers[l](h, *args, **kw))
+    if cache is not None and cache.reads != len(layers) - start:
+        # a layer that ignored the cache attended to its own positions only: the logits would be silently wrong
+        raise SafegeneError(f"run_from: {cache.reads} of {len(layers) - start} layers read the shared prefix; "
+                            "run whole rows (RecalibrateConfig.reuse_prefix = false)")
     # a dispatched model's hooks move the hidden states from layer to layer: the mask follows them
     return head(norm(h[positions.to(h.device)]))
 
@@ -239,6 +244,9 @@ def can_cut_positions(model: Any, inputs: LayerInputs | None = None) -> bool:
     """Whether `cut_positions` and a prefix cache are known to be exact for `model` and (when given) these recorded
     calls."""
     cfg = getattr(model, "config", None)
+    # a layer that checkpoints activations in training mode drops the cache it is given (transformers 5)
+    if getattr(model, "training", False) or any(layer.training for layer in decoder_parts(model)[0]):
+        return False
     if getattr(cfg, "model_type", None) not in CUTTABLE_MODEL_TYPES:
         return False
     if getattr(cfg, "_attn_implementation", None) not in CUTTABLE_ATTENTION:
@@ -253,10 +261,12 @@ class _PrefixKV:
 
     def __init__(self, prefix: dict[int, tuple]) -> None:
         self.prefix = prefix
+        self.reads = 0
 
     def update(self, key: Any, value: Any, layer_idx: int, *_: Any, **__: Any) -> tuple[Any, Any]:
         import torch
 
+        self.reads += 1
         pk, pv = self.prefix[layer_idx]
         b = key.shape[0]
         return (torch.cat([pk.expand(b, *pk.shape[1:]), key], dim=2),
@@ -325,7 +335,8 @@ class ShotPasses:
     the whole set. `groups` orders the rows by length so that a group's rows are alike.
 
     Exact up to float rounding (tested against whole sequences); for models `can_cut_positions` does not know, or
-    with `cut=False`, every pass runs whole padded rows as before."""
+    with `cut=False`, every pass runs whole padded rows as before. The prefix runs on row 0 for every row: hooks
+    on the model must treat rows alike (an adapter's per-row strength would not be)."""
 
     def __init__(self, model: Any, start: int, inputs: LayerInputs, batch: Any, cut: bool = True) -> None:
         """`batch` has the rows' `input_ids`, `attention_mask` and `target_mask` (an objectives.SeqBatch);

@@ -192,16 +192,40 @@ def _prefixed_batch(tok, same_length=False):
     return encode_batch(tok, [PromptResponse(p, "19") for p in prompts], 64)
 
 
-@pytest.mark.parametrize("arch,attention", [("qwen2", "sdpa"), ("llama", "eager"), ("qwen2", "eager")])
-@pytest.mark.parametrize("same_length", [False, True])
-def test_cut_passes_equal_whole_padded_rows(arch, attention, same_length):
-    """The shared prefix as cached keys and values, and groups cut to their longest row, give the logits and the
-    coefficient gradient of whole padded rows, in padded and unpadded batches (where a mask must be built)."""
-    from safegene.forward import ShotPasses
-    from tiny import make_model
+def _allowed_model(arch, attention, window=None):
+    """A tiny model of each allow-listed layout; `window` gives Mistral/Qwen3 sliding-window attention shorter than
+    the shots (Qwen3: on its upper layers), whose masks the cut must slice, not rebuild."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    from tiny import make_model, make_tokenizer
 
-    model, tok = make_model(arch, layers=3)
+    if arch in ("qwen2", "llama"):
+        model, tok = make_model(arch, layers=3)
+    else:
+        tok = make_tokenizer()
+        kw = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
+                  initializer_range=0.2)
+        torch.manual_seed(0)
+        model = (MistralForCausalLM(MistralConfig(sliding_window=window, **kw)) if arch == "mistral" else
+                 Qwen3ForCausalLM(Qwen3Config(use_sliding_window=window is not None, sliding_window=window,
+                                              max_window_layers=1, head_dim=8, **kw)))
+        model.eval()
     model.config._attn_implementation = attention
+    return model, tok
+
+
+@pytest.mark.parametrize("arch,attention,window", [("qwen2", "sdpa", None), ("llama", "eager", None),
+                                                   ("qwen2", "eager", None), ("mistral", "sdpa", 6),
+                                                   ("mistral", "eager", 6), ("qwen3", "sdpa", 6)])
+@pytest.mark.parametrize("same_length", [False, True])
+def test_cut_passes_equal_whole_padded_rows(arch, attention, window, same_length):
+    """The shared prefix as cached keys and values, and groups cut to their longest row, give the logits and the
+    coefficient gradient of whole padded rows, in padded and unpadded batches (where a mask must be built), with
+    sliding windows shorter than the shots."""
+    from safegene.forward import ShotPasses
+
+    model, tok = _allowed_model(arch, attention, window)
     batch = _prefixed_batch(tok, same_length)
     rec = capture_from(model, batch.input_ids, batch.attention_mask, 1)
     whole = ShotPasses(model, 1, rec, batch, cut=False)
@@ -334,3 +358,53 @@ def test_capture_with_the_prefix_once_records_what_the_whole_capture_does(arch, 
     with torch.no_grad():
         assert torch.allclose(run_from(model, 2, once, batch.target_mask), run_from(model, 2, whole, batch.target_mask),
                               atol=1e-5)
+
+
+def test_cut_is_off_in_training_mode_and_a_layer_that_drops_the_cache_is_caught():
+    """A checkpointing layer in training mode drops the cache (transformers 5): no cut then; and a layer that does
+    not read the prefix fails loudly instead of attending to its own positions only."""
+    from safegene.forward import ShotPasses, can_cut_positions
+    from safegene.errors import SafegeneError
+    from tiny import make_model
+
+    model, tok = make_model("qwen2", layers=3)
+    batch = _prefixed_batch(tok)
+    rec = capture_from(model, batch.input_ids, batch.attention_mask, 1)
+    model.train()
+    assert not can_cut_positions(model) and not ShotPasses(model, 1, rec, batch).cut
+    model.eval()
+    passes = ShotPasses(model, 1, rec, batch)
+    layer = decoder_parts(model)[0][2]
+    hook = layer.register_forward_pre_hook(lambda m, a, kw: (a, {**kw, "past_key_values": None, "attention_mask": None}),
+                                          with_kwargs=True)
+    try:
+        with pytest.raises(SafegeneError, match="1 of 2 layers read the shared prefix"):
+            passes.logits([0, 1])
+    finally:
+        hook.remove()
+
+
+def test_recalibration_cut_matches_whole_shots_with_preference_above_layer_0(adapter):
+    """End to end from layer 1 (so the lower layer's prefix runs once too), harmful shots that share an opening (room
+    for the longest, so none is cut from the left) and the preference term on (the compliant rows have their own
+    prefix): the same value, gradient and coefficients."""
+    from safegene.forward import shared_prefix_length
+    from safegene.recalibration import harmful_shots
+
+    ad, d = adapter
+    ad = ad.select([1])
+    cards = {}
+    for reuse in (False, True):
+        cfg = _cfg(d, preference_weight=0.5, max_length=256, chunk_size=2, reuse_prefix=reuse)
+        cards[reuse] = recalibrate(ad, cfg, progress=False).card["recalibration"]
+    shots, tok = harmful_shots(cfg), load_tokenizer(d)
+    for pairs in (shots.refusal, shots.compliant):
+        b = encode_batch(tok, pairs, 256)
+        assert shared_prefix_length(b.input_ids, b.attention_mask, b.target_mask) > 0
+    whole, cut = cards[False], cards[True]
+    assert "preference" in whole["history"][0]
+    for a, b in zip(whole["history"], cut["history"]):
+        for k in ("refusal_nll", "task_kl", "preference", "loss"):
+            assert b[k] == pytest.approx(a[k], abs=2e-5)
+    assert cut["history"][0]["gradient"] == pytest.approx(whole["history"][0]["gradient"], rel=1e-4, abs=1e-7)
+    assert cut["coefficients"] == pytest.approx(whole["coefficients"], abs=1e-5)
