@@ -38,7 +38,7 @@ from .errors import ConfigError, DataError
 from .io import sha256_text
 from .forward import ShotPasses
 from .models.placement import PlacementConfig, float32_math
-from .objectives import encode_batch, preference_loss, token_nll, topk_kl
+from .objectives import encode_batch, preference_loss, sequence_mean_nll, token_nll, topk_kl
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 REFUSAL_TARGETS = ("fixed", "aligned")
 #: how the coefficients are fitted (see RecalibrateConfig.optimizer)
 OPTIMIZERS = ("line-search", "adam")
+#: what the benign-but-sensitive prompts constrain (see RecalibrateConfig.sensitive_term)
+SENSITIVE_TERMS = ("kl", "refusal-margin")
 
 
 @dataclass
@@ -84,12 +86,18 @@ class RecalibrateConfig(AdapterInOut):
     learning_rate: float = opt(0.1, "adam: learning rate on the coefficients' logits")
     max_length: int = opt(96, "token limit per shot")
     tied: bool = opt(False, "one coefficient shared by all layers (the RESTA baseline) instead of one per layer")
-    sensitive: str | None = opt(None, "benign-but-sensitive prompts whose answers must not move: T's own greedy "
-                                "answers join the task shots in the KL-to-T term, so the adapter learns not to refuse "
-                                "what only sounds harmful (built-in: sensitive-shots; never an over-refusal "
+    sensitive: str | None = opt(None, "benign-but-sensitive prompts the adapter must not learn to refuse, constrained "
+                                "as `sensitive_term` says (built-in: sensitive-shots; never an over-refusal "
                                 "evaluation set)", added_later=True)
     n_sensitive: int = opt(32, "benign-but-sensitive shots (with `sensitive`)", added_later=True)
     sensitive_tokens: int = opt(32, "tokens of T's answer kept as each sensitive shot's target", added_later=True)
+    sensitive_term: str = opt("kl", "what the `sensitive` prompts constrain: kl (T's own answers join the task shots "
+                              "in the KL-to-T term: every change of those answers costs) or refusal-margin (only "
+                              "refusing them more than T does costs: per prompt, softplus(NLL_T(refusal_text) − "
+                              "NLL(refusal_text)), per-token means, weight `sensitive_weight`)",
+                              choices=SENSITIVE_TERMS, added_later=True)
+    sensitive_weight: float = opt(1.0, "weight of the refusal-margin term (sensitive_term: refusal-margin)",
+                                  added_later=True)
     refusal_target: str = opt("fixed", "what the harmful shots are trained to say: fixed (`refusal_text`, or the "
                               "`refusals` file's answers) or aligned (the aligned model's own greedy answer to each "
                               "harmful prompt where it refuses, `refusal_text` where it does not; needs `aligned`)",
@@ -134,6 +142,13 @@ class RecalibrateConfig(AdapterInOut):
         check(not (aligned_target and self.refusals),
               "refusal_target 'aligned' replaces the refusals file's answers: unset refusals, or use refusal_target: fixed")
         check(self.aligned_tokens >= 1, "aligned_tokens must be >= 1")
+        check(self.sensitive_term in SENSITIVE_TERMS,
+              f"sensitive_term must be one of {', '.join(SENSITIVE_TERMS)}, got {self.sensitive_term!r}")
+        check(self.sensitive_term == "kl" or bool(self.sensitive),
+              "sensitive_term 'refusal-margin' reads the benign-but-sensitive prompts: set sensitive (e.g. --sensitive "
+              "sensitive-shots)")
+        check(math.isfinite(self.sensitive_weight) and self.sensitive_weight >= 0,
+              f"sensitive_weight must be a number >= 0, got {self.sensitive_weight}")
         check(math.isfinite(self.preference_weight) and self.preference_weight >= 0,
               f"preference_weight must be a number >= 0 (0 turns the preference term off), got {self.preference_weight}")
         check(not (self.preference_weight > 0 and self.refusals),
@@ -265,14 +280,28 @@ def task_shots(cfg: RecalibrateConfig) -> list[PromptResponse]:
     return prompt_response_pairs(cfg.task, n=cfg.n_task, seed=cfg.seed + 1)
 
 
-def sensitive_shots(cfg: RecalibrateConfig, model: Any, tokenizer: Any) -> list[PromptResponse]:
-    """Benign-but-sensitive prompts with T's own answers (T alone: call before the adapter is attached)."""
+def _sensitive_prompts(cfg: RecalibrateConfig) -> list[str]:
     from .data import harmful_prompts
+
+    return [p.prompt for p in harmful_prompts(cfg.sensitive, n=cfg.n_sensitive, seed=cfg.seed + 2)]
+
+
+def sensitive_refusal_shots(cfg: RecalibrateConfig) -> list[PromptResponse]:
+    """sensitive_term 'refusal-margin': each benign-but-sensitive prompt with `refusal_text`, the answer whose
+    likelihood must not rise above T's."""
+    if not cfg.sensitive or cfg.sensitive_term != "refusal-margin":
+        return []
+    return [PromptResponse(p, cfg.refusal_text) for p in _sensitive_prompts(cfg)]
+
+
+def sensitive_shots(cfg: RecalibrateConfig, model: Any, tokenizer: Any) -> list[PromptResponse]:
+    """sensitive_term 'kl': benign-but-sensitive prompts with T's own answers (T alone: call before the adapter is
+    attached)."""
     from .generation import GenerationConfig, generate
 
-    if not cfg.sensitive:
+    if not cfg.sensitive or cfg.sensitive_term != "kl":
         return []
-    prompts = [p.prompt for p in harmful_prompts(cfg.sensitive, n=cfg.n_sensitive, seed=cfg.seed + 2)]
+    prompts = _sensitive_prompts(cfg)
     answers = generate(model, tokenizer, prompts, GenerationConfig(max_new_tokens=cfg.sensitive_tokens,
                                                                    batch_size=16), progress=False)
     return [PromptResponse(p, a) for p, a in zip(prompts, answers) if a.strip()]
@@ -287,20 +316,22 @@ class ShotObjective:
     prefix the shots share once and each chunk only to its longest shot (`forward.ShotPasses`)."""
 
     def __init__(self, model: Any, start_layer: int, cfg: RecalibrateConfig, harmful: Any, task: Any,
-                 compliant: Any | None) -> None:
+                 compliant: Any | None, sensitive: Any | None = None) -> None:
         """Runs the layers below `start_layer` once over each set of shots (call with the adapter disabled: they
-        never change)."""
-        self.cfg, self.hb, self.tb, self.cb = cfg, harmful, task, compliant
+        never change). `sensitive`: the refusal-margin shots (benign-but-sensitive prompts with the refusal)."""
+        self.cfg, self.hb, self.tb, self.cb, self.sb = cfg, harmful, task, compliant, sensitive
         cut = cfg.reuse_prefix
         self.h = ShotPasses.capture(model, start_layer, harmful, cut)
         self.t = ShotPasses.capture(model, start_layer, task, cut)
         # the compliant answers pair with the harmful shots row by row: they are grouped as the harmful rows are
         self.c = ShotPasses.capture(model, start_layer, compliant, cut) if compliant is not None else None
-        self.t_vals = self.t_idx = None
+        self.s = ShotPasses.capture(model, start_layer, sensitive, cut) if sensitive is not None else None
+        self.t_vals = self.t_idx = self.s_nll = None
 
     def fix_reference(self) -> None:
         """T's own top-64 answer distribution on the task shots (call while the adapter is disabled): what must not
-        move. Stored by target position in the shots' order, whatever order the chunks ran in."""
+        move, stored by target position in the shots' order, whatever order the chunks ran in; and T's NLL of the
+        refusal on each refusal-margin prompt."""
         import torch
 
         with torch.inference_mode():
@@ -314,7 +345,13 @@ class ShotObjective:
                     vals, idxs = v.new_empty((n, v.shape[1])), i.new_empty((n, i.shape[1]))
                 rows = self.tb.target_rows(idx)
                 vals[rows], idxs[rows] = v, i
+            if self.s is not None:  # T's own per-token NLL of the refusal on each sensitive prompt: the margin's zero
+                nll = torch.empty(len(self.sb))
+                prefix = self.s.prefix()
+                for idx in self._chunks(self.s):
+                    nll[idx] = sequence_mean_nll(self.s.logits(idx, prefix), self.sb.subset(idx))
         self.t_vals, self.t_idx = vals.clone(), idxs.clone()
+        self.s_nll = nll.clone() if self.s is not None else None
 
     def _chunks(self, passes: ShotPasses) -> list[list[int]]:
         return passes.groups(self.cfg.chunk_size)
@@ -333,13 +370,26 @@ class ShotObjective:
         rows = self.tb.target_rows(idx)
         return topk_kl(self.t.logits(idx, prefix), self.t_vals[rows], self.t_idx[rows])
 
-    def terms(self, h_idx: list[int], t_idx: list[int]) -> dict[str, Any]:
-        return {**self.harmful_terms(h_idx), "task_kl": self.task_kl(t_idx)}
+    def sensitive_refusal(self, idx: list[int], prefix: Any = "compute") -> Any:
+        """mean over sensitive prompts `idx` of softplus(NLL_T(refusal) − NLL(refusal)): log 2 at T itself, rising
+        as the adapter makes the refusal of a benign prompt likelier than T does."""
+        import torch
+
+        nll = sequence_mean_nll(self.s.logits(idx, prefix), self.sb.subset(idx))
+        return torch.nn.functional.softplus(self.s_nll[idx] - nll).mean()
+
+    def terms(self, h_idx: list[int], t_idx: list[int], s_idx: list[int] | None = None) -> dict[str, Any]:
+        out = {**self.harmful_terms(h_idx), "task_kl": self.task_kl(t_idx)}
+        if self.s is not None and s_idx:
+            out["sensitive_refusal"] = self.sensitive_refusal(s_idx)
+        return out
 
     def loss(self, terms: dict[str, Any]) -> Any:
         total = terms["refusal_nll"] + self.cfg.utility_weight * terms["task_kl"]
         if "preference" in terms:
             total = total + self.cfg.preference_weight * terms["preference"]
+        if "sensitive_refusal" in terms:
+            total = total + self.cfg.sensitive_weight * terms["sensitive_refusal"]
         return total
 
     def evaluate(self, grad: bool = False, task: bool = True, before_chunk: Any = None) -> dict[str, float]:
@@ -382,7 +432,30 @@ class ShotObjective:
                         (self.cfg.utility_weight * share * kl).backward()
                     out["task_kl"] += share * float(kl.detach())
                 prefixes.backward()
+            if task and self.s is not None:
+                out["sensitive_refusal"] = 0.0
+                if before_chunk:
+                    before_chunk()
+                prefixes = _PrefixPass({"s": self.s}, grad)
+                for idx in self._chunks(self.s):
+                    if before_chunk:
+                        before_chunk()
+                    term = self.sensitive_refusal(idx, prefixes.values["s"])
+                    share = len(idx) / len(self.s)
+                    if grad:
+                        (self.cfg.sensitive_weight * share * term).backward()
+                    out["sensitive_refusal"] += share * float(term.detach())
+                prefixes.backward()
         out["loss"] = float(self.loss({**out, "task_kl": out.get("task_kl", 0.0)}))
+        return out
+
+    def at_task_model(self) -> dict[str, float]:
+        """The objective's terms with the adapter disabled (T alone). Only the harmful terms are run: the KL of T to
+        itself is 0 and the refusal margin softplus(0) = log 2, by definition."""
+        out = {**self.evaluate(task=False), "task_kl": 0.0}
+        if self.s is not None:
+            out["sensitive_refusal"] = math.log(2)
+        out.pop("loss")
         return out
 
 
@@ -427,6 +500,7 @@ def recalibrate(adapter: SafetyAdapter, cfg: RecalibrateConfig, model: Any = Non
     shots = harmful_shots(cfg, aligned_model, aligned_tokenizer)
     harm = shots.refusal
     task = task_shots(cfg) + sensitive_shots(cfg, model, tokenizer)
+    margin = sensitive_refusal_shots(cfg)
     # a wrapped shot gets room for its template; plain shots keep max_length, so their tokens are as before
     limits = [cfg.jailbreak_max_length if w else cfg.max_length for w in shots.wrapped]
     hb = encode_batch(tokenizer, harm, limits)
@@ -440,11 +514,10 @@ def recalibrate(adapter: SafetyAdapter, cfg: RecalibrateConfig, model: Any = Non
         handle.disable()
         t_phase = time.perf_counter()
         # layers below the lowest selected one never change: run them once, and only the rest per evaluation
-        objective = ShotObjective(model, start_layer, cfg, hb, tb, cb)
+        sb = encode_batch(tokenizer, margin, cfg.max_length) if margin else None
+        objective = ShotObjective(model, start_layer, cfg, hb, tb, cb, sb)
         objective.fix_reference()
-        # T alone: its KL to itself is 0 by definition, so only the harmful terms are run
-        before = {**objective.evaluate(task=False), "task_kl": 0.0}
-        before.pop("loss")
+        before = objective.at_task_model()
         handle.enable()
         phases = {"cache_lower_layers_s": round(time.perf_counter() - t_phase, 2)}
         fit = fit_line_search if cfg.optimizer == "line-search" else fit_adam
@@ -455,12 +528,12 @@ def recalibrate(adapter: SafetyAdapter, cfg: RecalibrateConfig, model: Any = Non
     coeffs = {l: round(float(a), 6) for l, a in zip(layers, alpha)}
     out = adapter.with_coefficients(coeffs)
     # the compliant answers are part of the data only when the preference term reads them
-    hashed = harm + task + (shots.compliant if preference else [])
+    hashed = harm + task + (shots.compliant if preference else []) + margin
     out.card["recalibration"] = {
         "task_model": cfg.task_model,
         "config": to_dict(cfg),
         "coefficients": {str(l): c for l, c in coeffs.items()},
-        "shots": {"harmful": len(harm), "task": len(task),
+        "shots": {"harmful": len(harm), "task": len(task), **({"sensitive_refusal": len(margin)} if margin else {}),
                   "data_sha256": sha256_text("\n".join(f"{p.prompt}\x1f{p.response}" for p in hashed))},
         "harmful_shots": shots.info,
         "objective": {"task_model_alone": _rounded(before), "alpha_1": _rounded(unit), "after": _rounded(after)},
@@ -574,11 +647,12 @@ def fit_adam(objective: ShotObjective, handle: AttachedAdapter, layers: list[int
     t_phase = time.perf_counter()
     rng = random.Random(cfg.seed)
     half = max(1, cfg.batch_size // 2)
-    n_h, n_t = len(objective.hb), len(objective.tb)
+    n_h, n_t, n_s = len(objective.hb), len(objective.tb), len(objective.s) if objective.s is not None else 0
     history = []
     for _ in tqdm(range(cfg.steps), desc="recalibrating α", unit="step", disable=not progress):
         set_alphas(cfg.alpha_max * torch.sigmoid(theta))
-        terms = objective.terms(rng.sample(range(n_h), min(half, n_h)), rng.sample(range(n_t), min(half, n_t)))
+        terms = objective.terms(rng.sample(range(n_h), min(half, n_h)), rng.sample(range(n_t), min(half, n_t)),
+                                rng.sample(range(n_s), min(half, n_s)) if n_s else None)
         loss = objective.loss(terms)
         opt.zero_grad(set_to_none=True)
         loss.backward()
