@@ -66,6 +66,18 @@ def encode_batch(tokenizer: Any, pairs: Sequence[PromptResponse], max_length: in
     return SeqBatch(ids, att, tmask, tgt)
 
 
+def opening_only(batch: SeqBatch, n: int) -> SeqBatch:
+    """`batch` with only each row's first `n` target positions scored (an answer's opening), and each row ending at
+    its last scored position: under causal attention what follows changes nothing scored, so it is padding."""
+    import torch
+
+    mask = batch.target_mask & (batch.target_mask.cumsum(1) <= n)
+    positions = torch.arange(mask.shape[1]).expand_as(mask)
+    last = torch.where(mask, positions, torch.full_like(positions, -1)).max(1, keepdim=True).values
+    keep = (positions <= last) | (last < 0)  # a row with nothing scored keeps its tokens
+    return SeqBatch(batch.input_ids, batch.attention_mask * keep, mask, batch.targets)
+
+
 def target_logits(model: Any, batch: SeqBatch):
     """Logits at target positions, flattened to (n_targets, vocab)."""
     device = model_device(model)

@@ -38,7 +38,7 @@ from .errors import ConfigError, DataError
 from .io import sha256_text
 from .forward import ShotPasses
 from .models.placement import PlacementConfig, float32_math
-from .objectives import encode_batch, preference_loss, sequence_mean_nll, token_nll, topk_kl
+from .objectives import encode_batch, opening_only, preference_loss, token_nll, topk_kl
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,8 @@ class RecalibrateConfig(AdapterInOut):
                              "shot; the same objective up to float rounding, on Llama/Mistral/Qwen2/Qwen3 layouts with "
                              "sdpa or eager attention (others run whole padded shots)", added_later=True)
     steps: int = opt(30, "adam: optimizer steps")
-    batch_size: int = opt(8, "adam: shots per step (half harmful, half task)")
+    batch_size: int = opt(8, "adam: shots per step (half harmful, half task; with the refusal margin, as many "
+                          "sensitive prompts again)")
     learning_rate: float = opt(0.1, "adam: learning rate on the coefficients' logits")
     max_length: int = opt(96, "token limit per shot")
     tied: bool = opt(False, "one coefficient shared by all layers (the RESTA baseline) instead of one per layer")
@@ -92,12 +93,14 @@ class RecalibrateConfig(AdapterInOut):
     n_sensitive: int = opt(32, "benign-but-sensitive shots (with `sensitive`)", added_later=True)
     sensitive_tokens: int = opt(32, "tokens of T's answer kept as each sensitive shot's target", added_later=True)
     sensitive_term: str = opt("kl", "what the `sensitive` prompts constrain: kl (T's own answers join the task shots "
-                              "in the KL-to-T term: every change of those answers costs) or refusal-margin (only "
-                              "refusing them more than T does costs: per prompt, softplus(NLL_T(refusal_text) − "
-                              "NLL(refusal_text)), per-token means, weight `sensitive_weight`)",
-                              choices=SENSITIVE_TERMS, added_later=True)
+                              "in the KL-to-T term: every change of those answers costs) or refusal-margin (only the "
+                              "refusal overtaking T's answer costs: per prompt, softplus(NLL(T's answer) − "
+                              "NLL(refusal_text)) over the first `sensitive_opening` tokens of each, per-token means, "
+                              "weight `sensitive_weight`)", choices=SENSITIVE_TERMS, added_later=True)
     sensitive_weight: float = opt(1.0, "weight of the refusal-margin term (sensitive_term: refusal-margin)",
                                   added_later=True)
+    sensitive_opening: int = opt(8, "refusal-margin: tokens of each answer's opening that are compared (a greedy "
+                                 "answer, and the refusal judge, are decided there)", added_later=True)
     refusal_target: str = opt("fixed", "what the harmful shots are trained to say: fixed (`refusal_text`, or the "
                               "`refusals` file's answers) or aligned (the aligned model's own greedy answer to each "
                               "harmful prompt where it refuses, `refusal_text` where it does not; needs `aligned`)",
@@ -149,6 +152,9 @@ class RecalibrateConfig(AdapterInOut):
               "sensitive-shots)")
         check(math.isfinite(self.sensitive_weight) and self.sensitive_weight >= 0,
               f"sensitive_weight must be a number >= 0, got {self.sensitive_weight}")
+        check(self.sensitive_term == "refusal-margin" or self.sensitive_weight == 1.0,
+              "sensitive_weight is read only with sensitive_term refusal-margin: set that, or leave the weight at 1")
+        check(self.sensitive_opening >= 1, f"sensitive_opening must be >= 1, got {self.sensitive_opening}")
         check(math.isfinite(self.preference_weight) and self.preference_weight >= 0,
               f"preference_weight must be a number >= 0 (0 turns the preference term off), got {self.preference_weight}")
         check(not (self.preference_weight > 0 and self.refusals),
@@ -286,25 +292,25 @@ def _sensitive_prompts(cfg: RecalibrateConfig) -> list[str]:
     return [p.prompt for p in harmful_prompts(cfg.sensitive, n=cfg.n_sensitive, seed=cfg.seed + 2)]
 
 
-def sensitive_refusal_shots(cfg: RecalibrateConfig) -> list[PromptResponse]:
-    """sensitive_term 'refusal-margin': each benign-but-sensitive prompt with `refusal_text`, the answer whose
-    likelihood must not rise above T's."""
-    if not cfg.sensitive or cfg.sensitive_term != "refusal-margin":
-        return []
-    return [PromptResponse(p, cfg.refusal_text) for p in _sensitive_prompts(cfg)]
-
-
 def sensitive_shots(cfg: RecalibrateConfig, model: Any, tokenizer: Any) -> list[PromptResponse]:
-    """sensitive_term 'kl': benign-but-sensitive prompts with T's own answers (T alone: call before the adapter is
-    attached)."""
+    """Benign-but-sensitive prompts with T's own greedy answers (T alone: call before the adapter is attached): the
+    KL shots of sensitive_term 'kl', the answers the refusal must not overtake with 'refusal-margin'."""
     from .generation import GenerationConfig, generate
 
-    if not cfg.sensitive or cfg.sensitive_term != "kl":
+    if not cfg.sensitive:
         return []
     prompts = _sensitive_prompts(cfg)
     answers = generate(model, tokenizer, prompts, GenerationConfig(max_new_tokens=cfg.sensitive_tokens,
                                                                    batch_size=16), progress=False)
     return [PromptResponse(p, a) for p, a in zip(prompts, answers) if a.strip()]
+
+
+def margin_batches(tokenizer: Any, sensitive: list[PromptResponse], cfg: RecalibrateConfig) -> tuple[Any, Any]:
+    """The refusal-margin's two batches over the same sensitive prompts, row by row: T's answers and the refusal,
+    each scored on its first `sensitive_opening` tokens only."""
+    refusals = [PromptResponse(p.prompt, cfg.refusal_text) for p in sensitive]
+    return (opening_only(encode_batch(tokenizer, sensitive, cfg.max_length), cfg.sensitive_opening),
+            opening_only(encode_batch(tokenizer, refusals, cfg.max_length), cfg.sensitive_opening))
 
 
 class ShotObjective:
@@ -318,20 +324,22 @@ class ShotObjective:
     def __init__(self, model: Any, start_layer: int, cfg: RecalibrateConfig, harmful: Any, task: Any,
                  compliant: Any | None, sensitive: Any | None = None) -> None:
         """Runs the layers below `start_layer` once over each set of shots (call with the adapter disabled: they
-        never change). `sensitive`: the refusal-margin shots (benign-but-sensitive prompts with the refusal)."""
-        self.cfg, self.hb, self.tb, self.cb, self.sb = cfg, harmful, task, compliant, sensitive
+        never change). `sensitive`: the refusal-margin's (T's answers, refusals) to the same sensitive prompts, row
+        by row, each scored on its opening only."""
+        self.cfg, self.hb, self.tb, self.cb = cfg, harmful, task, compliant
+        self.sb, self.rb = sensitive if sensitive is not None else (None, None)
         cut = cfg.reuse_prefix
         self.h = ShotPasses.capture(model, start_layer, harmful, cut)
         self.t = ShotPasses.capture(model, start_layer, task, cut)
         # the compliant answers pair with the harmful shots row by row: they are grouped as the harmful rows are
         self.c = ShotPasses.capture(model, start_layer, compliant, cut) if compliant is not None else None
-        self.s = ShotPasses.capture(model, start_layer, sensitive, cut) if sensitive is not None else None
-        self.t_vals = self.t_idx = self.s_nll = None
+        self.s = ShotPasses.capture(model, start_layer, self.sb, cut) if sensitive is not None else None
+        self.r = ShotPasses.capture(model, start_layer, self.rb, cut) if sensitive is not None else None
+        self.t_vals = self.t_idx = None
 
     def fix_reference(self) -> None:
         """T's own top-64 answer distribution on the task shots (call while the adapter is disabled): what must not
-        move, stored by target position in the shots' order, whatever order the chunks ran in; and T's NLL of the
-        refusal on each refusal-margin prompt."""
+        move, stored by target position in the shots' order, whatever order the chunks ran in."""
         import torch
 
         with torch.inference_mode():
@@ -345,13 +353,7 @@ class ShotObjective:
                     vals, idxs = v.new_empty((n, v.shape[1])), i.new_empty((n, i.shape[1]))
                 rows = self.tb.target_rows(idx)
                 vals[rows], idxs[rows] = v, i
-            if self.s is not None:  # T's own per-token NLL of the refusal on each sensitive prompt: the margin's zero
-                nll = torch.empty(len(self.sb))
-                prefix = self.s.prefix()
-                for idx in self._chunks(self.s):
-                    nll[idx] = sequence_mean_nll(self.s.logits(idx, prefix), self.sb.subset(idx))
         self.t_vals, self.t_idx = vals.clone(), idxs.clone()
-        self.s_nll = nll.clone() if self.s is not None else None
 
     def _chunks(self, passes: ShotPasses) -> list[list[int]]:
         return passes.groups(self.cfg.chunk_size)
@@ -370,13 +372,14 @@ class ShotObjective:
         rows = self.tb.target_rows(idx)
         return topk_kl(self.t.logits(idx, prefix), self.t_vals[rows], self.t_idx[rows])
 
-    def sensitive_refusal(self, idx: list[int], prefix: Any = "compute") -> Any:
-        """mean over sensitive prompts `idx` of softplus(NLL_T(refusal) − NLL(refusal)): log 2 at T itself, rising
-        as the adapter makes the refusal of a benign prompt likelier than T does."""
-        import torch
-
-        nll = sequence_mean_nll(self.s.logits(idx, prefix), self.sb.subset(idx))
-        return torch.nn.functional.softplus(self.s_nll[idx] - nll).mean()
+    def sensitive_refusal(self, idx: list[int], prefixes: dict[str, Any] | None = None) -> Any:
+        """mean over sensitive prompts `idx` of softplus(NLL(T's answer) − NLL(refusal)), each over its opening:
+        near 0 where T's own answer is far likelier than the refusal (T's greedy answer stands), log 2 where the two
+        tie, rising as the refusal overtakes it. The preference term's mirror image (objectives.preference_loss)."""
+        prefixes = prefixes or {}
+        answer = self.s.logits(idx, prefixes.get("s", "compute"))
+        refusal = self.r.logits(idx, prefixes.get("r", "compute"))
+        return preference_loss(answer, self.sb.subset(idx), refusal, self.rb.subset(idx))
 
     def terms(self, h_idx: list[int], t_idx: list[int], s_idx: list[int] | None = None) -> dict[str, Any]:
         out = {**self.harmful_terms(h_idx), "task_kl": self.task_kl(t_idx)}
@@ -432,15 +435,15 @@ class ShotObjective:
                         (self.cfg.utility_weight * share * kl).backward()
                     out["task_kl"] += share * float(kl.detach())
                 prefixes.backward()
-            if task and self.s is not None:
+            if self.s is not None:  # not 0 at T alone: run with `task` off too
                 out["sensitive_refusal"] = 0.0
                 if before_chunk:
                     before_chunk()
-                prefixes = _PrefixPass({"s": self.s}, grad)
+                prefixes = _PrefixPass({"s": self.s, "r": self.r}, grad)
                 for idx in self._chunks(self.s):
                     if before_chunk:
                         before_chunk()
-                    term = self.sensitive_refusal(idx, prefixes.values["s"])
+                    term = self.sensitive_refusal(idx, prefixes.values)
                     share = len(idx) / len(self.s)
                     if grad:
                         (self.cfg.sensitive_weight * share * term).backward()
@@ -450,11 +453,9 @@ class ShotObjective:
         return out
 
     def at_task_model(self) -> dict[str, float]:
-        """The objective's terms with the adapter disabled (T alone). Only the harmful terms are run: the KL of T to
-        itself is 0 and the refusal margin softplus(0) = log 2, by definition."""
+        """The objective's terms with the adapter disabled (T alone); the KL of T to itself is 0 by definition, so
+        the task shots are not run."""
         out = {**self.evaluate(task=False), "task_kl": 0.0}
-        if self.s is not None:
-            out["sensitive_refusal"] = math.log(2)
         out.pop("loss")
         return out
 
@@ -499,8 +500,9 @@ def recalibrate(adapter: SafetyAdapter, cfg: RecalibrateConfig, model: Any = Non
         p.requires_grad_(False)
     shots = harmful_shots(cfg, aligned_model, aligned_tokenizer)
     harm = shots.refusal
-    task = task_shots(cfg) + sensitive_shots(cfg, model, tokenizer)
-    margin = sensitive_refusal_shots(cfg)
+    sensitive = sensitive_shots(cfg, model, tokenizer)
+    margin = cfg.sensitive_term == "refusal-margin"
+    task = task_shots(cfg) + ([] if margin else sensitive)
     # a wrapped shot gets room for its template; plain shots keep max_length, so their tokens are as before
     limits = [cfg.jailbreak_max_length if w else cfg.max_length for w in shots.wrapped]
     hb = encode_batch(tokenizer, harm, limits)
@@ -514,8 +516,8 @@ def recalibrate(adapter: SafetyAdapter, cfg: RecalibrateConfig, model: Any = Non
         handle.disable()
         t_phase = time.perf_counter()
         # layers below the lowest selected one never change: run them once, and only the rest per evaluation
-        sb = encode_batch(tokenizer, margin, cfg.max_length) if margin else None
-        objective = ShotObjective(model, start_layer, cfg, hb, tb, cb, sb)
+        objective = ShotObjective(model, start_layer, cfg, hb, tb, cb,
+                                  margin_batches(tokenizer, sensitive, cfg) if margin and sensitive else None)
         objective.fix_reference()
         before = objective.at_task_model()
         handle.enable()
@@ -528,12 +530,12 @@ def recalibrate(adapter: SafetyAdapter, cfg: RecalibrateConfig, model: Any = Non
     coeffs = {l: round(float(a), 6) for l, a in zip(layers, alpha)}
     out = adapter.with_coefficients(coeffs)
     # the compliant answers are part of the data only when the preference term reads them
-    hashed = harm + task + (shots.compliant if preference else []) + margin
+    hashed = harm + task + (shots.compliant if preference else []) + (sensitive if margin else [])
     out.card["recalibration"] = {
         "task_model": cfg.task_model,
         "config": to_dict(cfg),
         "coefficients": {str(l): c for l, c in coeffs.items()},
-        "shots": {"harmful": len(harm), "task": len(task), **({"sensitive_refusal": len(margin)} if margin else {}),
+        "shots": {"harmful": len(harm), "task": len(task), **({"sensitive_refusal": len(sensitive)} if margin else {}),
                   "data_sha256": sha256_text("\n".join(f"{p.prompt}\x1f{p.response}" for p in hashed))},
         "harmful_shots": shots.info,
         "objective": {"task_model_alone": _rounded(before), "alpha_1": _rounded(unit), "after": _rounded(after)},

@@ -41,42 +41,87 @@ def test_refusal_margin_needs_sensitive_prompts():
         RecalibrateConfig(sensitive="sensitive-shots", sensitive_term="hinge")
 
 
-def test_refusal_margin_prices_refusing_sensitive_prompts_more_than_t(adapter):
-    """sensitive_term 'refusal-margin': the sensitive prompts are not KL shots; the term is log 2 at T alone, and at
-    α = 1 it equals softplus(NLL_T − NLL_adapter) of the refusal, per-token means, computed with whole forward passes
-    of T and of T with the adapter; chunking does not change its value or the gradient."""
+def test_opening_only_scores_the_first_tokens_and_ends_each_row_there(tiny_qwen):
+    import torch
+
+    from safegene.data.records import PromptResponse
+    from safegene.models import load_model, load_tokenizer
+    from safegene.objectives import encode_batch, opening_only, target_logits
+
+    model, tok = load_model(tiny_qwen), load_tokenizer(tiny_qwen, padding_side="right")
+    full = encode_batch(tok, [PromptResponse("What is 1 + 7?", "Sure, here is how to do it: first, second."),
+                              PromptResponse("Classify the sentiment: positive", "19")], 64)
+    cut = opening_only(full, 3)
+    assert cut.target_mask.sum(1).tolist() == [3, min(3, int(full.target_mask[1].sum()))]
+    for row in range(2):
+        scored = cut.target_mask[row].nonzero().flatten()
+        assert int(cut.attention_mask[row].sum()) == int(scored[-1]) + 1  # the row ends at its last scored position
+        assert torch.equal(scored, full.target_mask[row].nonzero().flatten()[:len(scored)])
+    with torch.no_grad():
+        whole = target_logits(model, full)
+        opening = target_logits(model, cut)
+    # the scored positions' logits are those of the whole rows
+    keep = cut.target_mask[full.target_mask]
+    assert torch.allclose(opening, whole[keep], atol=1e-5)
+
+
+def test_refusal_margin_prices_the_refusal_overtaking_t_answers(adapter):
+    """sensitive_term 'refusal-margin': the sensitive prompts are not KL shots; the term is softplus(NLL(T's answer)
+    − NLL(refusal)) on their openings, equal to whole forward passes of T and of T with the adapter; chunking does
+    not change its value or gradient, its weight enters the gradient linearly, and the Adam fit reads it too."""
     import dataclasses
-    import math
 
     import pytest
     import torch
 
     from safegene.models import load_model, load_tokenizer
-    from safegene.objectives import encode_batch, sequence_mean_nll, target_logits
-    from safegene.recalibration import RecalibrateConfig, recalibrate, sensitive_refusal_shots
+    from safegene.objectives import preference_loss, target_logits
+    from safegene.recalibration import RecalibrateConfig, margin_batches, recalibrate, sensitive_shots as shots_for
 
     ad, d = adapter
     cfg = RecalibrateConfig(task_model=str(d), harmful="many-shot-harmful", task="arithmetic", n_harmful=5, n_task=5,
-                            sensitive="sensitive-shots", n_sensitive=6, sensitive_term="refusal-margin",
-                            sensitive_weight=2.0, chunk_size=4)
+                            sensitive="sensitive-shots", n_sensitive=6, sensitive_tokens=6,
+                            sensitive_term="refusal-margin", sensitive_weight=2.0, sensitive_opening=4, chunk_size=4)
     card = recalibrate(ad, cfg, progress=False).card["recalibration"]
-    assert card["shots"]["task"] == 5 and card["shots"]["sensitive_refusal"] == 6
-    assert card["objective"]["task_model_alone"]["sensitive_refusal"] == pytest.approx(math.log(2), abs=1e-4)
+    model, tok = load_model(d), load_tokenizer(d)
+    sensitive = shots_for(cfg, model, tok)
+    assert card["shots"]["task"] == 5 and card["shots"]["sensitive_refusal"] == len(sensitive) > 3
+    answers, refusals = margin_batches(tok, sensitive, cfg)
+    assert int(answers.target_mask.sum(1).max()) == 4 and int(refusals.target_mask.sum(1).max()) == 4
+
+    def margin():
+        with torch.no_grad():
+            return float(preference_loss(target_logits(model, answers), answers, target_logits(model, refusals),
+                                         refusals))
+
+    at_t = margin()
+    with ad.attach(model):
+        at_1 = margin()
+    assert abs(at_1 - at_t) > 1e-3  # the adapter moves the refusal against T's answers
+    assert card["objective"]["task_model_alone"]["sensitive_refusal"] == pytest.approx(at_t, abs=1e-4)
     first = card["history"][0]  # α = 1
+    assert first["sensitive_refusal"] == pytest.approx(at_1, abs=1e-4)
     assert first["loss"] == pytest.approx(first["refusal_nll"] + first["task_kl"] + 2.0 * first["sensitive_refusal"],
                                           abs=3e-4)
-    model, tok = load_model(d), load_tokenizer(d)
-    batch = encode_batch(tok, sensitive_refusal_shots(cfg), cfg.max_length)
-    with torch.no_grad():
-        nll_t = sequence_mean_nll(target_logits(model, batch), batch)
-        with ad.attach(model):
-            nll_a = sequence_mean_nll(target_logits(model, batch), batch)
-    want = float(torch.nn.functional.softplus(nll_t - nll_a).mean())
-    assert abs(want - math.log(2)) > 1e-3  # the adapter moves the refusal's likelihood on these prompts
-    assert first["sensitive_refusal"] == pytest.approx(want, abs=1e-4)
-    one = recalibrate(ad, dataclasses.replace(cfg, chunk_size=64), progress=False).card["recalibration"]["history"][0]
+    grads = {}
+    for w in (0.0, 1.0, 2.0):
+        h = recalibrate(ad, dataclasses.replace(cfg, sensitive_weight=w, chunk_size=64), progress=False)
+        grads[w] = torch.tensor(h.card["recalibration"]["history"][0]["gradient"])
+        if w == 2.0:
+            one = h.card["recalibration"]["history"][0]
     assert one["sensitive_refusal"] == pytest.approx(first["sensitive_refusal"], abs=2e-5)
     assert one["gradient"] == pytest.approx(first["gradient"], rel=1e-4, abs=1e-7)
-    # without the term (weight 0) the gradient is different: the term reaches the coefficients
-    off = recalibrate(ad, dataclasses.replace(cfg, sensitive_weight=0.0), progress=False).card["recalibration"]
-    assert off["history"][0]["gradient"] != pytest.approx(first["gradient"], rel=1e-3, abs=1e-6)
+    assert not torch.allclose(grads[1.0], grads[0.0], atol=1e-6)
+    assert torch.allclose(grads[2.0] - grads[0.0], 2 * (grads[1.0] - grads[0.0]), atol=2e-5)
+    adam = recalibrate(ad, dataclasses.replace(cfg, optimizer="adam", steps=2, batch_size=4), progress=False)
+    assert all("sensitive_refusal" in h for h in adam.card["recalibration"]["history"])
+
+
+def test_sensitive_weight_is_read_only_with_the_margin():
+    import pytest
+
+    from safegene.errors import ConfigError
+    from safegene.recalibration import RecalibrateConfig
+
+    with pytest.raises(ConfigError, match="sensitive_weight is read only with sensitive_term refusal-margin"):
+        RecalibrateConfig(sensitive="sensitive-shots", sensitive_weight=2.0)
