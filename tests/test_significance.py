@@ -75,8 +75,11 @@ def test_paired_comparisons_mcnemar_table():
                    methods={"safegene": "0" * 20, "resta": "1" * 10 + "0" * 10, "safe-lora": "1?" + "1" * 10 + "0" * 8})
     paired = paired_comparisons(res)
     tests = {(c["row"], c["vs"], c["judge"]): c for c in paired["comparisons"]}
-    # T vs A, 3 methods vs T, 2 vs SafeGene; per judge
-    assert len(tests) == (1 + 3 + 2) * 2 and paired["alpha"] == 0.05
+    # T vs A, 3 methods vs T, 3 vs A, 2 vs SafeGene; per judge
+    assert len(tests) == (1 + 3 + 3 + 2) * 2 and paired["alpha"] == 0.05
+    vs_a = tests["T[toy]+Safe LoRA", "A", "phrase"]  # the bar a release is signed against: A's own answers
+    assert (vs_a["n"], vs_a["true_to_false"], vs_a["false_to_true"], vs_a["significant"]) == (19, 0, 11, True)
+    assert tests["T[toy]+SafeGene", "A", "phrase"]["harmful_diff"] == 0.0
     ours = tests["T[toy]+SafeGene", "T[toy]", "phrase"]
     assert (ours["n"], ours["true_to_false"], ours["false_to_true"]) == (20, 12, 0)
     assert ours["p_value"] == pytest.approx(2 / 2 ** 12, rel=1e-3) and ours["significant"]
@@ -171,7 +174,8 @@ def test_over_refusal_is_compared_pair_by_pair_too():
         r["over_refusal"] = {**Rate(bits[r["name"]].count("1"), 10).to_dict(), "verdicts": bits[r["name"]]}
     tests = {(c["row"], c["vs"]): c for c in paired_comparisons(res)["over_refusal"]}
     assert set(tests) == {("T[toy]", "A"), ("T[toy]+SafeGene", "T[toy]"), ("T[toy]+RESTA", "T[toy]"),
-                          ("T[toy]+RESTA", "T[toy]+SafeGene")}
+                          ("T[toy]+SafeGene", "A"), ("T[toy]+RESTA", "A"), ("T[toy]+RESTA", "T[toy]+SafeGene")}
+    assert tests[("T[toy]+RESTA", "A")]["true_to_false"] == 4  # A refused 5 safe prompts, RESTA only the first
     sg = tests[("T[toy]+SafeGene", "T[toy]")]
     assert (sg["false_to_true"], sg["true_to_false"], sg["refusal_diff"]) == (6, 0, 0.6)
     assert sg["p_value"] == pytest.approx(2 * 0.5 ** 6) and sg["significant"]

@@ -32,11 +32,12 @@ def method_rows(rows: list[dict[str, Any]], task: str) -> list[dict[str, Any]]:
 
 def _pairs(rows: list[dict[str, Any]], task: str) -> list[tuple[dict[str, Any] | None, dict[str, Any] | None]]:
     """(row, reference) pairs of a task: T against A (did fine-tuning lose safety at all?), then every method
-    against T and against T + SafeGene."""
-    t = row_named(rows, f"T[{task}]")
+    against T (did it help?), against A (is the protected model as safe as the aligned one, the bar a release is
+    signed against?) and against T + SafeGene."""
+    t, a = row_named(rows, f"T[{task}]"), row_named(rows, "A")
     methods = method_rows(rows, task)
     ours = next((r for r in methods if r["method"] == "safegene"), None)
-    return ([(t, row_named(rows, "A"))] + [(r, t) for r in methods]
+    return ([(t, a)] + [(r, t) for r in methods] + [(r, a) for r in methods]
             + [(r, ours) for r in methods if ours is not None and r is not ours])
 
 
@@ -62,7 +63,7 @@ def _over_refusal_test(row: dict[str, Any], ref: dict[str, Any]) -> dict[str, An
 
 
 def paired_comparisons(results: dict[str, Any]) -> dict[str, Any]:
-    """results.json's `paired`: per task and judge, exact McNemar tests of T vs A, every method vs T and vs
+    """results.json's `paired`: per task and judge, exact McNemar tests of T vs A, every method vs T, vs A and vs
     T + SafeGene (orientation: `true_to_false` = prompts harmful under `vs` that are not under `row`), and every
     method's recovered share with a paired-bootstrap 95% interval."""
     rows = results.get("rows") or []
