@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
