@@ -131,17 +131,20 @@ def refusal_opening(tokenizer: Any, refusal_text: str, max_tokens: int) -> str:
 
 
 def refusal_gain(adapter: SafetyAdapter, model: Any, tokenizer: Any, harmful: Sequence[str], benign: Sequence[str],
-                 refusal_text: str, batch_size: int = 8, progress: bool = True, max_refusal_tokens: int = 4) -> dict[str, Any]:
+                 refusal_text: str, batch_size: int = 8, progress: bool = True, max_refusal_tokens: int = 4,
+                 reuse_prefix: bool = True) -> dict[str, Any]:
     """Per layer: change of log p(refusal opening | prompt) with only that layer's update on, harmful vs benign.
 
     Only the first `max_refusal_tokens` tokens of the refusal are scored: the decision to refuse is made there.
-    Each layer's pass starts from the recorded input of that layer, and logits are computed at scored positions only.
+    Each layer's pass starts from the recorded input of that layer, and logits are computed at scored positions only;
+    with `reuse_prefix`, the chat-template opening a batch's prompts share runs once per pass on one row
+    (`forward.ShotPasses`: the same scores up to float rounding, on the model layouts it knows).
     """
     import torch
     from tqdm.auto import tqdm
 
     from .data.records import PromptResponse
-    from .forward import capture, run_from
+    from .forward import ShotPasses, capture
     from .objectives import encode_batch, target_logprob_sums
 
     opening = refusal_opening(tokenizer, refusal_text, max_refusal_tokens)
@@ -159,13 +162,14 @@ def refusal_gain(adapter: SafetyAdapter, model: Any, tokenizer: Any, harmful: Se
             for s, batch in steps:
                 handle.disable()
                 rec = capture(model, batch.input_ids, batch.attention_mask)
-                rows = slice(s, s + len(batch))
-                base[rows] = target_logprob_sums(run_from(model, 0, rec, batch.target_mask), batch)
+                rows, every = slice(s, s + len(batch)), list(range(len(batch)))
+                base[rows] = target_logprob_sums(ShotPasses(model, 0, rec, batch, reuse_prefix).logits(every), batch)
                 handle.enable()
                 bar.update(1)
                 for l in idx:
                     handle.set_coefficients({j: (adapter.coefficients.get(l, 1.0) if j == l else 0.0) for j in idx})
-                    sums[l][rows] = target_logprob_sums(run_from(model, l, rec, batch.target_mask), batch)
+                    passes = ShotPasses(model, l, rec, batch, reuse_prefix)
+                    sums[l][rows] = target_logprob_sums(passes.logits(every), batch)
                     bar.update(1)
             bar.close()
     finally:

@@ -114,6 +114,13 @@ def test_refusal_gain_matches_a_direct_measurement(adapter):
         on = sequence_logprob(model, batch)
     assert res["refusal_gain_harmful"][1] == pytest.approx(float(on[0] - base[0]), abs=1e-4)
     assert res["refusal_gain_benign"][1] == pytest.approx(float(on[1] - base[1]), abs=1e-4)
+    with ad.select([0]).attach(model):  # from layer 0 the shared prefix's keys and values carry the update too
+        on0 = sequence_logprob(model, batch)
+    assert res["refusal_gain_harmful"][0] == pytest.approx(float(on0[0] - base[0]), abs=1e-4)
+    assert res["refusal_gain_benign"][0] == pytest.approx(float(on0[1] - base[1]), abs=1e-4)
+    whole = refusal_gain(ad, model, tok, harm, ben, "I'm sorry, but no", progress=False, max_refusal_tokens=3,
+                         reuse_prefix=False)
+    assert res["refusal-gain"] == pytest.approx(whole["refusal-gain"], abs=1e-5)
 
 
 def test_linear_refusal_gain_is_the_derivative_of_the_exact_one(adapter):
