@@ -34,7 +34,7 @@ from .data import benign_prompts, harmful_prompt_texts
 from .chat import prompt_text
 from .forward import _first, decoder_parts
 from .io import sha256_text
-from .models.placement import PlacementConfig, float32_math, model_device
+from .models.placement import PlacementConfig, float32_math
 
 log = logging.getLogger(__name__)
 
@@ -184,16 +184,19 @@ def refusal_gain(adapter: SafetyAdapter, model: Any, tokenizer: Any, harmful: Se
 
 def refusal_gain_linear(adapter: SafetyAdapter, model: Any, tokenizer: Any, harmful: Sequence[str],
                         benign: Sequence[str], refusal_text: str, batch_size: int = 8, progress: bool = True,
-                        max_refusal_tokens: int = 4) -> dict[str, Any]:
+                        max_refusal_tokens: int = 4, reuse_prefix: bool = True) -> dict[str, Any]:
     """First-order refusal gain: d log p(refusal opening) / d α_l at α = 0, for every layer from one backward pass.
 
     The exact gain needs one forward pass per layer; the derivative ranks layers the same way when updates are
-    small, at the cost of one forward + backward pass for all layers together.
+    small, at the cost of one forward + backward pass for all layers together. The pass runs from the embeddings
+    (`forward.ShotPasses`): the LM head only at the scored positions, and with `reuse_prefix` the chat-template
+    opening a batch's prompts share once, on one row.
     """
     import torch
     from tqdm.auto import tqdm
 
     from .data.records import PromptResponse
+    from .forward import ShotPasses
     from .objectives import encode_batch
 
     opening = refusal_opening(tokenizer, refusal_text, max_refusal_tokens)
@@ -202,7 +205,6 @@ def refusal_gain_linear(adapter: SafetyAdapter, model: Any, tokenizer: Any, harm
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         p.requires_grad_(False)
-    device = model_device(model)
     grads = {}
     try:
         for name, prompts in (("harmful", harmful), ("benign", benign)):
@@ -211,12 +213,11 @@ def refusal_gain_linear(adapter: SafetyAdapter, model: Any, tokenizer: Any, harm
             for s in tqdm(range(0, len(pairs), batch_size), desc=f"scoring layers ({name})", unit="batch",
                           disable=not progress):
                 batch = encode_batch(tokenizer, pairs[s : s + batch_size], 256)
+                passes = ShotPasses.capture(model, 0, batch, reuse_prefix)  # the embeddings: no α reaches them
                 alpha = torch.zeros(len(idx), requires_grad=True)
                 for j, l in enumerate(idx):
                     handle.scales[l] = alpha[j]
-                logits = model(input_ids=batch.input_ids.to(device),
-                               attention_mask=batch.attention_mask.to(device)).logits
-                logits = logits[batch.target_mask.to(logits.device)]
+                logits = passes.logits(list(range(len(batch))))
                 targets = batch.targets[batch.target_mask].to(logits.device)
                 lp = torch.log_softmax(float32_math(logits), -1).gather(-1, targets.unsqueeze(-1)).sum()
                 (g,) = torch.autograd.grad(lp, alpha)

@@ -136,6 +136,8 @@ def test_linear_refusal_gain_is_the_derivative_of_the_exact_one(adapter):
         for e, g in zip(exact[key], lin[key]):
             assert e / eps == pytest.approx(g, rel=0.05, abs=1e-3)
     assert any(abs(g) > 1e-3 for g in lin["refusal-gain"])
+    whole = refusal_gain_linear(ad, model, tok, harm, ben, "I'm sorry", progress=False, reuse_prefix=False)
+    assert lin["refusal-gain"] == pytest.approx(whole["refusal-gain"], rel=1e-4, abs=1e-6)
 
 
 def test_partial_forward_equals_the_full_model(adapter):
