@@ -373,14 +373,15 @@ class ShotPasses:
             return None
         return prefix_keys_values(self.model, self.start, self._prefix_inputs)
 
-    def logits(self, idx: list[int], prefix: Any = "compute") -> Any:
+    def logits(self, idx: list[int], prefix: dict[int, tuple] | None = None) -> Any:
         """Logits at the target positions of rows `idx`, flattened in row then position order. `prefix` is the
-        result of `prefix()` when one pass runs many groups; by default each call computes its own."""
+        result of `prefix()` when one pass runs many groups; without it each call computes its own (None where
+        nothing is shared, at no cost)."""
         rows = self.inputs.subset(idx)
         mask = self.target_mask[idx]
         if not self.cut:
             return run_from(self.model, self.start, rows, mask)
-        if isinstance(prefix, str):
+        if prefix is None:
             prefix = self.prefix()
         begin, end = self.prefix_length, max(self.lengths[i] for i in idx)
         return run_from(self.model, self.start, cut_positions(rows, begin, end, self.attention),

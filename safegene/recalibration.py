@@ -336,6 +336,9 @@ class ShotObjective:
         self.s = ShotPasses.capture(model, start_layer, self.sb, cut) if sensitive is not None else None
         self.r = ShotPasses.capture(model, start_layer, self.rb, cut) if sensitive is not None else None
         self.t_vals = self.t_idx = None
+        # each term's weight in the loss (the refusal NLL is the unit)
+        self.weights = {"refusal_nll": 1.0, "preference": cfg.preference_weight, "task_kl": cfg.utility_weight,
+                        "sensitive_refusal": cfg.sensitive_weight}
 
     def fix_reference(self) -> None:
         """T's own top-64 answer distribution on the task shots (call while the adapter is disabled): what must not
@@ -361,14 +364,14 @@ class ShotObjective:
     def harmful_terms(self, idx: list[int], prefixes: dict[str, Any] | None = None) -> dict[str, Any]:
         """The refusal NLL on harmful shots `idx` and, when on, the preference term on the same shots."""
         prefixes = prefixes or {}
-        logits = self.h.logits(idx, prefixes.get("h", "compute"))
+        logits = self.h.logits(idx, prefixes.get("h"))
         terms = {"refusal_nll": token_nll(logits, self.hb.targets[idx][self.hb.target_mask[idx]])}
         if self.c is not None:
-            c_logits = self.c.logits(idx, prefixes.get("c", "compute"))
+            c_logits = self.c.logits(idx, prefixes.get("c"))
             terms["preference"] = preference_loss(logits, self.hb.subset(idx), c_logits, self.cb.subset(idx))
         return terms
 
-    def task_kl(self, idx: list[int], prefix: Any = "compute") -> Any:
+    def task_kl(self, idx: list[int], prefix: dict[int, tuple] | None = None) -> Any:
         rows = self.tb.target_rows(idx)
         return topk_kl(self.t.logits(idx, prefix), self.t_vals[rows], self.t_idx[rows])
 
@@ -377,8 +380,8 @@ class ShotObjective:
         near 0 where T's own answer is far likelier than the refusal (T's greedy answer stands), log 2 where the two
         tie, rising as the refusal overtakes it. The preference term's mirror image (objectives.preference_loss)."""
         prefixes = prefixes or {}
-        answer = self.s.logits(idx, prefixes.get("s", "compute"))
-        refusal = self.r.logits(idx, prefixes.get("r", "compute"))
+        answer = self.s.logits(idx, prefixes.get("s"))
+        refusal = self.r.logits(idx, prefixes.get("r"))
         return preference_loss(answer, self.sb.subset(idx), refusal, self.rb.subset(idx))
 
     def terms(self, h_idx: list[int], t_idx: list[int], s_idx: list[int] | None = None) -> dict[str, Any]:
@@ -388,12 +391,7 @@ class ShotObjective:
         return out
 
     def loss(self, terms: dict[str, Any]) -> Any:
-        total = terms["refusal_nll"] + self.cfg.utility_weight * terms["task_kl"]
-        if "preference" in terms:
-            total = total + self.cfg.preference_weight * terms["preference"]
-        if "sensitive_refusal" in terms:
-            total = total + self.cfg.sensitive_weight * terms["sensitive_refusal"]
-        return total
+        return sum(self.weights[k] * v for k, v in terms.items())
 
     def evaluate(self, grad: bool = False, task: bool = True, before_chunk: Any = None) -> dict[str, float]:
         """Every term over every shot (the task KL only with `task`), and their weighted sum as `loss`. With `grad`,
@@ -403,54 +401,46 @@ class ShotObjective:
 
         hm, tm = self.hb.target_mask, self.tb.target_mask
         n_tokens, n_positions, n_shots = int(hm.sum()), int(tm.sum()), len(self.hb)
+
+        def harmful(idx: list[int], prefixes: dict[str, Any]) -> dict[str, tuple[float, Any]]:
+            shares = {"refusal_nll": int(hm[idx].sum()) / n_tokens, "preference": len(idx) / n_shots}
+            return {k: (shares[k], v) for k, v in self.harmful_terms(idx, prefixes).items()}
+
+        def task_kl(idx: list[int], prefixes: dict[str, Any]) -> dict[str, tuple[float, Any]]:
+            return {"task_kl": (int(tm[idx].sum()) / n_positions, self.task_kl(idx, prefixes["t"]))}
+
+        def sensitive(idx: list[int], prefixes: dict[str, Any]) -> dict[str, tuple[float, Any]]:
+            return {"sensitive_refusal": (len(idx) / len(self.s), self.sensitive_refusal(idx, prefixes))}
+
+        passes = [({"h": self.h, **({"c": self.c} if self.c is not None else {})}, harmful)]
+        if task:
+            passes.append(({"t": self.t}, task_kl))
+        if self.s is not None:  # not 0 at T alone: run with `task` off too
+            passes.append(({"s": self.s, "r": self.r}, sensitive))
         out: dict[str, float] = {}
         with torch.enable_grad() if grad else torch.no_grad():
-            if before_chunk:
-                before_chunk()
-            prefixes = _PrefixPass({"h": self.h, **({"c": self.c} if self.c is not None else {})}, grad)
-            for idx in self._chunks(self.h):
-                if before_chunk:
-                    before_chunk()
-                terms = self.harmful_terms(idx, prefixes.values)
-                weights = {"refusal_nll": int(hm[idx].sum()) / n_tokens, "preference": len(idx) / n_shots}
-                part = weights["refusal_nll"] * terms["refusal_nll"]
-                if "preference" in terms:
-                    part = part + self.cfg.preference_weight * weights["preference"] * terms["preference"]
-                if grad:
-                    part.backward()
-                for k, v in terms.items():
-                    out[k] = out.get(k, 0.0) + weights[k] * float(v.detach())
-            prefixes.backward()
-            if task:
-                out["task_kl"] = 0.0
-                if before_chunk:
-                    before_chunk()
-                prefixes = _PrefixPass({"t": self.t}, grad)
-                for idx in self._chunks(self.t):
-                    if before_chunk:
-                        before_chunk()
-                    kl = self.task_kl(idx, prefixes.values["t"])
-                    share = int(tm[idx].sum()) / n_positions
-                    if grad:
-                        (self.cfg.utility_weight * share * kl).backward()
-                    out["task_kl"] += share * float(kl.detach())
-                prefixes.backward()
-            if self.s is not None:  # not 0 at T alone: run with `task` off too
-                out["sensitive_refusal"] = 0.0
-                if before_chunk:
-                    before_chunk()
-                prefixes = _PrefixPass({"s": self.s, "r": self.r}, grad)
-                for idx in self._chunks(self.s):
-                    if before_chunk:
-                        before_chunk()
-                    term = self.sensitive_refusal(idx, prefixes.values)
-                    share = len(idx) / len(self.s)
-                    if grad:
-                        (self.cfg.sensitive_weight * share * term).backward()
-                    out["sensitive_refusal"] += share * float(term.detach())
-                prefixes.backward()
+            for sets, chunk_terms in passes:
+                self._pass(sets, chunk_terms, grad, before_chunk, out)
         out["loss"] = float(self.loss({**out, "task_kl": out.get("task_kl", 0.0)}))
         return out
+
+    def _pass(self, sets: dict[str, ShotPasses], chunk_terms: Any, grad: bool, before_chunk: Any,
+              out: dict[str, float]) -> None:
+        """One pass over the chunks of the first of `sets` (the others pair with it row by row): their shared
+        prefixes once, then per chunk `chunk_terms(idx, prefixes)` = {term: (the chunk's share of it, value)},
+        whose weighted sum's gradient is taken with `grad`; each term's shares add up into `out`."""
+        if before_chunk:
+            before_chunk()
+        prefixes = _PrefixPass(sets, grad)
+        for idx in self._chunks(next(iter(sets.values()))):
+            if before_chunk:
+                before_chunk()
+            terms = chunk_terms(idx, prefixes.values)
+            if grad:
+                sum(self.weights[k] * share * v for k, (share, v) in terms.items()).backward()
+            for k, (share, v) in terms.items():
+                out[k] = out.get(k, 0.0) + share * float(v.detach())
+        prefixes.backward()
 
     def at_task_model(self) -> dict[str, float]:
         """The objective's terms with the adapter disabled (T alone); the KL of T to itself is 0 by definition, so
