@@ -38,7 +38,7 @@ from .errors import ConfigError, DataError
 from .io import sha256_text
 from .forward import ShotPasses
 from .models.placement import PlacementConfig, float32_math
-from .objectives import encode_batch, opening_only, preference_loss, token_nll, topk_kl
+from .objectives import encode_batch, opening_only, preference_loss, target_logits, token_nll, topk_kl
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,11 @@ REFUSAL_TARGETS = ("fixed", "aligned")
 OPTIMIZERS = ("line-search", "adam")
 #: what the benign-but-sensitive prompts constrain (see RecalibrateConfig.sensitive_term)
 SENSITIVE_TERMS = ("kl", "refusal-margin")
+#: a level the harmful shots' refusal NLL must end at or below (see RecalibrateConfig.refusal_floor)
+REFUSAL_FLOORS = ("none", "aligned")
+#: meeting the floor (meet_refusal_floor): gradient rounds at most, points tried along each gradient at most, and
+#: bisection steps to the least move that meets it
+FLOOR_ROUNDS, FLOOR_TRIES, FLOOR_BISECTIONS = 3, 4, 5
 
 
 @dataclass
@@ -105,8 +110,9 @@ class RecalibrateConfig(AdapterInOut):
                               "`refusals` file's answers) or aligned (the aligned model's own greedy answer to each "
                               "harmful prompt where it refuses, `refusal_text` where it does not; needs `aligned`)",
                               choices=REFUSAL_TARGETS, added_later=True)
-    aligned: str | None = opt(None, "the aligned model A (HF folder, or embedded name) whose refusals are the targets "
-                              "with refusal_target: aligned", added_later=True)
+    aligned: str | None = opt(None, "the aligned model A (HF folder, or embedded name): its refusals are the targets "
+                              "with refusal_target: aligned, its refusal NLL the floor with refusal_floor: aligned",
+                              added_later=True)
     aligned_tokens: int = opt(48, "tokens A may answer with (refusal_target: aligned); an answer cut at this limit "
                               "keeps its whole sentences", added_later=True)
     preference_weight: float = opt(0.0, "weight of a preference term against compliance: per harmful shot, "
@@ -121,6 +127,13 @@ class RecalibrateConfig(AdapterInOut):
                                    choices=TRAINING_FAMILIES, added_later=True)
     jailbreak_max_length: int = opt(384, "token limit of a wrapped shot (templates run to 700 characters; plain "
                                     "shots keep max_length)", added_later=True)
+    refusal_floor: str = opt("none", "a safety floor for tasks whose data contradicts refusals (a persona that obeys "
+                             "everything): with aligned, the harmful shots' refusal NLL must end at or below the "
+                             "aligned model's own NLL of the same targets; where the fit leaves it above, the "
+                             "coefficients descend the refusal NLL only as far as the floor needs (up to "
+                             f"{FLOOR_ROUNDS} gradients and a few forward passes over the harmful shots each), whatever "
+                             "that costs the task; needs `aligned`. none: no floor", choices=REFUSAL_FLOORS,
+                             added_later=True)
     seed: int = opt(0, "sampling seed")
     placement: PlacementConfig = opt(PlacementConfig(), "where T runs and in what dtype (--device, --dtype, "
                                      "--device-map); the coefficients and the objective stay float32",
@@ -138,10 +151,15 @@ class RecalibrateConfig(AdapterInOut):
         check(self.refusal_target in REFUSAL_TARGETS,
               f"refusal_target must be one of {', '.join(REFUSAL_TARGETS)}, got {self.refusal_target!r}")
         aligned_target = self.refusal_target == "aligned"
+        check(self.refusal_floor in REFUSAL_FLOORS,
+              f"refusal_floor must be one of {', '.join(REFUSAL_FLOORS)}, got {self.refusal_floor!r}")
         check(not aligned_target or bool(self.aligned),
               "refusal_target 'aligned' needs the aligned model: set aligned (e.g. --aligned runs/aligned)")
-        check(aligned_target or not self.aligned,
-              "aligned is read only with refusal_target 'aligned': set refusal_target: aligned, or unset aligned")
+        check(self.refusal_floor != "aligned" or bool(self.aligned),
+              "refusal_floor 'aligned' needs the aligned model: set aligned (e.g. --aligned runs/aligned)")
+        check(aligned_target or self.refusal_floor == "aligned" or not self.aligned,
+              "aligned is read only with refusal_target 'aligned' or refusal_floor 'aligned': set refusal_target: "
+              "aligned or refusal_floor: aligned, or unset aligned")
         check(not (aligned_target and self.refusals),
               "refusal_target 'aligned' replaces the refusals file's answers: unset refusals, or use refusal_target: fixed")
         check(self.aligned_tokens >= 1, "aligned_tokens must be >= 1")
@@ -488,6 +506,8 @@ def recalibrate(adapter: SafetyAdapter, cfg: RecalibrateConfig, model: Any = Non
         log.warning(msg)
     for p in model.parameters():
         p.requires_grad_(False)
+    if cfg.refusal_floor == "aligned" and aligned_model is None:  # loaded once for the targets and the floor
+        aligned_model, aligned_tokenizer = load_model(cfg.aligned, cfg.placement), load_tokenizer(cfg.aligned)
     shots = harmful_shots(cfg, aligned_model, aligned_tokenizer)
     harm = shots.refusal
     sensitive = sensitive_shots(cfg, model, tokenizer)
@@ -499,6 +519,14 @@ def recalibrate(adapter: SafetyAdapter, cfg: RecalibrateConfig, model: Any = Non
     tb = encode_batch(tokenizer, task, cfg.max_length)
     preference = cfg.preference_weight > 0
     cb = encode_batch(tokenizer, shots.compliant, limits) if preference else None
+    floor = None
+    if cfg.refusal_floor == "aligned":
+        if len(aligned_tokenizer) != len(tokenizer):
+            raise ConfigError(f"refusal_floor 'aligned' scores the shots' tokens under A, but A's tokenizer "
+                              f"({len(aligned_tokenizer)} tokens) is not T's ({len(tokenizer)}): set aligned to the "
+                              "aligned model of T's family")
+        floor = refusal_nll(aligned_model, hb, cfg.chunk_size)
+        aligned_model = aligned_tokenizer = None  # not needed again: free it before the fit
     layers = adapter.layers
     start_layer = min(layers)
     handle = AttachedAdapter(model, adapter)
@@ -515,6 +543,10 @@ def recalibrate(adapter: SafetyAdapter, cfg: RecalibrateConfig, model: Any = Non
         fit = fit_line_search if cfg.optimizer == "line-search" else fit_adam
         alpha, unit, after, history, fit_phases = fit(objective, handle, layers, cfg, progress)
         phases.update(fit_phases)
+        if floor is not None:
+            t_phase = time.perf_counter()
+            alpha, after, floor_info = meet_refusal_floor(objective, handle, layers, cfg, alpha, after, floor, history)
+            phases["floor_s"] = round(time.perf_counter() - t_phase, 2)
     finally:
         handle.remove()
     coeffs = {l: round(float(a), 6) for l, a in zip(layers, alpha)}
@@ -529,6 +561,7 @@ def recalibrate(adapter: SafetyAdapter, cfg: RecalibrateConfig, model: Any = Non
                   "data_sha256": sha256_text("\n".join(f"{p.prompt}\x1f{p.response}" for p in hashed))},
         "harmful_shots": shots.info,
         "objective": {"task_model_alone": _rounded(before), "alpha_1": _rounded(unit), "after": _rounded(after)},
+        **({"refusal_floor": floor_info} if floor is not None else {}),
         "history": history,
         "seconds": round(time.perf_counter() - t0, 2),
         "phases": phases,
@@ -615,6 +648,102 @@ def fit_line_search(objective: ShotObjective, handle: AttachedAdapter, layers: l
             set_alphas(torch.ones(n))
             unit = objective.evaluate()
     return (set_alphas(best_a).detach(), _terms_only(unit), _terms_only(best), history, phases)
+
+
+def refusal_nll(model: Any, batch: Any, chunk_size: int) -> float:
+    """`model`'s NLL of `batch`'s targets, per target token over every row: the objective's refusal_nll term, for a
+    whole model (the aligned one) rather than the adapted layers."""
+    import torch
+
+    total, n_tokens = 0.0, int(batch.target_mask.sum())
+    with torch.inference_mode():
+        for s in range(0, len(batch), chunk_size):
+            rows = batch.subset(slice(s, s + chunk_size))
+            k = int(rows.target_mask.sum())
+            if k:
+                total += float(token_nll(target_logits(model, rows), rows.targets[rows.target_mask])) * k
+    return total / n_tokens
+
+
+def meet_refusal_floor(objective: ShotObjective, handle: AttachedAdapter, layers: list[int], cfg: RecalibrateConfig,
+                       alpha: Any, after: dict[str, float], floor: float,
+                       history: list[dict[str, Any]]) -> tuple[Any, dict[str, float], dict[str, Any]]:
+    """The fitted coefficients `alpha` moved, where their refusal NLL (`after`) is above `floor`, by projected
+    descent on the refusal NLL alone: per round, its gradient g and the points α(t) = clip(α − t·g/‖g‖∞, 0,
+    alpha_max) from every pushed coefficient on its bound back by quarters, until one meets the floor (then the
+    least t that does, by bisection) or at least lowers the refusal NLL (the next round starts there). The gradient
+    is local: the far end of its line can be worse than where it starts, so no point is taken unseen. The task terms
+    are not consulted: the floor is a constraint, its price is what the task pays. Out of reach, the lowest refusal
+    NLL found is kept and a warning says so. The points tried join `history` (marked with their `floor` round);
+    returns (α, the objective's terms there, what the card records)."""
+    import torch
+
+    info: dict[str, Any] = {"floor": round(floor, 4), "fit_refusal_nll": round(after["refusal_nll"], 4)}
+    if after["refusal_nll"] <= floor:
+        return alpha, after, {**info, "met": True, "moved": False}
+    set_alphas = _coefficient_setter(handle, layers)
+    n = 1 if cfg.tied else len(layers)
+
+    def direction(a: Any) -> tuple[Any, float] | None:
+        leaf = a.clone().requires_grad_()
+        weights = objective.weights
+        objective.weights = {k: float(k == "refusal_nll") for k in weights}  # the refusal NLL's gradient alone
+        try:
+            objective.evaluate(grad=True, task=False, before_chunk=lambda: set_alphas(leaf))
+        finally:
+            objective.weights = weights
+        grad = leaf.grad.detach()
+        scale = float(grad.abs().max())
+        if not (math.isfinite(scale) and scale > 0):
+            return None
+        d = -grad / scale
+        room = torch.where(d > 0, (cfg.alpha_max - a) / d.clamp(min=1e-12),
+                           torch.where(d < 0, a / (-d).clamp(min=1e-12), torch.full_like(d, math.inf)))
+        return d, float(room[torch.isfinite(room)].max())
+
+    def refusal_at(a: Any, d: Any, t: float, round_: int) -> float:
+        point = (a + t * d).clamp(0.0, cfg.alpha_max)
+        with torch.no_grad():
+            set_alphas(point)
+            value = objective.evaluate(task=False)["refusal_nll"]
+        history.append({"t": round(t, 6), "refusal_nll": round(value, 4),
+                        "alpha": [round(float(x), 6) for x in point], "floor": round_})
+        return value
+
+    a, r, met = alpha[:n].detach().clone(), after["refusal_nll"], False
+    for round_ in range(1, FLOOR_ROUNDS + 1):
+        line = direction(a)
+        if line is None:
+            break
+        d, t = line
+        step = None
+        for _ in range(FLOOR_TRIES):
+            value = refusal_at(a, d, t, round_)
+            if value <= floor or value < r:
+                step, met = t, value <= floor
+                break
+            t /= 4
+        if step is None:
+            break  # no point along the gradient lowers the refusal NLL: as low as this descent goes
+        if met:
+            lo, hi = 0.0, step  # lo above the floor (where the round started), hi at or below it
+            for _ in range(FLOOR_BISECTIONS):
+                mid = (lo + hi) / 2
+                if refusal_at(a, d, mid, round_) <= floor:
+                    hi = mid
+                else:
+                    lo = mid
+            a = (a + hi * d).clamp(0.0, cfg.alpha_max)
+            break
+        a, r = (a + step * d).clamp(0.0, cfg.alpha_max), value
+    if not met:
+        log.warning("refusal floor %.4f (the aligned model's refusal NLL) is out of reach: descent on the refusal NLL "
+                    "got it to %.4f from %.4f; kept that point", floor, r, after["refusal_nll"])
+    with torch.no_grad():
+        moved = set_alphas(a).detach()
+        value = objective.evaluate()
+    return moved, _terms_only(value), {**info, "met": met, "moved": not torch.equal(a, alpha[:n]),
+                                       "rounds": max((h["floor"] for h in history if h.get("floor")), default=0)}
 
 
 def _progress_bar(total: int, progress: bool) -> Any:

@@ -50,7 +50,9 @@ def test_defaults_leave_stage_keys_and_shots_unchanged():
 @pytest.mark.parametrize("change, says", [
     ({"refusal_target": "mine"}, "refusal_target must be one of fixed, aligned"),
     ({"refusal_target": "aligned"}, "set aligned"),
-    ({"aligned": "runs/aligned"}, "set refusal_target: aligned, or unset aligned"),
+    ({"aligned": "runs/aligned"}, "set refusal_target: aligned or refusal_floor: aligned, or unset aligned"),
+    ({"refusal_floor": "aligned"}, "refusal_floor 'aligned' needs the aligned model: set aligned"),
+    ({"refusal_floor": "A"}, "refusal_floor must be one of none, aligned"),
     ({"refusal_target": "aligned", "aligned": "A", "refusals": "r.jsonl"}, "unset refusals"),
     ({"aligned_tokens": 0}, "aligned_tokens must be >= 1"),
     ({"preference_weight": -1.0}, "preference_weight must be a number >= 0"),
@@ -196,9 +198,79 @@ def test_shot_variants_are_registered_with_their_knobs():
             "safegene-preference": {"preference_weight": 1.0},
             "safegene-jailbreak-shots": {"jailbreak_shots": 0.5},
             "safegene-robust-shots": {"refusal_target": "aligned", "aligned": "runs/A", "preference_weight": 1.0,
-                                      "jailbreak_shots": 0.5}}
+                                      "jailbreak_shots": 0.5},
+            "safegene-refusal-floor": {"refusal_floor": "aligned", "aligned": "runs/A"}}
     for name, knobs in want.items():
         m = METHODS[name]
         key = m.key(ctx)["recalibrate"]
         assert key == {**plain, **knobs}, name  # the shared shot settings, plus the variant's knobs
         assert m.kind == "update" and not m.demo
+
+
+def _floor_cfg(d, aligned, **kw):
+    return RecalibrateConfig(task_model=str(d), harmful="many-shot-harmful", task="arithmetic", n_harmful=5, n_task=5,
+                             refusal_floor="aligned", aligned=str(aligned), **kw)
+
+
+def test_refusal_floor_is_the_aligned_models_nll_and_a_met_floor_changes_nothing(adapter, tiny_qwen):
+    ad, d = adapter
+    cfg = _floor_cfg(d, tiny_qwen)
+    plain = recalibrate(ad, dataclasses.replace(cfg, refusal_floor="none", aligned=None), progress=False)
+    floored = recalibrate(ad, cfg, progress=False)
+    rc, before = floored.card["recalibration"], plain.card["recalibration"]
+    # the fixture's D differs from A only where the adapter is exact: T + adapter at α = 1 is A, so A's NLL of the
+    # targets (the floor, from a whole forward of A) is the objective's refusal NLL at α = 1 (from the adapted layers)
+    assert rc["refusal_floor"]["floor"] == pytest.approx(rc["objective"]["alpha_1"]["refusal_nll"], abs=2e-3)
+    # the plain fit already sits below it (the tiny A refuses less than T): nothing moves
+    assert before["objective"]["after"]["refusal_nll"] <= rc["refusal_floor"]["floor"]
+    assert rc["refusal_floor"] == {"floor": rc["refusal_floor"]["floor"],
+                                   "fit_refusal_nll": before["objective"]["after"]["refusal_nll"],
+                                   "met": True, "moved": False}
+    assert rc["coefficients"] == before["coefficients"] and rc["objective"]["after"] == before["objective"]["after"]
+    assert "floor_s" in rc["phases"] and "refusal_floor" not in before
+
+
+def test_refusal_floor_moves_the_coefficients_just_far_enough(adapter, tiny_qwen, monkeypatch):
+    import safegene.recalibration as recal
+
+    ad, d = adapter
+    cfg = _floor_cfg(d, tiny_qwen)
+    plain = recalibrate(ad, dataclasses.replace(cfg, refusal_floor="none", aligned=None), progress=False)
+    obj = plain.card["recalibration"]["objective"]
+    fit, alone = obj["after"]["refusal_nll"], obj["task_model_alone"]["refusal_nll"]
+    assert alone < fit  # T alone refuses more readily than the fit: a floor in between is reachable
+    floor = (fit + alone) / 2
+    monkeypatch.setattr(recal, "refusal_nll", lambda *a, **k: floor)
+    rc = recalibrate(ad, cfg, progress=False).card["recalibration"]
+    after = rc["objective"]["after"]
+    assert after["refusal_nll"] <= floor < fit
+    assert rc["refusal_floor"]["met"] and rc["refusal_floor"]["moved"]
+    # the price is paid in the task term: the plain fit's task KL was the better one
+    assert after["task_kl"] >= obj["after"]["task_kl"]
+    points = [h for h in rc["history"] if h.get("floor")]
+    last = [h for h in points if h["floor"] == rc["refusal_floor"]["rounds"]]
+    # the round that met the floor ends with its bisection, and keeps the least t tried that meets it: every point
+    # of that round closer to where it started is above the floor
+    assert len(last) >= 1 + recal.FLOOR_BISECTIONS
+    kept = min((h for h in last if h["refusal_nll"] <= floor), key=lambda h: h["t"])
+    assert [float(a) for a in rc["coefficients"].values()] == pytest.approx(kept["alpha"], abs=1e-6)
+    assert after["refusal_nll"] == pytest.approx(kept["refusal_nll"], abs=1e-4)
+    assert all(h["refusal_nll"] > floor for h in last if h["t"] < kept["t"])
+
+
+def test_an_unreachable_refusal_floor_keeps_the_safest_point_and_says_so(adapter, tiny_qwen, monkeypatch, caplog):
+    import safegene.recalibration as recal
+
+    ad, d = adapter
+    cfg = _floor_cfg(d, tiny_qwen)
+    monkeypatch.setattr(recal, "refusal_nll", lambda *a, **k: 0.5)  # no coefficient gets a random model this low
+    with caplog.at_level("WARNING", logger="safegene.recalibration"):
+        rc = recalibrate(ad, cfg, progress=False).card["recalibration"]
+    fit = rc["refusal_floor"]["fit_refusal_nll"]
+    assert rc["refusal_floor"]["met"] is False and rc["refusal_floor"]["moved"] is True
+    points = [h for h in rc["history"] if h.get("floor")]
+    # the descent only ever keeps a point that lowers the refusal NLL: the kept one is the lowest seen, below the fit
+    lowest = min(h["refusal_nll"] for h in points)
+    assert rc["objective"]["after"]["refusal_nll"] == pytest.approx(lowest, abs=1e-4) and lowest < fit
+    assert all(0.0 <= float(a) <= cfg.alpha_max for a in rc["coefficients"].values())
+    assert "out of reach" in caplog.text

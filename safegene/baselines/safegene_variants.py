@@ -4,9 +4,10 @@ recalibration).
 
 Then SafeGene with the opt-in shot knobs of `RecalibrateConfig` (issue 15), one per row so the benchmark compares
 each with plain SafeGene on the same layers and shots: A's own refusals as targets, the preference term against
-compliance, half of the harmful shots jailbreak-wrapped (a template family disjoint from the evaluation's), and all
-three together; and SafeGene fitted as first written (Adam steps on mini-batches instead of the line search), to
-compare the two fits on the same rows. They are left out of the demo preset."""
+compliance, half of the harmful shots jailbreak-wrapped (a template family disjoint from the evaluation's), all
+three together, and a floor on the refusal NLL at the aligned model's level (for tasks that contradict refusals);
+and SafeGene fitted as first written (Adam steps on mini-batches instead of the line search), to compare the two
+fits on the same rows. They are left out of the demo preset."""
 
 from __future__ import annotations
 
@@ -61,6 +62,10 @@ def robust_shots(ctx: MethodContext) -> RecalibrateConfig:
                                jailbreak_shots=0.5)
 
 
+def refusal_floor(ctx: MethodContext) -> RecalibrateConfig:
+    return dataclasses.replace(ctx.recalibrate, refusal_floor="aligned", aligned=ctx.aligned)
+
+
 def _shot_variant(name: str, label: str, description: str, config: Callable[[MethodContext], RecalibrateConfig]) -> Any:
     # the key is the variant's whole recalibration config: its knobs are non-default, so it never matches plain
     # SafeGene's key, and a change of the shared settings rebuilds it like SafeGene
@@ -81,6 +86,10 @@ _shot_variant("safegene-jailbreak-shots", "SafeGene, half the shots jailbreak-wr
 _shot_variant("safegene-robust-shots", "SafeGene, A's refusals + preference + jailbreak shots",
               "SafeGene with all three shot knobs: A's refusals, the preference term (weight 1), half the shots wrapped",
               robust_shots)
+_shot_variant("safegene-refusal-floor", "SafeGene, refusal NLL floored at A's",
+              "SafeGene whose harmful shots' refusal NLL may not end above the aligned model's own (the coefficients "
+              "follow the refusal gradient as far as that needs, whatever the task pays): for tasks whose data "
+              "contradicts refusals", refusal_floor)
 _shot_variant("safegene-adam", "SafeGene, Adam steps (as first written)",
               "SafeGene fitted by the bench's recal_steps Adam steps on mini-batches of shots instead of the line search: "
               "the recalibration before issue 15, for comparison on the same shots", adam_steps)
