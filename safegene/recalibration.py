@@ -699,7 +699,9 @@ def meet_refusal_floor(objective: ShotObjective, handle: AttachedAdapter, layers
         d = -grad / scale
         room = torch.where(d > 0, (cfg.alpha_max - a) / d.clamp(min=1e-12),
                            torch.where(d < 0, a / (-d).clamp(min=1e-12), torch.full_like(d, math.inf)))
-        return d, float(room[torch.isfinite(room)].max())
+        t_far = float(room[torch.isfinite(room)].max())
+        # every coefficient the gradient pushes already sits on that bound: the descent ends here
+        return (d, t_far) if t_far > 1e-9 else None
 
     def refusal_at(a: Any, d: Any, t: float, round_: int) -> float:
         point = (a + t * d).clamp(0.0, cfg.alpha_max)

@@ -270,7 +270,42 @@ def test_an_unreachable_refusal_floor_keeps_the_safest_point_and_says_so(adapter
     assert rc["refusal_floor"]["met"] is False and rc["refusal_floor"]["moved"] is True
     points = [h for h in rc["history"] if h.get("floor")]
     # the descent only ever keeps a point that lowers the refusal NLL: the kept one is the lowest seen, below the fit
+    # a round starts only where some pushed coefficient can still move: no point is tried where the round began
+    assert all(h["t"] > 0 for h in points)
     lowest = min(h["refusal_nll"] for h in points)
     assert rc["objective"]["after"]["refusal_nll"] == pytest.approx(lowest, abs=1e-4) and lowest < fit
     assert all(0.0 <= float(a) <= cfg.alpha_max for a in rc["coefficients"].values())
     assert "out of reach" in caplog.text
+
+
+def test_the_floor_descent_stops_once_every_pushed_coefficient_is_on_its_bound():
+    """On a refusal NLL that falls with every coefficient, the first round's far end puts all of them on alpha_max;
+    nothing can move after that, so no further point is tried (each would be a forward pass over the shots)."""
+    from safegene.recalibration import meet_refusal_floor
+
+    class Objective:
+        weights = {"refusal_nll": 1.0, "task_kl": 1.0}
+
+        def __init__(self, handle):
+            self.handle, self.calls = handle, 0
+
+        def evaluate(self, grad=False, task=True, before_chunk=None):
+            self.calls += 1
+            if before_chunk:
+                before_chunk()
+            value = 3.0 - torch.stack([self.handle.scales[l] for l in sorted(self.handle.scales)]).sum()
+            if grad:
+                value.backward()
+            return {"refusal_nll": float(value), "task_kl": 0.0, "loss": float(value)}
+
+    handle = SimpleNamespace(scales={})
+    objective = Objective(handle)
+    cfg = RecalibrateConfig(alpha_max=2.0)
+    alpha = torch.tensor([0.5, 1.0, 1.5])
+    history = []
+    moved, after, info = meet_refusal_floor(objective, handle, [3, 4, 5], cfg, alpha, {"refusal_nll": 0.0, "task_kl": 0.0},
+                                            floor=-100.0, history=history)
+    assert moved.tolist() == [2.0, 2.0, 2.0] and after["refusal_nll"] == pytest.approx(-3.0)
+    assert info["met"] is False and info["rounds"] == 1
+    assert [h["t"] for h in history] == [1.5]  # the far end of round 1; round 2 has nowhere to go
+    assert objective.calls == 2 + 1 + 1  # two gradients, one point, the final evaluation
