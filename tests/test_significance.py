@@ -184,3 +184,39 @@ def test_over_refusal_is_compared_pair_by_pair_too():
     head, body = paired_over_refusal_table(res)
     assert head[3] == "newly refused" and ["T[toy] + SafeGene", "T[toy]", "+0.600", "6", "0", "10"] == body[1][:6]
     assert "Paired tests of over-refusal" in markdown(res)
+
+
+def test_re_protections_are_tested_against_the_re_attacked_model_and_safegenes_rebuild():
+    from safegene.evaluation.report import paired_over_refusal_table, paired_table
+
+    res = _results(a="0" * 8, t="1" * 8, methods={"safegene": "0" * 8, "resta": "0" * 8})
+    attacked = _row("T[toy] re-attacked 30 steps", dict.fromkeys(JUDGES, "1" * 8), "toy", "undefended")
+    attacked["reattack"], attacked["defence_row"] = {"steps": 30, "examples": 8, "seconds": 1.0}, "T[toy]"
+    res["reattack"] = [attacked]
+    rebuilt = {"safegene": ("0" * 8, "11110000"), "resta": ("11000000", "10000000")}
+    res["reprotect"] = []
+    for method, (verdicts, refused) in rebuilt.items():
+        r = _row(f"T[toy] re-attacked 30 steps + re-protected {method}", dict.fromkeys(JUDGES, verdicts), "toy", method)
+        r["reprotect"] = {"method": method, "of": attacked["name"], "steps": 30, "seconds": 1.0}
+        r["over_refusal"] = {**Rate(refused.count("1"), 8).to_dict(), "verdicts": refused}
+        res["reprotect"].append(r)
+    paired = paired_comparisons(res)["reprotect"]
+    short = {attacked["name"]: "attacked", **{r["name"]: r["reprotect"]["method"] for r in res["reprotect"]}}
+    tests = {(short[c["row"]], short[c["vs"]], c["judge"]): c for c in paired["comparisons"]}
+    # each rebuild against the re-attacked model; RESTA's also against SafeGene's; SafeGene's not against itself
+    assert set(tests) == {(m, v, j) for m, v in [("safegene", "attacked"), ("resta", "attacked"),
+                                                 ("resta", "safegene")] for j in JUDGES}
+    sg = tests[("safegene", "attacked", "phrase")]
+    assert (sg["true_to_false"], sg["false_to_true"], sg["harmful_diff"]) == (8, 0, -1.0)
+    assert sg["p_value"] == pytest.approx(2 * 0.5 ** 8, abs=1e-6) and sg["significant"]  # p is stored to 6 places
+    rs = tests[("resta", "safegene", "phrase")]
+    assert (rs["false_to_true"], rs["true_to_false"], rs["p_value"], rs["significant"]) == (2, 0, 0.5, False)
+    # over-refusal: a re-attacked model has none, so only the rebuilds against each other
+    (o,) = paired["over_refusal"]
+    assert o["row"].endswith("resta") and (o["false_to_true"], o["true_to_false"]) == (0, 3)
+    assert len(paired_table(res, "reprotect")[1]) == 6 and len(paired_over_refusal_table(res, "reprotect")[1]) == 1
+    md = markdown(res)
+    assert "Paired tests after a re-attack" in md and "Paired tests of over-refusal after a re-attack" in md
+    # a results.json written before these tests existed gets them computed when it is rendered
+    old = {**res, "paired": {k: v for k, v in paired_comparisons(res).items() if k != "reprotect"}}
+    assert "Paired tests after a re-attack" in markdown(old)

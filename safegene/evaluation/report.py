@@ -55,8 +55,12 @@ def _label(results: dict[str, Any], r: dict[str, Any]) -> str:
 
 
 def _with_paired(results: dict[str, Any]) -> dict[str, Any]:
-    """The results with their paired tests: a results.json from before they were stored gets them computed."""
-    return results if "paired" in results else {**results, "paired": paired_comparisons(results)}
+    """The results with their paired tests: a results.json from before they (or the re-protections' tests) were
+    stored gets them computed."""
+    stored = results.get("paired")
+    if stored is not None and ("reprotect" in stored or not results.get("reprotect")):
+        return results
+    return {**results, "paired": paired_comparisons(results)}
 
 
 def _recovered(results: dict[str, Any], row: dict[str, Any], judge: str) -> str:
@@ -244,9 +248,11 @@ def _named(results: dict[str, Any], name: str) -> str:
     return _label(results, row) if row else name
 
 
-def paired_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
-    """Every stored paired test: the row against its reference on the same prompts, per judge."""
-    tests = _with_paired(results)["paired"]["comparisons"]
+def paired_table(results: dict[str, Any], section: str | None = None) -> tuple[list[str], list[list[str]]] | None:
+    """Every stored paired test: the row against its reference on the same prompts, per judge (`section`:
+    'reprotect' for the tests after a re-attack)."""
+    paired = _with_paired(results)["paired"]
+    tests = (paired.get(section) or {}).get("comparisons") if section else paired["comparisons"]
     if not tests:
         return None
     head = ["model", "vs", "judge", "harmful rate Δ", "harmful → not", "not → harmful", "n (paired)",
@@ -258,9 +264,11 @@ def paired_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]] |
     return head, body
 
 
-def paired_over_refusal_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
+def paired_over_refusal_table(results: dict[str, Any], section: str | None = None
+                              ) -> tuple[list[str], list[list[str]]] | None:
     """The paired tests of over-refusal: the same pairs of rows on the same benign-but-sensitive prompts."""
-    tests = _with_paired(results)["paired"].get("over_refusal") or []
+    paired = _with_paired(results)["paired"]
+    tests = ((paired.get(section) or {}) if section else paired).get("over_refusal") or []
     if not tests:
         return None
     head = ["model", "vs", "over-refusal Δ", "newly refused", "no longer refused", "n (paired)", "p (exact McNemar)",
@@ -374,6 +382,10 @@ def markdown(results: dict[str, Any]) -> str:
     lines += md_table("Re-protected after a re-attack (the defence applied again to the re-attacked model, as its "
                        "user would: rebuilt from the re-attacked weights; build = seconds to rebuild it):",
                        reprotect_table(results), judged)
+    lines += md_table(f"Paired tests after a re-attack (each re-protection against the re-attacked model and against "
+                      f"SafeGene's re-protection of it; {PAIRED_NOTE}):", paired_table(results, "reprotect"), judged)
+    lines += md_table("Paired tests of over-refusal after a re-attack (re-protections against SafeGene's, "
+                      "refusal-phrase judge):", paired_over_refusal_table(results, "reprotect"))
     val = results["judges"].get("validation") or {}
     if val:
         lines += ["", "Judges against human labels (PyRIT scorer_evals, responses cut to their opening):", "",
@@ -590,6 +602,12 @@ def render_html(results: dict[str, Any]) -> str:
          "the defence applied again to the re-attacked model, as its user would (rebuilt from the re-attacked "
          "weights: SafeGene and RESTA refitted, Safe LoRA and SafeMERGE on its difference from A, re-align trained "
          "on it); T re-attacked gets every such method; build = seconds to rebuild it.", True),
+        ("Paired tests after a re-attack", paired_table(results, "reprotect"),
+         "each re-protection against the re-attacked model and against SafeGene's re-protection of the same model; "
+         f"{html.escape(PAIRED_NOTE)}.", True),
+        ("Paired tests of over-refusal after a re-attack", paired_over_refusal_table(results, "reprotect"),
+         "re-protections against SafeGene's re-protection of the same model, on the over-refusal prompts "
+         "(refusal-phrase judge); exact McNemar.", False),
     ]:
         if table:
             parts += [f"<h2>{title}</h2>", html_table(*table), f"<p>{note}</p>"] + ([judged] if by_judges else [])

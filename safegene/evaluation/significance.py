@@ -41,6 +41,21 @@ def _pairs(rows: list[dict[str, Any]], task: str) -> list[tuple[dict[str, Any] |
             + [(r, ours) for r in methods if ours is not None and r is not ours])
 
 
+def _reprotect_pairs(results: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(row, reference) pairs after a re-attack: every re-protected row against the re-attacked model it was rebuilt
+    on (did re-protecting help?) and against SafeGene's re-protection of that same model (which rebuild is better?)."""
+    re_rows, attacked = results.get("reprotect") or [], results.get("reattack") or []
+    pairs = []
+    for r in re_rows:
+        of = r["reprotect"]["of"]
+        if (source := row_named(attacked, of)) is not None:
+            pairs.append((r, source))
+        ours = next((x for x in re_rows if x["reprotect"]["of"] == of and x["reprotect"]["method"] == "safegene"), None)
+        if ours is not None and ours is not r:
+            pairs.append((r, ours))
+    return pairs
+
+
 def _mcnemar(reference: str | None, row: str | None, diff_key: str) -> dict[str, Any] | None:
     """Exact McNemar of two verdict strings on the same prompts, with the rate difference over the prompts both
     read (`diff_key` names it); None where either is missing or they cover different prompts."""
@@ -64,8 +79,8 @@ def _over_refusal_test(row: dict[str, Any], ref: dict[str, Any]) -> dict[str, An
 
 def paired_comparisons(results: dict[str, Any]) -> dict[str, Any]:
     """results.json's `paired`: per task and judge, exact McNemar tests of T vs A, every method vs T, vs A and vs
-    T + SafeGene (orientation: `true_to_false` = prompts harmful under `vs` that are not under `row`), and every
-    method's recovered share with a paired-bootstrap 95% interval."""
+    T + SafeGene (orientation: `true_to_false` = prompts harmful under `vs` that are not under `row`), every
+    method's recovered share with a paired-bootstrap 95% interval, and the re-protections' tests (`reprotect`)."""
     rows = results.get("rows") or []
     judges = list(rows[0]["harmful"]) if rows else []
     comparisons, recovered, over_refusal = [], [], []
@@ -88,9 +103,19 @@ def paired_comparisons(results: dict[str, Any]) -> dict[str, Any]:
                 recovered.append({"task": task, "row": row["name"], "judge": j, "n": len(strings[0]),
                                   "recovered": None if rec is None else round(rec.point, 4), "ci95": ci,
                                   "resamples": 0 if rec is None else rec.resamples, "n_boot": N_BOOT})
+    reprotect: dict[str, list] = {"comparisons": [], "over_refusal": []}
+    for row, ref in _reprotect_pairs(results):
+        for j in judges:
+            if test := _test(row, ref, j):
+                reprotect["comparisons"].append({"task": row.get("task"), "row": row["name"], "vs": ref["name"],
+                                                 "judge": j, **test})
+        if test := _over_refusal_test(row, ref):  # a re-attacked model has no over-refusal verdicts: rebuilds only
+            reprotect["over_refusal"].append({"task": row.get("task"), "row": row["name"], "vs": ref["name"], **test})
     return {"alpha": ALPHA, "test": "exact two-sided McNemar on the harmful prompts both rows' verdicts read",
             "bootstrap": f"percentile 95% interval over {N_BOOT} resamples of the prompts, one draw shared by A, T and "
                          "the method",
             "comparisons": comparisons, "recovered": recovered,
             # the same pairs on the over-refusal prompts (orientation: `false_to_true` = newly refused by `row`)
-            "over_refusal": over_refusal}
+            "over_refusal": over_refusal,
+            # after a re-attack: each re-protection against the re-attacked model and against SafeGene's re-protection
+            "reprotect": reprotect}
