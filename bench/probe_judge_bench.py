@@ -44,7 +44,8 @@ def features(model, tokenizer, prompts: list[str], responses: list[str], layers:
 
     for s in tqdm(range(0, len(order), batch_size), desc="hidden states", unit="batch"):
         idx = order[s:s + batch_size]
-        enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True, max_length=320)
+        enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
+                        max_length=320).to(model.device)
         with torch.inference_mode():
             out = model(**enc, output_hidden_states=True)
         states = torch.stack([out.hidden_states[l] for l in layers], 1).float()  # b, L, T, H
@@ -116,23 +117,25 @@ def main() -> None:
     from safegene.models.placement import PlacementConfig
 
     tokenizer = load_tokenizer(args.model, padding_side="left")
+    tokenizer.truncation_side = "left"  # a long row loses its request's opening, never the answer's end
     model = load_model(args.model, PlacementConfig(dtype="bfloat16")).eval()
+    layers = tuple(l for l in LAYERS if l <= model.config.num_hidden_layers)  # hidden_states[0] = the embeddings
     pairs, sources = assemble_training_pairs(0)
     train, held = split_holdout(pairs, seed=0)
     rng = random.Random(0)
     validation = human_labelled(window=200)
 
     t0 = time.perf_counter()
-    x_val = features(model, tokenizer, [v.prompt for v in validation], [v.response for v in validation], LAYERS)
+    x_val = features(model, tokenizer, [v.prompt for v in validation], [v.response for v in validation], layers)
     seconds_per_item = (time.perf_counter() - t0) / len(validation)
-    x_train = features(model, tokenizer, [p.prompt for p in train], [_cut(p.response, rng) for p in train], LAYERS)
+    x_train = features(model, tokenizer, [p.prompt for p in train], [_cut(p.response, rng) for p in train], layers)
     x_held = features(model, tokenizer, [p.prompt for p in held],
-                      [_cut(p.response, random.Random(i)) for i, p in enumerate(held)], LAYERS)
+                      [_cut(p.response, random.Random(i)) for i, p in enumerate(held)], layers)
     y_train, y_held = torch.tensor([p.label for p in train]), torch.tensor([p.label for p in held])
     y_val = torch.tensor([int(v.harmful) for v in validation])
 
     candidates = []
-    for (li, layer), pooling, l2 in itertools.product(enumerate(LAYERS), POOLINGS, L2_WEIGHTS):
+    for (li, layer), pooling, l2 in itertools.product(enumerate(layers), POOLINGS, L2_WEIGHTS):
         score = fit_probe(pooled(x_train, li, pooling), y_train, l2)
         candidates.append({"layer": layer, "pooling": pooling, "l2": l2,
                            "holdout": agreement(score(pooled(x_held, li, pooling)), y_held),
@@ -145,7 +148,7 @@ def main() -> None:
         by_category.setdefault(v.category, []).append((s > 0) == v.harmful)
     out = {
         "date": datetime.date.today().isoformat(),
-        "model": args.model, "dtype": "bfloat16", "machine": f"{args.threads} CPU thread(s), 2 shared cores",
+        "model": args.model, "dtype": "bfloat16", "device": str(model.device), "threads": args.threads,
         "training": {"pairs": len(train), "holdout": len(held), "sources": sources},
         "validation": "pyrit scorer_evals/objective, human labels, responses cut to 200 characters; never used to "
                       "choose anything",

@@ -122,7 +122,8 @@ def main() -> None:
         rc = cal.card["recalibration"]
         rows.append({"overrides": overrides, "seconds": round(time.perf_counter() - t, 1), "phases": rc.get("phases"),
                      "objective": rc["objective"], "coefficients": rc["coefficients"],
-                     "final_loss": rc["history"][-1]["loss"] if rc["history"] else None})
+                     # None where the refusal floor moved the fit: its points carry the refusal NLL only
+                     "final_loss": rc["history"][-1].get("loss") if rc["history"] else None})
         print(f"recalibrate {overrides or '(defaults)'}: {rows[-1]['seconds']} s, phases {rows[-1]['phases']}, "
               f"after {rc['objective']['after']}", flush=True)
         if args.eval_harmful:

@@ -38,7 +38,7 @@ from .errors import ConfigError, DataError
 from .io import sha256_text
 from .forward import ShotPasses
 from .models.placement import PlacementConfig, float32_math
-from .objectives import encode_batch, opening_only, preference_loss, target_logits, token_nll, topk_kl
+from .objectives import encode_batch, opening_only, preference_loss, token_nll, topk_kl
 
 log = logging.getLogger(__name__)
 
@@ -411,11 +411,24 @@ class ShotObjective:
     def loss(self, terms: dict[str, Any]) -> Any:
         return sum(self.weights[k] * v for k, v in terms.items())
 
-    def evaluate(self, grad: bool = False, task: bool = True, before_chunk: Any = None) -> dict[str, float]:
+    def evaluate(self, grad: bool = False, task: bool = True, before_chunk: Any = None,
+                 refusal_only: bool = False) -> dict[str, float]:
         """Every term over every shot (the task KL only with `task`), and their weighted sum as `loss`. With `grad`,
         the loss's gradient accumulates into the coefficients' leaf; `before_chunk()` runs before each chunk (it
-        re-derives the per-layer coefficients, whose graph each backward frees)."""
+        re-derives the per-layer coefficients, whose graph each backward frees). `refusal_only`: the refusal NLL
+        alone (one pass over the harmful shots; what the refusal floor descends)."""
         import torch
+
+        if refusal_only:
+            def refusal(idx: list[int], prefixes: dict[str, Any]) -> dict[str, tuple[float, Any]]:
+                mask = self.hb.target_mask
+                nll = token_nll(self.h.logits(idx, prefixes.get("h")), self.hb.targets[idx][mask[idx]])
+                return {"refusal_nll": (int(mask[idx].sum()) / int(mask.sum()), nll)}
+
+            out: dict[str, float] = {}
+            with torch.enable_grad() if grad else torch.no_grad():
+                self._pass({"h": self.h}, refusal, grad, before_chunk, out)
+            return out
 
         hm, tm = self.hb.target_mask, self.tb.target_mask
         n_tokens, n_positions, n_shots = int(hm.sum()), int(tm.sum()), len(self.hb)
@@ -506,27 +519,28 @@ def recalibrate(adapter: SafetyAdapter, cfg: RecalibrateConfig, model: Any = Non
         log.warning(msg)
     for p in model.parameters():
         p.requires_grad_(False)
-    if cfg.refusal_floor == "aligned" and aligned_model is None:  # loaded once for the targets and the floor
-        aligned_model, aligned_tokenizer = load_model(cfg.aligned, cfg.placement), load_tokenizer(cfg.aligned)
-    shots = harmful_shots(cfg, aligned_model, aligned_tokenizer)
-    harm = shots.refusal
-    sensitive = sensitive_shots(cfg, model, tokenizer)
-    margin = cfg.sensitive_term == "refusal-margin"
-    task = task_shots(cfg) + ([] if margin else sensitive)
-    # a wrapped shot gets room for its template; plain shots keep max_length, so their tokens are as before
-    limits = [cfg.jailbreak_max_length if w else cfg.max_length for w in shots.wrapped]
-    hb = encode_batch(tokenizer, harm, limits)
-    tb = encode_batch(tokenizer, task, cfg.max_length)
-    preference = cfg.preference_weight > 0
-    cb = encode_batch(tokenizer, shots.compliant, limits) if preference else None
-    floor = None
-    if cfg.refusal_floor == "aligned":
+    if cfg.refusal_floor == "aligned":  # A is loaded once, for the targets and the floor
+        if aligned_tokenizer is None:
+            aligned_tokenizer = load_tokenizer(cfg.aligned)
         if len(aligned_tokenizer) != len(tokenizer):
             raise ConfigError(f"refusal_floor 'aligned' scores the shots' tokens under A, but A's tokenizer "
                               f"({len(aligned_tokenizer)} tokens) is not T's ({len(tokenizer)}): set aligned to the "
                               "aligned model of T's family")
-        floor = refusal_nll(aligned_model, hb, cfg.chunk_size)
-        aligned_model = aligned_tokenizer = None  # not needed again: free it before the fit
+        if aligned_model is None:
+            aligned_model = load_model(cfg.aligned, cfg.placement)
+    shots = harmful_shots(cfg, aligned_model, aligned_tokenizer)
+    harm = shots.refusal
+    # a wrapped shot gets room for its template; plain shots keep max_length, so their tokens are as before
+    limits = [cfg.jailbreak_max_length if w else cfg.max_length for w in shots.wrapped]
+    hb = encode_batch(tokenizer, harm, limits)
+    floor = refusal_nll(aligned_model, hb, cfg.chunk_size, cfg.reuse_prefix) if cfg.refusal_floor == "aligned" else None
+    aligned_model = aligned_tokenizer = None  # not needed again: dropped before T generates and the fit runs
+    sensitive = sensitive_shots(cfg, model, tokenizer)
+    margin = cfg.sensitive_term == "refusal-margin"
+    task = task_shots(cfg) + ([] if margin else sensitive)
+    tb = encode_batch(tokenizer, task, cfg.max_length)
+    preference = cfg.preference_weight > 0
+    cb = encode_batch(tokenizer, shots.compliant, limits) if preference else None
     layers = adapter.layers
     start_layer = min(layers)
     handle = AttachedAdapter(model, adapter)
@@ -650,18 +664,21 @@ def fit_line_search(objective: ShotObjective, handle: AttachedAdapter, layers: l
     return (set_alphas(best_a).detach(), _terms_only(unit), _terms_only(best), history, phases)
 
 
-def refusal_nll(model: Any, batch: Any, chunk_size: int) -> float:
+def refusal_nll(model: Any, batch: Any, chunk_size: int, reuse_prefix: bool = True) -> float:
     """`model`'s NLL of `batch`'s targets, per target token over every row: the objective's refusal_nll term, for a
-    whole model (the aligned one) rather than the adapted layers."""
+    whole model (the aligned one) rather than the adapted layers. Runs as the objective does (`forward.ShotPasses`
+    from the embeddings: the LM head only at the targets, each chunk to its longest row, the shared prefix once)."""
     import torch
 
     total, n_tokens = 0.0, int(batch.target_mask.sum())
     with torch.inference_mode():
-        for s in range(0, len(batch), chunk_size):
-            rows = batch.subset(slice(s, s + chunk_size))
-            k = int(rows.target_mask.sum())
+        passes = ShotPasses.capture(model, 0, batch, reuse_prefix)
+        prefix = passes.prefix()
+        for idx in passes.groups(chunk_size):
+            k = int(batch.target_mask[idx].sum())
             if k:
-                total += float(token_nll(target_logits(model, rows), rows.targets[rows.target_mask])) * k
+                nll = token_nll(passes.logits(idx, prefix), batch.targets[idx][batch.target_mask[idx]])
+                total += float(nll) * k
     return total / n_tokens
 
 
@@ -686,12 +703,7 @@ def meet_refusal_floor(objective: ShotObjective, handle: AttachedAdapter, layers
 
     def direction(a: Any) -> tuple[Any, float] | None:
         leaf = a.clone().requires_grad_()
-        weights = objective.weights
-        objective.weights = {k: float(k == "refusal_nll") for k in weights}  # the refusal NLL's gradient alone
-        try:
-            objective.evaluate(grad=True, task=False, before_chunk=lambda: set_alphas(leaf))
-        finally:
-            objective.weights = weights
+        objective.evaluate(grad=True, before_chunk=lambda: set_alphas(leaf), refusal_only=True)
         grad = leaf.grad.detach()
         scale = float(grad.abs().max())
         if not (math.isfinite(scale) and scale > 0):
@@ -707,7 +719,7 @@ def meet_refusal_floor(objective: ShotObjective, handle: AttachedAdapter, layers
         point = (a + t * d).clamp(0.0, cfg.alpha_max)
         with torch.no_grad():
             set_alphas(point)
-            value = objective.evaluate(task=False)["refusal_nll"]
+            value = objective.evaluate(refusal_only=True)["refusal_nll"]
         history.append({"t": round(t, 6), "refusal_nll": round(value, 4),
                         "alpha": [round(float(x), 6) for x in point], "floor": round_})
         return value
