@@ -99,6 +99,11 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=64, help="new tokens per harmful answer (over-refusal: 48)")
     ap.add_argument("--judges", default="refusal-phrase,content-classifier")
     ap.add_argument("--work", default="runs/recalibration-bench", help="where the evaluation's answers are stored")
+    ap.add_argument("--repeat", type=int, default=1, help="run every variant and re-align this many times, "
+                    "alternating, in the same process (the machine's speed drifts: each repeat's ratio is measured "
+                    "side by side); the first repeat fills the usual fields, `repeats` holds all")
+    ap.add_argument("--dtype", default="auto", help="the placement's dtype for T, the recalibration and re-align "
+                    "(auto: float32 on CPU); both methods run in it")
     ap.add_argument("-o", "--output", default=str(ROOT / "bench" / "results" / "recalibration.json"))
     args = ap.parse_args()
 
@@ -106,43 +111,55 @@ def main() -> None:
     from safegene.baselines.realign import realign
     from safegene.io import write_json
     from safegene.models import load_model, load_tokenizer
+    from safegene.models.placement import PlacementConfig
     from safegene.recalibration import RecalibrateConfig, recalibrate
     from safegene.training import LoraTrainConfig
 
     adapter = SafetyAdapter.load(args.adapter)
-    base = RecalibrateConfig(task_model=args.task_model, task=args.task, n_harmful=args.shots, n_task=args.shots)
+    placement = PlacementConfig(dtype=args.dtype)
+    base = RecalibrateConfig(task_model=args.task_model, task=args.task, n_harmful=args.shots, n_task=args.shots,
+                             placement=placement)
     t = time.perf_counter()
-    model, tok = load_model(args.task_model), load_tokenizer(args.task_model)
+    model, tok = load_model(args.task_model, placement), load_tokenizer(args.task_model)
     load_s = round(time.perf_counter() - t, 1)
-    rows = []
-    for overrides in parse_variants(args.variants):
-        cfg = dataclasses.replace(base, **overrides)
+    repeats = []
+    for rep in range(args.repeat):
+        rows = []
+        for overrides in parse_variants(args.variants):
+            cfg = dataclasses.replace(base, **overrides)
+            t = time.perf_counter()
+            cal = recalibrate(adapter, cfg, model=model, tokenizer=tok)
+            rc = cal.card["recalibration"]
+            rows.append({"overrides": overrides, "seconds": round(time.perf_counter() - t, 1),
+                         "phases": rc.get("phases"), "objective": rc["objective"], "coefficients": rc["coefficients"],
+                         # None where the refusal floor moved the fit: its points carry the refusal NLL only
+                         "final_loss": rc["history"][-1].get("loss") if rc["history"] else None})
+            print(f"recalibrate {overrides or '(defaults)'}: {rows[-1]['seconds']} s, phases {rows[-1]['phases']}, "
+                  f"after {rc['objective']['after']}", flush=True)
+            if args.eval_harmful and rep == 0:
+                rows[-1]["eval"] = evaluate(cal, model, tok, args, name=f"variant-{len(rows)}")
+        if args.eval_harmful and rep == 0:
+            paired_with_first(rows)
         t = time.perf_counter()
-        cal = recalibrate(adapter, cfg, model=model, tokenizer=tok)
-        rc = cal.card["recalibration"]
-        rows.append({"overrides": overrides, "seconds": round(time.perf_counter() - t, 1), "phases": rc.get("phases"),
-                     "objective": rc["objective"], "coefficients": rc["coefficients"],
-                     # None where the refusal floor moved the fit: its points carry the refusal NLL only
-                     "final_loss": rc["history"][-1].get("loss") if rc["history"] else None})
-        print(f"recalibrate {overrides or '(defaults)'}: {rows[-1]['seconds']} s, phases {rows[-1]['phases']}, "
-              f"after {rc['objective']['after']}", flush=True)
-        if args.eval_harmful:
-            rows[-1]["eval"] = evaluate(cal, model, tok, args, name=f"variant-{len(rows)}")
-    if args.eval_harmful:
-        paired_with_first(rows)
-    del model
-    t = time.perf_counter()
-    realigned = realign(args.task_model, base, LoraTrainConfig(max_steps=args.realign_steps))
-    realign_s = round(time.perf_counter() - t, 1)
-    for r in rows:
-        r["recalibrate_vs_realign"] = round(r["seconds"] / realign_s, 3)
-        # re-align's own seconds include loading its copy of T; its training loop alone, for a stricter comparison
-        r["recalibrate_vs_realign_training"] = round(r["seconds"] / realigned.card["training"]["seconds"], 3)
-    out = {"date": datetime.date.today().isoformat(), "machine": "2 CPU cores, float32",
+        # re-align loads its own copy of T (training wraps it); T stays loaded for the next repeat's recalibration
+        realigned = realign(args.task_model, base, LoraTrainConfig(max_steps=args.realign_steps))
+        realign_s = round(time.perf_counter() - t, 1)
+        for r in rows:
+            r["recalibrate_vs_realign"] = round(r["seconds"] / realign_s, 3)
+            # re-align's own seconds include loading its copy of T; its training loop alone, for a stricter comparison
+            r["recalibrate_vs_realign_training"] = round(r["seconds"] / realigned.card["training"]["seconds"], 3)
+        repeats.append({"recalibrate": rows, "realign": {"steps": args.realign_steps, "seconds": realign_s,
+                                                         "train_seconds": realigned.card["training"]["seconds"]}})
+    rows, realign_s = repeats[0]["recalibrate"], repeats[0]["realign"]["seconds"]
+    out = {"date": datetime.date.today().isoformat(),
+           "machine": f"2 CPU cores, {placement.dtype_name() if args.dtype == 'auto' else args.dtype}",
            "task_model": args.task_model, "adapter": args.adapter, "layers": adapter.layers, "shots": 2 * args.shots,
-           "model_load_s": load_s, "realign": {"steps": args.realign_steps, "seconds": realign_s,
-                                              "train_seconds": realigned.card["training"]["seconds"]},
-           "recalibrate": rows}
+           "model_load_s": load_s, "realign": repeats[0]["realign"], "recalibrate": rows}
+    if args.repeat > 1:
+        out["repeats"] = [{"realign_s": x["realign"]["seconds"],
+                           "recalibrate_s": [r["seconds"] for r in x["recalibrate"]],
+                           "recalibrate_vs_realign": [r["recalibrate_vs_realign"] for r in x["recalibrate"]]}
+                          for x in repeats]
     write_json(args.output, out)
     for r in rows:
         print(f"| recalibrate {r['overrides'] or 'defaults'} | {r['seconds']} s | {r['recalibrate_vs_realign']} of "

@@ -99,3 +99,36 @@ def test_fingerprint_warns_on_other_lineage(tiny_qwen, tmp_path):
     warnings = fingerprint_folder(tiny_qwen).check_compatible(fingerprint_folder(other))
     assert warnings and "different lineage" in warnings[0]
     json.dumps(fingerprint_folder(other).to_dict())  # serialisable into a card
+
+
+def test_a_compatibility_check_reads_samples_and_never_hashes_the_weights(tiny_qwen, tmp_path, monkeypatch):
+    """check_model compares shapes and samples only: the same samples as the full fingerprint's, in float32 and in
+    bfloat16, and no hash of the embedding (which took 10 s on the 0.5B model and gigabytes on a 7B one)."""
+    import torch
+
+    import safegene.models.fingerprint as fingerprint
+    from safegene.adapter import SafetyAdapter
+    from safegene.models.placement import PlacementConfig
+    from tiny import save_model
+
+    model = load_model(tiny_qwen)
+    full, light = fingerprint_model(model), fingerprint_model(model, digest=False)
+    assert set(light.reference) == set(full.reference) == set(fingerprint.REFERENCE_TENSORS)
+    for name, ref in full.reference.items():
+        assert light.reference[name] == {"shape": ref["shape"], "sample": ref["sample"]}
+    bf16 = fingerprint_model(load_model(tiny_qwen, PlacementConfig(dtype="bfloat16")), digest=False)
+    emb = "model.embed_tokens.weight"
+    full_bf16 = fingerprint_model(load_model(tiny_qwen, PlacementConfig(dtype="bfloat16")))
+    assert bf16.reference[emb]["sample"] == full_bf16.reference[emb]["sample"]
+
+    def no_hashing(*a, **k):
+        raise AssertionError("a compatibility check hashed the model's weights")
+
+    monkeypatch.setattr(fingerprint, "_blocks_ref", no_hashing)
+    q = model.model.layers[0].self_attn.q_proj.weight  # factors (A, B) with B @ A shaped like it
+    factors = {"model.layers.0.self_attn.q_proj": (torch.zeros(2, q.shape[1]), torch.zeros(q.shape[0], 2))}
+    adapter = SafetyAdapter(factors=factors, card={"fingerprint": full.to_dict()})
+    assert adapter.check_model(model) == []  # the same model: no lineage warning
+    other = load_model(save_model(tmp_path / "other", "qwen2", seed=123))  # same shapes, another lineage
+    with pytest.warns(UserWarning, match="different lineage"):
+        assert adapter.check_model(other)
