@@ -12,7 +12,10 @@ recalibration seconds / re-align seconds (the issue's goal is <= 0.20; re-align'
 copy of T, so `recalibrate_vs_realign_training` divides by its training loop alone). With `--eval-harmful N
 --eval-over-refusal M`, each variant's adapter is attached to T and answers N held-out safety-eval prompts and M
 over-refusal prompts; the harmful rate per judge and the over-refusal rate are compared with the first variant's on
-the same prompts by exact McNemar tests. Writes bench/results/recalibration.json.
+the same prompts by exact McNemar tests, and with `--compare-with FILE` also with the first variant of an earlier
+run that answered the same prompts. `--dtype` runs T, every recalibration and re-align in that dtype; `--repeat N`
+alternates the variants and re-align N times in one process and records each repeat's ratio. Writes
+bench/results/recalibration.json.
 """
 
 from __future__ import annotations
@@ -66,19 +69,38 @@ def evaluate(cal: object, model: object, tok: object, args: argparse.Namespace, 
             "over_refusal": row.get("over_refusal")}
 
 
-def paired_with_first(rows: list[dict]) -> None:
-    """Exact McNemar of each variant against the first on the same prompts: harmful (each judge), over-refusal."""
+def paired(ref: dict, ev: dict) -> dict:
+    """Exact McNemar of two evaluations on the same prompts: harmful (each judge), over-refusal."""
     from safegene.evaluation.metrics import mcnemar_exact
     from safegene.evaluation.significance import verdict_bits
 
-    ref = rows[0]["eval"]
-    for r in rows[1:]:
-        ev = r["eval"]
-        r["paired_vs_first"] = {
-            **{f"harmful.{j}": mcnemar_exact(verdict_bits(ref["verdicts"][j]), verdict_bits(v))
+    return {**{f"harmful.{j}": mcnemar_exact(verdict_bits(ref["verdicts"][j]), verdict_bits(v))
                for j, v in ev["verdicts"].items()},
             "over_refusal": mcnemar_exact(verdict_bits(ref["over_refusal"]["verdicts"]),
                                           verdict_bits(ev["over_refusal"]["verdicts"]))}
+
+
+def paired_with_first(rows: list[dict]) -> None:
+    """Exact McNemar of each variant against the first on the same prompts."""
+    for r in rows[1:]:
+        r["paired_vs_first"] = paired(rows[0]["eval"], r["eval"])
+
+
+def paired_with_file(rows: list[dict], path: str) -> dict:
+    """Each variant against the first variant of another run's results file (e.g. the same fit in another dtype),
+    on the same prompts; an error where that run answered other prompts."""
+    other = json.loads(Path(path).read_text())["recalibrate"][0]
+    ref = other.get("eval")
+    if not ref:
+        raise SystemExit(f"{path}: its first variant has no evaluation; run it with --eval-harmful")
+    for r in rows:
+        ev = r["eval"]
+        if (ev["n_harmful"], ev["n_over_refusal"]) != (ref["n_harmful"], ref["n_over_refusal"]):
+            raise SystemExit(f"{path} answered {ref['n_harmful']} + {ref['n_over_refusal']} prompts, this run "
+                             f"{ev['n_harmful']} + {ev['n_over_refusal']}: give the same --eval-harmful and "
+                             "--eval-over-refusal")
+        r["paired_vs_file"] = paired(ref, ev)
+    return {"file": path, "overrides": other["overrides"]}
 
 
 def main() -> None:
@@ -98,6 +120,9 @@ def main() -> None:
                                                                      "safe prompts when ../shared/data is there)")
     ap.add_argument("--eval-tokens", type=int, default=64, help="new tokens per harmful answer (over-refusal: 48)")
     ap.add_argument("--judges", default="refusal-phrase,content-classifier")
+    ap.add_argument("--compare-with", default=None, help="a results file of an earlier run with the same "
+                    "--eval-harmful/--eval-over-refusal: every variant is also tested against its first variant on the "
+                    "same prompts (exact McNemar), e.g. a bfloat16 fit against the float32 one")
     ap.add_argument("--work", default="runs/recalibration-bench", help="where the evaluation's answers are stored")
     ap.add_argument("--repeat", type=int, default=1, help="run every variant and re-align this many times, "
                     "alternating, in the same process (the machine's speed drifts: each repeat's ratio is measured "
@@ -140,6 +165,7 @@ def main() -> None:
                 rows[-1]["eval"] = evaluate(cal, model, tok, args, name=f"variant-{len(rows)}")
         if args.eval_harmful and rep == 0:
             paired_with_first(rows)
+            compared = paired_with_file(rows, args.compare_with) if args.compare_with else None
         t = time.perf_counter()
         # re-align loads its own copy of T (training wraps it); T stays loaded for the next repeat's recalibration
         realigned = realign(args.task_model, base, LoraTrainConfig(max_steps=args.realign_steps))
@@ -155,6 +181,8 @@ def main() -> None:
            "machine": f"2 CPU cores, {placement.dtype_name() if args.dtype == 'auto' else args.dtype}",
            "task_model": args.task_model, "adapter": args.adapter, "layers": adapter.layers, "shots": 2 * args.shots,
            "model_load_s": load_s, "realign": repeats[0]["realign"], "recalibrate": rows}
+    if args.eval_harmful and args.compare_with:
+        out["compared_with"] = compared
     if args.repeat > 1:
         out["repeats"] = [{"realign_s": x["realign"]["seconds"],
                            "recalibrate_s": [r["seconds"] for r in x["recalibrate"]],
