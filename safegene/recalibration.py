@@ -565,6 +565,15 @@ def recalibrate(adapter: SafetyAdapter, cfg: RecalibrateConfig, model: Any = Non
         handle.remove()
     coeffs = {l: round(float(a), 6) for l, a in zip(layers, alpha)}
     out = adapter.with_coefficients(coeffs)
+    # the adapter at full strength should make the refusals likelier than T alone does; where it does not (a model
+    # whose fine-tune moved it where A − D no longer points back to refusals, as a role-play persona does), no
+    # coefficient can restore safety and the user should hear so rather than read a calm card
+    lowers = unit["refusal_nll"] < before["refusal_nll"]
+    if not lowers:
+        log.warning("the safety adapter does not make refusals likelier on %s (refusal NLL %.3f at T alone, %.3f with "
+                    "every selected layer at α = 1): recalibration cannot restore safety on this model; measure it, "
+                    "and consider re-aligning it (safety SFT) instead", cfg.task_model, before["refusal_nll"],
+                    unit["refusal_nll"])
     # the compliant answers are part of the data only when the preference term reads them
     hashed = harm + task + (shots.compliant if preference else []) + (sensitive if margin else [])
     out.card["recalibration"] = {
@@ -575,6 +584,7 @@ def recalibrate(adapter: SafetyAdapter, cfg: RecalibrateConfig, model: Any = Non
                   "data_sha256": sha256_text("\n".join(f"{p.prompt}\x1f{p.response}" for p in hashed))},
         "harmful_shots": shots.info,
         "objective": {"task_model_alone": _rounded(before), "alpha_1": _rounded(unit), "after": _rounded(after)},
+        "adapter_lowers_refusal_nll": lowers,
         **({"refusal_floor": floor_info} if floor is not None else {}),
         "history": history,
         "seconds": round(time.perf_counter() - t0, 2),

@@ -317,3 +317,34 @@ def test_refusal_floor_needs_the_aligned_model_of_ts_family(adapter, tiny_qwen):
     with pytest.raises(ConfigError) as err:  # a tokenizer of another vocabulary: caught before any model runs
         recalibrate(ad, _floor_cfg(d, tiny_qwen), progress=False, aligned_model=object(), aligned_tokenizer=[0] * 5)
     assert "A's tokenizer (5 tokens) is not T's" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_recalibration_says_when_the_adapter_does_not_point_towards_refusals(adapter, tiny_qwen, tmp_path, caplog):
+    """The card records whether the adapter at α = 1 makes the refusals likelier than T alone, and a warning says
+    when it does not (on T[aoa] it raised the refusal NLL: no coefficient could help, and the card alone said nothing).
+    The fixture's T is D and the adapter A − D, so at α = 1 T becomes A: a random A refuses less readily than D."""
+    ad, d = adapter
+    cfg = RecalibrateConfig(task_model=str(d), harmful="many-shot-harmful", task="arithmetic", n_harmful=5, n_task=5)
+    with caplog.at_level("WARNING", logger="safegene.recalibration"):
+        rc = recalibrate(ad, cfg, progress=False).card["recalibration"]
+    obj = rc["objective"]
+    assert obj["alpha_1"]["refusal_nll"] > obj["task_model_alone"]["refusal_nll"]
+    assert rc["adapter_lowers_refusal_nll"] is False
+    assert "does not make refusals likelier" in caplog.text and "re-aligning" in caplog.text
+    # targets A itself would say (its greedy answers): with the adapter at α = 1, T (= D) becomes A and finds them
+    # likelier than D does; nothing is said
+    import json
+
+    from safegene.generation import GenerationConfig, generate
+    from safegene.models import load_model, load_tokenizer
+
+    prompts = harmful_prompt_texts("many-shot-harmful", 5, 0)
+    answers = generate(load_model(tiny_qwen), load_tokenizer(tiny_qwen), prompts,
+                       GenerationConfig(max_new_tokens=8, batch_size=8), progress=False)
+    own = tmp_path / "a_answers.jsonl"
+    own.write_text("".join(json.dumps({"prompt": p, "response": a}) + "\n" for p, a in zip(prompts, answers)))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="safegene.recalibration"):
+        rc = recalibrate(ad, dataclasses.replace(cfg, refusals=str(own)), progress=False).card["recalibration"]
+    assert rc["objective"]["alpha_1"]["refusal_nll"] < rc["objective"]["task_model_alone"]["refusal_nll"]
+    assert rc["adapter_lowers_refusal_nll"] is True and "does not make refusals likelier" not in caplog.text
