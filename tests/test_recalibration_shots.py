@@ -199,7 +199,8 @@ def test_shot_variants_are_registered_with_their_knobs():
             "safegene-jailbreak-shots": {"jailbreak_shots": 0.5},
             "safegene-robust-shots": {"refusal_target": "aligned", "aligned": "runs/A", "preference_weight": 1.0,
                                       "jailbreak_shots": 0.5},
-            "safegene-refusal-floor": {"refusal_floor": "aligned", "aligned": "runs/A"}}
+            "safegene-refusal-floor": {"refusal_floor": "aligned", "aligned": "runs/A"},
+            "safegene-sensitive": {"sensitive": "sensitive-shots"}}
     for name, knobs in want.items():
         m = METHODS[name]
         key = m.key(ctx)["recalibrate"]

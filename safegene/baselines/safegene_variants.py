@@ -66,6 +66,10 @@ def refusal_floor(ctx: MethodContext) -> RecalibrateConfig:
     return dataclasses.replace(ctx.recalibrate, refusal_floor="aligned", aligned=ctx.aligned)
 
 
+def sensitive_kl(ctx: MethodContext) -> RecalibrateConfig:
+    return dataclasses.replace(ctx.recalibrate, sensitive="sensitive-shots")
+
+
 def _shot_variant(name: str, label: str, description: str, config: Callable[[MethodContext], RecalibrateConfig]) -> Any:
     # the key is the variant's whole recalibration config: its knobs are non-default, so it never matches plain
     # SafeGene's key, and a change of the shared settings rebuilds it like SafeGene
@@ -90,6 +94,10 @@ _shot_variant("safegene-refusal-floor", "SafeGene, refusal NLL floored at A's",
               "SafeGene whose harmful shots' refusal NLL may not end above the aligned model's own (the coefficients "
               "follow the refusal gradient as far as that needs, whatever the task pays): for tasks whose data "
               "contradicts refusals", refusal_floor)
+_shot_variant("safegene-sensitive", "SafeGene + sensitive prompts kept (KL)",
+              "SafeGene with 32 benign-but-sensitive prompts (built-in sensitive-shots, disjoint from XSTest) and T's "
+              "own answers to them added to the keep-T's-behaviour KL term: the over-refusal knob of issue 15",
+              sensitive_kl)
 _shot_variant("safegene-adam", "SafeGene, Adam steps (as first written)",
               "SafeGene fitted by the bench's recal_steps Adam steps on mini-batches of shots instead of the line search: "
               "the recalibration before issue 15, for comparison on the same shots", adam_steps)
