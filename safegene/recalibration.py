@@ -379,12 +379,14 @@ class ShotObjective:
     def _chunks(self, passes: ShotPasses) -> list[list[int]]:
         return passes.groups(self.cfg.chunk_size)
 
-    def harmful_terms(self, idx: list[int], prefixes: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The refusal NLL on harmful shots `idx` and, when on, the preference term on the same shots."""
+    def harmful_terms(self, idx: list[int], prefixes: dict[str, Any] | None = None,
+                      preference: bool = True) -> dict[str, Any]:
+        """The refusal NLL on harmful shots `idx` and, when on (and `preference`), the preference term on the same
+        shots."""
         prefixes = prefixes or {}
         logits = self.h.logits(idx, prefixes.get("h"))
         terms = {"refusal_nll": token_nll(logits, self.hb.targets[idx][self.hb.target_mask[idx]])}
-        if self.c is not None:
+        if self.c is not None and preference:
             c_logits = self.c.logits(idx, prefixes.get("c"))
             terms["preference"] = preference_loss(logits, self.hb.subset(idx), c_logits, self.cb.subset(idx))
         return terms
@@ -419,23 +421,13 @@ class ShotObjective:
         alone (one pass over the harmful shots; what the refusal floor descends)."""
         import torch
 
-        if refusal_only:
-            def refusal(idx: list[int], prefixes: dict[str, Any]) -> dict[str, tuple[float, Any]]:
-                mask = self.hb.target_mask
-                nll = token_nll(self.h.logits(idx, prefixes.get("h")), self.hb.targets[idx][mask[idx]])
-                return {"refusal_nll": (int(mask[idx].sum()) / int(mask.sum()), nll)}
-
-            out: dict[str, float] = {}
-            with torch.enable_grad() if grad else torch.no_grad():
-                self._pass({"h": self.h}, refusal, grad, before_chunk, out)
-            return out
-
         hm, tm = self.hb.target_mask, self.tb.target_mask
         n_tokens, n_positions, n_shots = int(hm.sum()), int(tm.sum()), len(self.hb)
+        preference = self.c is not None and not refusal_only
 
         def harmful(idx: list[int], prefixes: dict[str, Any]) -> dict[str, tuple[float, Any]]:
             shares = {"refusal_nll": int(hm[idx].sum()) / n_tokens, "preference": len(idx) / n_shots}
-            return {k: (shares[k], v) for k, v in self.harmful_terms(idx, prefixes).items()}
+            return {k: (shares[k], v) for k, v in self.harmful_terms(idx, prefixes, preference).items()}
 
         def task_kl(idx: list[int], prefixes: dict[str, Any]) -> dict[str, tuple[float, Any]]:
             return {"task_kl": (int(tm[idx].sum()) / n_positions, self.task_kl(idx, prefixes["t"]))}
@@ -443,10 +435,10 @@ class ShotObjective:
         def sensitive(idx: list[int], prefixes: dict[str, Any]) -> dict[str, tuple[float, Any]]:
             return {"sensitive_refusal": (len(idx) / len(self.s), self.sensitive_refusal(idx, prefixes))}
 
-        passes = [({"h": self.h, **({"c": self.c} if self.c is not None else {})}, harmful)]
-        if task:
+        passes = [({"h": self.h, **({"c": self.c} if preference else {})}, harmful)]
+        if task and not refusal_only:
             passes.append(({"t": self.t}, task_kl))
-        if self.s is not None:  # not 0 at T alone: run with `task` off too
+        if self.s is not None and not refusal_only:  # not 0 at T alone: run with `task` off too
             passes.append(({"s": self.s, "r": self.r}, sensitive))
         out: dict[str, float] = {}
         with torch.enable_grad() if grad else torch.no_grad():
@@ -606,6 +598,20 @@ def _coefficient_setter(handle: AttachedAdapter, layers: list[int]) -> Any:
     return set_
 
 
+def _descent_line(grad: Any, start: Any, alpha_max: float) -> tuple[Any, Any] | None:
+    """The direction d = −grad/‖grad‖∞ from `start` and, per coefficient, how far along d it may go before its bound
+    in [0, alpha_max] (inf where d does not move it); None where the gradient is zero or not finite."""
+    import torch
+
+    scale = float(grad.abs().max())
+    if not (math.isfinite(scale) and scale > 0):
+        return None
+    d = -grad / scale
+    room = torch.where(d > 0, (alpha_max - start) / d.clamp(min=1e-12),
+                       torch.where(d < 0, start / (-d).clamp(min=1e-12), torch.full_like(d, math.inf)))
+    return d, room
+
+
 def _terms_only(evaluated: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in evaluated.items() if k != "loss"}
 
@@ -636,12 +642,9 @@ def fit_line_search(objective: ShotObjective, handle: AttachedAdapter, layers: l
     t_phase = time.perf_counter()
     history: list[dict[str, Any]] = [{"t": 0.0, **_rounded(at_a0), "gradient": [round(float(g), 6) for g in grad]}]
     best_a, best = a0, at_a0
-    scale = float(grad.abs().max())
-    if math.isfinite(scale) and scale > 0:
-        d = -grad / scale
-        # how far along d each coordinate may go before its bound (inf where d does not move it)
-        room = torch.where(d > 0, (cfg.alpha_max - a0) / d.clamp(min=1e-12),
-                           torch.where(d < 0, a0 / (-d).clamp(min=1e-12), torch.full_like(d, math.inf)))
+    line = _descent_line(grad, a0, cfg.alpha_max)
+    if line is not None:
+        d, room = line
         t_lead = float(room[d.abs() == 1].min())
         t_all = float(room[torch.isfinite(room)].max())
         t, improved_once = t_lead, False
@@ -714,13 +717,10 @@ def meet_refusal_floor(objective: ShotObjective, handle: AttachedAdapter, layers
     def direction(a: Any) -> tuple[Any, float] | None:
         leaf = a.clone().requires_grad_()
         objective.evaluate(grad=True, before_chunk=lambda: set_alphas(leaf), refusal_only=True)
-        grad = leaf.grad.detach()
-        scale = float(grad.abs().max())
-        if not (math.isfinite(scale) and scale > 0):
+        line = _descent_line(leaf.grad.detach(), a, cfg.alpha_max)
+        if line is None:
             return None
-        d = -grad / scale
-        room = torch.where(d > 0, (cfg.alpha_max - a) / d.clamp(min=1e-12),
-                           torch.where(d < 0, a / (-d).clamp(min=1e-12), torch.full_like(d, math.inf)))
+        d, room = line
         t_far = float(room[torch.isfinite(room)].max())
         # every coefficient the gradient pushes already sits on that bound: the descent ends here
         return (d, t_far) if t_far > 1e-9 else None

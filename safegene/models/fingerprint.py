@@ -90,6 +90,11 @@ class FamilyFingerprint:
         ]
 
 
+def _sample_index(size: int, n_sample: int) -> np.ndarray:
+    """The flat positions a reference tensor's sample is read at: evenly spaced, first and last included."""
+    return np.linspace(0, size - 1, num=min(n_sample, size)).astype(np.int64)
+
+
 def _tensor_ref(t: np.ndarray, n_sample: int = 256) -> dict[str, Any]:
     return _blocks_ref([np.asarray(t)], tuple(t.shape), n_sample)
 
@@ -97,8 +102,7 @@ def _tensor_ref(t: np.ndarray, n_sample: int = 256) -> dict[str, Any]:
 def _blocks_ref(blocks: Iterable[np.ndarray], shape: tuple[int, ...], n_sample: int = 256) -> dict[str, Any]:
     """Hash, norm and evenly spaced sample of a tensor given as consecutive row blocks, so a 7B model's embedding is
     fingerprinted without a whole float32 copy of it (the hash is of the float32 bytes either way)."""
-    size = int(np.prod(shape))
-    idx = np.linspace(0, size - 1, num=min(n_sample, size)).astype(np.int64)
+    idx = _sample_index(int(np.prod(shape)), n_sample)
     h, sq, sample, seen = hashlib.sha256(), 0.0, [], 0
     for block in blocks:
         flat = np.ascontiguousarray(block, dtype=np.float32).reshape(-1)
@@ -121,8 +125,7 @@ def _sample_ref(t: Any, n_sample: int = 256) -> dict[str, Any]:
     hash): all that `lineage_drift` compares."""
     import torch
 
-    size = t.numel()
-    idx = np.linspace(0, size - 1, num=min(n_sample, size)).astype(np.int64)
+    idx = _sample_index(t.numel(), n_sample)
     sample = t.detach().reshape(-1)[torch.from_numpy(idx).to(t.device)].float().cpu().tolist()
     return {"shape": list(t.shape), "sample": sample}
 
