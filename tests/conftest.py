@@ -43,3 +43,20 @@ def adapter(tiny_qwen, tmp_path):
     ad = extract_adapter(ExtractConfig(aligned=str(tiny_qwen), degraded=str(d), output=str(tmp_path / "ad"), rank=2),
                          progress=False)
     return ad, d
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    """A 3-layer tiny A, a D with a known low-rank difference on every layer, and the adapter A − D."""
+    from safegene.adapter import extract_adapter
+    from safegene.adapter.extract import ExtractConfig
+    from test_adapter import make_degraded
+    from tiny import save_model
+
+    root = tmp_path_factory.mktemp("placement")
+    a = save_model(root / "A", "qwen2", layers=3)
+    d = root / "D"
+    make_degraded(a, d, layers=(0, 1, 2), modules=("q_proj", "o_proj", "down_proj", "up_proj"))
+    ad = extract_adapter(ExtractConfig(aligned=str(a), degraded=str(d), output=str(root / "ad"), rank=2),
+                         progress=False)
+    return root, d, ad
