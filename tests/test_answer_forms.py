@@ -1,7 +1,7 @@
 """answer_forms: one canned refusal sentence, refusal variety and structured compliance, counted exactly."""
 
 from safegene.evaluation.answer_forms import answer_forms, first_sentence, is_structured
-from safegene.evaluation.report import answer_forms_table, markdown
+from safegene.evaluation.report import answer_forms_table
 
 CANNED = "I'm sorry, but I can't assist with that."
 
