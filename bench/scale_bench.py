@@ -180,7 +180,7 @@ def main() -> None:
     tok = tokenizer_files(args.tokenizer) if args.tokenizer else load_tokenizer(prepare_model(DEFAULT_MODEL))
     result: dict = {"shape": shape, "config": SHAPES[shape], "device": str(device),
                     "dtype": str(dtype).removeprefix("torch."), "torch_threads": torch.get_num_threads(),
-                    "cpu_count": os.cpu_count(), "versions": library_versions()}
+                    "cpu_count": os.cpu_count(), "versions": library_versions(), "args": vars(args)}
     if device.type == "cuda":
         result["gpu"] = torch.cuda.get_device_name(device)
 
