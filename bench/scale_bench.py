@@ -16,8 +16,9 @@ stage runs through the library API, as `protect` runs it:
   * generation (`generate_detailed`): tokens/s batched vs one prompt at a time (a random model rarely emits a stop
     token, so every answer runs to max_new_tokens: a like-for-like count),
   * re-align (`train_lora`, the `realign` baseline's training: LoRA on the same refusal and task shots, the bench's
-    24 steps) on the same loaded model, last (it wraps the model), so issue 15's ratio `recalibrate_vs_realign` is
-    measured at this shape on this machine: recalibration seconds / re-align's training seconds.
+    24 steps) on the same loaded model, its LoRA layers taken out after, so issue 15's ratio `recalibrate_vs_realign`
+    is measured at this shape on this machine: recalibration seconds / re-align's training seconds. Re-align's cost
+    does not grow with the shots (24 steps of 4 examples) and recalibration's does, so the ratio rises with --recal-shots.
 Memory per stage: torch.cuda.max_memory_allocated on a GPU (reset before each stage), else the peak RSS sampled
 every 5 ms while the stage runs. Writes bench/results/scale_<device>.json (`--output`) after every stage; a stage that
 fails is recorded under `errors` and the others still run. With `--repeat N` the stage figures are the last repeat's
@@ -72,8 +73,8 @@ class Memory:
         import torch
 
         if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
         else:
             self._stop = threading.Event()
             self.peak_mb = _rss_mb()
@@ -89,8 +90,8 @@ class Memory:
         import torch
 
         if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak_mb = torch.cuda.max_memory_allocated() / MB
+            torch.cuda.synchronize(self.device)
+            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / MB
         else:
             self._stop.set()
             self._thread.join()
@@ -161,6 +162,8 @@ def main() -> None:
                     "default model's, built from its package on first use), e.g. where the package cannot be installed")
     ap.add_argument("--output", default=None, help="default: bench/results/scale_<device>.json")
     args = ap.parse_args()
+    if args.repeat < 1:
+        ap.error(f"--repeat must be >= 1, got {args.repeat}")
 
     import torch
 
@@ -262,15 +265,27 @@ def main() -> None:
         result["generation"] = gen
 
     def realign() -> None:
-        """The re-align baseline's training on the same shots and model, last: train_lora wraps it in place."""
-        tok.padding_side = "right"  # as realign loads it for training
+        """The re-align baseline's training on the same shots and loaded model (train_lora adds LoRA layers to it in
+        place; they are taken out again after)."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
         pairs = refusal_shots(base) + task_shots(base)
+        tok.padding_side = "right"  # as realign loads it for training
         t = time.perf_counter()
-        with Memory(device) as mem:
-            peft_model, stats = train_lora(model, tok, pairs, LoraTrainConfig(max_steps=args.realign_steps),
-                                           progress=False)
-        peft_model.unload()  # T again (the LoRA layers out, nothing merged), for the next repeat's stages
-        tok.padding_side = "left"
+        try:
+            with Memory(device) as mem:
+                peft_model, stats = train_lora(model, tok, pairs, LoraTrainConfig(max_steps=args.realign_steps),
+                                               progress=False)
+        finally:
+            # T again for the next repeat's stages, whether training ended or failed: every LoRA layer out, nothing
+            # merged (train_lora injects them into `model` itself)
+            tok.padding_side = "left"
+            for name, module in list(model.named_modules()):
+                if isinstance(module, BaseTunerLayer):
+                    parent, _, leaf = name.rpartition(".")
+                    setattr(model.get_submodule(parent), leaf, module.get_base_layer())
+            if hasattr(model, "peft_config"):  # as peft's own unload() leaves it
+                del model.peft_config
         rs = {"steps": stats.steps, "shots": len(pairs), "seconds": round(time.perf_counter() - t, 2),
               "train_seconds": round(stats.seconds, 2), "seconds_per_step": round(stats.seconds_per_step, 3),
               "peak_mb": round(mem.peak_mb)}
@@ -291,6 +306,10 @@ def main() -> None:
         stages.append(("realign", realign))
     repeated = {"selection", "line_search", "line_search_upper", "realign"}
     for rep in range(args.repeat):
+        # a stage that fails in this repeat must not leave the last repeat's figures in its place
+        result.pop("selection", None), result.pop("realign", None)
+        for key in ("line_search", "line_search_upper"):
+            result["recalibration"].pop(key, None)
         for name, stage in stages:
             if rep and name not in repeated:
                 continue

@@ -26,8 +26,17 @@ pytestmark = pytest.mark.skipif(DEVICE.startswith("cuda") and not torch.cuda.is_
 
 CPU = PlacementConfig(device="cpu", dtype="float32")
 ON_DEVICE = PlacementConfig(device=DEVICE, dtype="float32")
-# float32 on two devices: different kernels and summation orders, no TF32 (PyTorch's default for matmul)
+# float32 on two devices: different kernels and summation orders; TF32 matmuls (10-bit mantissa) are kept off
 CLOSE = 1e-4
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    """PyTorch's default, made sure of: a TF32 matmul would differ from the CPU by far more than CLOSE."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def _scores(ad, d, model, tok, linearize: bool) -> dict[str, float]:
@@ -75,10 +84,10 @@ def test_float32_on_the_device_gives_the_cpu_numbers(family):
 
     # greedy answers, through the config (the command's path: it loads the model itself)
     ecfg = RefusalEvalConfig(model=str(d), n_prompts=3, generation=GenerationConfig(max_new_tokens=6))
-    answers = {p.device: [s["response"] for s in evaluate_refusal(dataclasses.replace(ecfg, placement=p),
-                                                                    progress=False)["samples"]]
-               for p in (CPU, ON_DEVICE)}
-    assert answers[DEVICE] == answers["cpu"] and all(answers["cpu"])
+    answers = {key: [s["response"] for s in evaluate_refusal(dataclasses.replace(ecfg, placement=p),
+                                                               progress=False)["samples"]]
+               for key, p in (("ref", CPU), ("dev", ON_DEVICE))}
+    assert answers["dev"] == answers["ref"] and all(answers["ref"])
 
 
 def test_lora_training_on_the_device_gives_the_cpu_losses(family):
@@ -86,16 +95,16 @@ def test_lora_training_on_the_device_gives_the_cpu_losses(family):
     pairs = [PromptResponse(f"What is {i} + {i}? Answer with the number only.", str(2 * i)) for i in range(8)]
     cfg = LoraTrainConfig(max_steps=4, batch_size=2, learning_rate=1e-3)
     losses = {}
-    for placement in (CPU, ON_DEVICE):
+    for key, placement in (("ref", CPU), ("dev", ON_DEVICE)):
         tok = load_tokenizer(d, padding_side="right")
         peft_model, stats = train_lora(load_model(d, placement), tok, pairs, cfg, progress=False)
         assert {p.device.type for p in peft_model.parameters()} == {torch.device(placement.device).type}
-        losses[placement.device] = stats.losses
-    assert len(losses["cpu"]) == 4 and len(set(losses["cpu"])) == 4  # four steps, on four different batches
-    assert all(abs(a - b) < 1e-3 * max(1.0, abs(a)) for a, b in zip(losses["cpu"], losses[DEVICE])), losses
+        losses[key] = stats.losses
+    assert len(losses["ref"]) == 4 and len(set(losses["ref"])) == 4  # four steps, on four different batches
+    assert all(abs(a - b) < 1e-3 * max(1.0, abs(a)) for a, b in zip(losses["ref"], losses["dev"])), losses
 
 
-def test_a_model_split_over_the_device_and_the_cpu_gives_the_same_fit(family, tmp_path):
+def test_a_model_split_over_the_device_and_the_cpu_gives_the_same_fit(family):
     root, d, ad = family
     tok = load_tokenizer(d)
     here = "cuda:0" if DEVICE.startswith("cuda") else "cpu"
@@ -104,9 +113,9 @@ def test_a_model_split_over_the_device_and_the_cpu_gives_the_same_fit(family, tm
          "model.norm": here, "lm_head": here}))  # layer 1 on the CPU, the rest on the device
     plain, spread = load_model(d, ON_DEVICE), load_model(d, split)
     weights = dict(spread.named_parameters())
-    # with a GPU in the map, accelerate offloads a "cpu" layer: its weights stay in CPU memory, off the module (meta),
-    # and go to the GPU only while the layer runs
-    assert weights["model.layers.1.mlp.down_proj.weight"].device.type == ("meta" if here != "cpu" else "cpu")
+    # with a GPU in the map, accelerate offloads a "cpu" layer: its weights stay in CPU memory (the module holds meta
+    # tensors, as accelerate does it today) and go to the GPU only while the layer runs
+    assert weights["model.layers.1.mlp.down_proj.weight"].device.type in ("meta", "cpu")
     assert weights["model.layers.2.mlp.down_proj.weight"].device.type == torch.device(DEVICE).type
     with torch.no_grad():
         ids = IDS.to(model_device(plain))
