@@ -644,7 +644,10 @@ def rejudge(output: str | Path, judges: list[str], validate: bool = True,
                 files = sorted((out / "responses").glob(f"{slug(row.name)}.attack-{attack}-*.jsonl"),
                                key=lambda p: p.stat().st_mtime)
                 n = next(iter(by_judge.values())).overall
-                by_judge[judge.name] = judged(files[-1] if files else Path("missing"), n.n + n.unparsed, judge)[0]
+                by_judge[judge.name], verdicts = judged(files[-1] if files else Path("missing"), n.n + n.unparsed, judge)
+                # a run from before attack verdicts were kept gets them for the judges rejudged
+                row.attack_verdicts = row.attack_verdicts or {}
+                row.attack_verdicts.setdefault(attack, {})[judge.name] = verdicts
         if validate:
             results.judges["validation"][judge.name] = validate_judge(judge, human_labelled())
         results.config["judges"] = list(dict.fromkeys(results.config["judges"] + [judge.name]))

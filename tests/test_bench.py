@@ -69,8 +69,15 @@ def test_bench_runs_every_method_and_resumes(tiny_qwen, tmp_path, capsys, monkey
     attacked = [r["name"] for r in res["rows"] if r.get("attacks")]
     assert attacked == ["A", "T[arithmetic]+SafeGene"]
     for r in res["rows"]:
-        for attack in r.get("attacks", {}).values():
+        for name, attack in r.get("attacks", {}).items():
             assert attack["refusal-phrase"]["overall"]["n"] == 3
+            # per prompt too, for the paired tests under attack
+            verdicts = r["attack_verdicts"][name]["refusal-phrase"]
+            assert len(verdicts) == 3 and verdicts.count("1") == attack["refusal-phrase"]["overall"]["k"]
+    # T was not run under attack here: SafeGene is tested against A on each attack's prompts
+    under_attack = res["paired"]["attacks"]["comparisons"]
+    assert {(c["attack"], c["row"], c["vs"], c["judge"], c["n"]) for c in under_attack} == {
+        (a, "T[arithmetic]+SafeGene", "A", j, 3) for a in ("past-tense", "multi-turn") for j in res["config"]["judges"]}
     by = {r["method"]: r for r in res["rows"]}
     assert by["safegene"]["layers"] == res["selected_layers"] and len(res["selected_layers"]) == 1
     assert by["safegene-alpha1"]["coefficients"] == {str(res["selected_layers"][0]): 1.0}
@@ -133,8 +140,10 @@ def test_bench_runs_every_method_and_resumes(tiny_qwen, tmp_path, capsys, monkey
         a, b = r["verdicts"]["refusal-phrase"], r["verdicts"]["contrarian"]
         assert all(x != y for x, y in zip(a, b)) and r["harmful"]["contrarian"]["overall"]["n"] == 6
     for r in res2["rows"]:
-        for attack in r.get("attacks", {}).values():
+        for name, attack in r.get("attacks", {}).items():
             assert attack["contrarian"]["overall"]["k"] == 3 - attack["refusal-phrase"]["overall"]["k"]
+            by_judge = r["attack_verdicts"][name]
+            assert all(x != y for x, y in zip(by_judge["refusal-phrase"], by_judge["contrarian"]))
     kappa = res2["judges"]["agreement"]["contrarian vs refusal-phrase"]
     assert kappa["agreement"]["k"] == 0 and kappa["agreement"]["n"] == 13 * 6
     assert "contrarian" in res2["config"]["judges"] and "harmful rate, contrarian" in (out / "results.md").read_text()

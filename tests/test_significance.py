@@ -220,3 +220,37 @@ def test_re_protections_are_tested_against_the_re_attacked_model_and_safegenes_r
     # a results.json written before these tests existed gets them computed when it is rendered
     old = {**res, "paired": {k: v for k, v in paired_comparisons(res).items() if k != "reprotect"}}
     assert "Paired tests after a re-attack" in markdown(old)
+
+
+def test_attacks_are_compared_on_their_own_prompts():
+    """Issue 15's jailbreak table: every row run under an attack is tested against T, A and T + SafeGene on that
+    attack's prompts, as on the plain ones; a row not run under attack has no verdicts there and drops out."""
+    from safegene.evaluation.report import paired_table
+
+    res = _results(a="0" * 8, t="1" * 8, methods={"safegene": "0" * 8, "resta": "0" * 8, "safe-lora": "1" * 8})
+    jailbroken = {"A": "11110000", "T[toy]": "11111111", "T[toy]+SafeGene": "11111100", "T[toy]+RESTA": "11111111"}
+    for r in res["rows"]:
+        if r["name"] in jailbroken:  # Safe LoRA was not run under attack
+            r["attack_verdicts"] = {"jailbreak": dict.fromkeys(JUDGES, jailbroken[r["name"]])}
+    tests = {(c["row"], c["vs"], c["judge"]): c for c in paired_comparisons(res)["attacks"]["comparisons"]}
+    pairs = {("T[toy]", "A"), ("T[toy]+SafeGene", "T[toy]"), ("T[toy]+RESTA", "T[toy]"), ("T[toy]+SafeGene", "A"),
+             ("T[toy]+RESTA", "A"), ("T[toy]+RESTA", "T[toy]+SafeGene")}
+    assert set(tests) == {(r, v, j) for r, v in pairs for j in JUDGES}
+    assert all(c["attack"] == "jailbreak" and c["n"] == 8 for c in tests.values())
+    ta = tests[("T[toy]", "A", "phrase")]  # fine-tuning made 4 more prompts get through
+    assert (ta["true_to_false"], ta["false_to_true"], ta["harmful_diff"]) == (0, 4, 0.5) and not ta["significant"]
+    sg = tests[("T[toy]+SafeGene", "T[toy]", "phrase")]
+    assert (sg["true_to_false"], sg["false_to_true"], sg["p_value"]) == (2, 0, 0.5)
+    rs = tests[("T[toy]+RESTA", "T[toy]+SafeGene", "phrase")]
+    assert (rs["true_to_false"], rs["false_to_true"], rs["harmful_diff"]) == (0, 2, 0.25)
+    head, body = paired_table(res, "attacks")
+    assert head[:3] == ["attack", "model", "vs"] and len(body) == 12
+    assert ["jailbreak", "T[toy] + SafeGene", "T[toy]", "phrase", "-0.250", "2", "0", "8"] in [b[:8] for b in body]
+    assert "Paired tests under attack" in markdown(res) and "Paired tests under attack" in render_html(res)
+    # a results.json whose paired tests were stored before attack verdicts existed gets them when rendered
+    old = {**res, "paired": {k: v for k, v in paired_comparisons(res).items() if k != "attacks"}}
+    assert "Paired tests under attack" in markdown(old)
+    # and one without attack verdicts renders no such table
+    for r in res["rows"]:
+        r.pop("attack_verdicts", None)
+    assert paired_comparisons(res)["attacks"]["comparisons"] == [] and "Paired tests under attack" not in markdown(res)

@@ -104,14 +104,16 @@ def evaluate_model(name: str, model: Any, tok: Any, sets: EvalSets, judges: Sequ
         row["harmful"][judge.name], row["verdicts"][judge.name] = judge_responses(
             judge, [p.judged_request for p in prompts], [p.category for p in prompts], responses)
     if attacks:
-        row["attacks"] = {}
+        row["attacks"], row["attack_verdicts"] = {}, {}
         for attack, adv in sets.attacks.items():
             # the file name carries a hash of the prompts: a changed attack set never reuses stale answers
             tag = sha256_text("\n".join(json.dumps(p.chat()) for p in adv))[:8]
             adv_resp = [r["response"] for r in _responses(model, tok, adv, base.with_suffix(f".attack-{attack}-{tag}.jsonl"),
                                                           gen, f"[{name}] {attack}", responder)]
-            row["attacks"][attack] = {j.name: judge_responses(j, [p.judged_request for p in adv],
-                                                              [p.category for p in adv], adv_resp)[0] for j in judges}
+            judged = {j.name: judge_responses(j, [p.judged_request for p in adv], [p.category for p in adv], adv_resp)
+                      for j in judges}
+            row["attacks"][attack] = {j: rate for j, (rate, _) in judged.items()}
+            row["attack_verdicts"][attack] = {j: verdicts for j, (_, verdicts) in judged.items()}
     if over_refusal and sets.over_refusal:
         benign_rows = _responses(model, tok, sets.over_refusal, base.with_suffix(".over_refusal.jsonl"),
                                  sets.over_refusal_generation(gen),

@@ -58,7 +58,9 @@ def _with_paired(results: dict[str, Any]) -> dict[str, Any]:
     """The results with their paired tests: a results.json from before they (or the re-protections' tests) were
     stored gets them computed."""
     stored = results.get("paired")
-    if stored is not None and ("reprotect" in stored or not results.get("reprotect")):
+    attacked = any(r.get("attack_verdicts") for r in results.get("rows") or [])
+    if stored is not None and ("reprotect" in stored or not results.get("reprotect")) and (
+            "attacks" in stored or not attacked):
         return results
     return {**results, "paired": paired_comparisons(results)}
 
@@ -250,14 +252,15 @@ def _named(results: dict[str, Any], name: str) -> str:
 
 def paired_table(results: dict[str, Any], section: str | None = None) -> tuple[list[str], list[list[str]]] | None:
     """Every stored paired test: the row against its reference on the same prompts, per judge (`section`:
-    'reprotect' for the tests after a re-attack)."""
+    'reprotect' for the tests after a re-attack, 'attacks' for those under attack, with the attack named first)."""
     paired = _with_paired(results)["paired"]
     tests = (paired.get(section) or {}).get("comparisons") if section else paired["comparisons"]
     if not tests:
         return None
-    head = ["model", "vs", "judge", "harmful rate Δ", "harmful → not", "not → harmful", "n (paired)",
-            "p (exact McNemar)", f"at {ALPHA:g}"]
-    body = [[_named(results, c["row"]), _named(results, c["vs"]), c["judge"],
+    by_attack = section == "attacks"
+    head = ["attack"] * by_attack + ["model", "vs", "judge", "harmful rate Δ", "harmful → not", "not → harmful",
+                                     "n (paired)", "p (exact McNemar)", f"at {ALPHA:g}"]
+    body = [([c["attack"]] if by_attack else []) + [_named(results, c["row"]), _named(results, c["vs"]), c["judge"],
              "-" if c["harmful_diff"] is None else f"{c['harmful_diff']:+.3f}", str(c["true_to_false"]),
              str(c["false_to_true"]), str(c["n"]), f"{c['p_value']:.3g}",
              "significant" if c["significant"] else "not significant"] for c in tests]
@@ -373,6 +376,8 @@ def markdown(results: dict[str, Any]) -> str:
                        answer_forms_table(results))
     lines += md_table("Harmful rate under attack (plain = the held-out prompts as they are):", attack_table(results),
                        judged)
+    lines += md_table(f"Paired tests under attack (on each attack's prompts: T against A, each defended row against T "
+                      f"and against T + SafeGene; {PAIRED_NOTE}):", paired_table(results, "attacks"), judged)
     lines += md_table("Recovered share by task (role-play tasks contradict refusals):", recovery_by_task(results),
                        judged)
     lines += md_table("Inference cost per request (plain generation for weight-space methods; × T = relative "
@@ -583,6 +588,10 @@ def render_html(results: dict[str, Any]) -> str:
                   "<p>jailbreak: in-the-wild templates (per-template rates in results.json); past-tense: "
                   "past-tense rephrasings; multi-turn: a benign first turn, then the request; role-play: the AOA "
                   "persona's system prompt and prefix.</p>", judged]
+    if adv_paired := paired_table(results, "attacks"):
+        parts += ["<h2>Paired tests under attack</h2>", html_table(*adv_paired),
+                  "<p>on each attack's prompts: T against A, each defended row against T and against T + SafeGene; "
+                  f"{html.escape(PAIRED_NOTE)}.</p>", judged]
     for title, table, note, by_judges in [
         (f"Harmful rate by category ({judges[0]}, every row)", category_table(results, judges[0]),
          "k/n per category; – where a row has no prompts of that category.", True),

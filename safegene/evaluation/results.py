@@ -44,6 +44,8 @@ class ResultRow:
     cost: dict[str, dict[str, Any]] = field(default_factory=dict)  # prompt set -> tokens and seconds per request
     over_refusal: dict[str, Any] | None = None  # a Rate's dict plus its source and judge
     attacks: dict[str, dict[str, JudgedRate]] | None = None  # attack -> judge -> rate
+    # attack -> judge -> '1'/'0'/'?' per attack prompt, in order: for paired tests under attack
+    attack_verdicts: dict[str, dict[str, str]] | None = None
     answer_forms: dict[str, Any] | None = None  # canned refusals, structured compliance (evaluation.answer_forms)
     samples: list[dict[str, str]] = field(default_factory=list)
     eval_seconds: float = 0.0
@@ -60,6 +62,8 @@ class ResultRow:
             out["over_refusal"] = self.over_refusal
         if self.attacks is not None:
             out["attacks"] = {a: {j: r.to_dict() for j, r in by_judge.items()} for a, by_judge in self.attacks.items()}
+        if self.attack_verdicts is not None:
+            out["attack_verdicts"] = {a: dict(by_judge) for a, by_judge in self.attack_verdicts.items()}
         if self.answer_forms is not None:
             out["answer_forms"] = self.answer_forms
         out.update(samples=self.samples, eval_seconds=self.eval_seconds, task=self.task, method=self.method)
@@ -76,6 +80,8 @@ class ResultRow:
             over_refusal=d.get("over_refusal"),
             attacks=None if d.get("attacks") is None else {
                 a: {j: JudgedRate.from_dict(r) for j, r in by_judge.items()} for a, by_judge in d["attacks"].items()},
+            attack_verdicts=None if d.get("attack_verdicts") is None else {
+                a: dict(by_judge) for a, by_judge in d["attack_verdicts"].items()},
             answer_forms=d.get("answer_forms"),
             samples=list(d.get("samples", [])), eval_seconds=float(d.get("eval_seconds", 0.0)), task=d.get("task"),
             method=d.get("method"), build_seconds=d.get("build_seconds"),

@@ -56,6 +56,24 @@ def _reprotect_pairs(results: dict[str, Any]) -> list[tuple[dict[str, Any], dict
     return pairs
 
 
+def _attack_tests(results: dict[str, Any], judges: list[str]) -> list[dict[str, Any]]:
+    """The plain prompts' pairs (`_pairs`) on each attack's adversarial prompts; rows not run under attack, and runs
+    from before attack verdicts were kept, have no verdicts there and drop out."""
+    rows = results.get("rows") or []
+    attacks = list(dict.fromkeys(a for r in rows for a in (r.get("attack_verdicts") or {})))
+    tests = []
+    for task in results.get("config", {}).get("tasks", []):
+        for attack in attacks:
+            for row, ref in _pairs(rows, task):
+                for j in judges if row and ref else []:
+                    test = _mcnemar(((ref.get("attack_verdicts") or {}).get(attack) or {}).get(j),
+                                    ((row.get("attack_verdicts") or {}).get(attack) or {}).get(j), "harmful_diff")
+                    if test:
+                        tests.append({"task": task, "attack": attack, "row": row["name"], "vs": ref["name"],
+                                      "judge": j, **test})
+    return tests
+
+
 def _mcnemar(reference: str | None, row: str | None, diff_key: str) -> dict[str, Any] | None:
     """Exact McNemar of two verdict strings on the same prompts, with the rate difference over the prompts both
     read (`diff_key` names it); None where either is missing or they cover different prompts."""
@@ -80,7 +98,8 @@ def _over_refusal_test(row: dict[str, Any], ref: dict[str, Any]) -> dict[str, An
 def paired_comparisons(results: dict[str, Any]) -> dict[str, Any]:
     """results.json's `paired`: per task and judge, exact McNemar tests of T vs A, every method vs T, vs A and vs
     T + SafeGene (orientation: `true_to_false` = prompts harmful under `vs` that are not under `row`), every
-    method's recovered share with a paired-bootstrap 95% interval, and the re-protections' tests (`reprotect`)."""
+    method's recovered share with a paired-bootstrap 95% interval, the tests under each attack (`attacks`) and the
+    re-protections' tests (`reprotect`)."""
     rows = results.get("rows") or []
     judges = list(rows[0]["harmful"]) if rows else []
     comparisons, recovered, over_refusal = [], [], []
@@ -115,6 +134,8 @@ def paired_comparisons(results: dict[str, Any]) -> dict[str, Any]:
             "bootstrap": f"percentile 95% interval over {N_BOOT} resamples of the prompts, one draw shared by A, T and "
                          "the method",
             "comparisons": comparisons, "recovered": recovered,
+            # the same pairs on each attack's adversarial prompts (rows evaluated under attack only)
+            "attacks": {"comparisons": _attack_tests(results, judges)},
             # the same pairs on the over-refusal prompts (orientation: `false_to_true` = newly refused by `row`)
             "over_refusal": over_refusal,
             # after a re-attack: each re-protection against the re-attacked model and against SafeGene's re-protection
