@@ -394,7 +394,7 @@ def _task_rows(run: _Run, task: str, t_ref: str, n_examples: int, fresh: bool, a
 
 
 def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
-    from .evaluation.harness import evaluate_model, judge_agreement
+    from .evaluation.harness import attack_tag, evaluate_model, judge_agreement
 
     for task in cfg.tasks:  # fail on a misspelt task before an hour of work, not after
         get_task(task).load("test", n=1)
@@ -422,7 +422,10 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
             selected_layers=selected_layers, timings=timings, method_labels=method_labels(),
             judges={"validation": validation, "agreement": judge_agreement([r.to_dict() for r in done])},
             eval={"harmful": cfg.harmful, "n_harmful": len(sets.harmful),
-                  "attacks": {a: len(v) for a, v in sets.attacks.items()}, "over_refusal": sets.over_refusal_source,
+                  "attacks": {a: len(v) for a, v in sets.attacks.items()},
+                  # which stored answer files the rows were judged on (their names carry these hashes): for rejudge
+                  "attack_tags": {a: attack_tag(v) for a, v in sets.attacks.items()},
+                  "over_refusal": sets.over_refusal_source,
                   "n_over_refusal": len(sets.over_refusal), "n_task": cfg.n_task,
                   "max_new_tokens": cfg.generation.max_new_tokens,
                   "over_refusal_tokens": sets.over_refusal_generation(cfg.generation).max_new_tokens},
@@ -604,6 +607,24 @@ class RejudgeConfig:
                                      "--dtype, --device-map)", added_later=True)
 
 
+def stored_attack_answers(base: Path, attack: str, eval_info: dict[str, Any], n: int) -> Path:
+    """The file of a row's answers to `attack` that the run judged: the one its results name by hash; for a run from
+    before they were named, the only stored file of that attack with `n` answers (an error where several have)."""
+    from .errors import SafegeneError
+    from .evaluation.harness import attack_answers_path
+    from .generation import read_jsonl_rows
+
+    if tag := (eval_info.get("attack_tags") or {}).get(attack):
+        return attack_answers_path(base, attack, tag=tag)
+    fitting = [f for f in sorted(base.parent.glob(f"{base.name}.attack-{attack}-*.jsonl"))
+               if len(read_jsonl_rows(f)) == n]
+    if len(fitting) > 1:
+        raise SafegeneError(f"{base.name}: {len(fitting)} stored answer files for attack {attack} with {n} answers "
+                            f"({', '.join(f.name for f in fitting)}), and results.json does not say which was judged; "
+                            "remove the stale ones or re-run the bench")
+    return fitting[0] if fitting else attack_answers_path(base, attack, tag="missing")
+
+
 def rejudge(output: str | Path, judges: list[str], validate: bool = True,
             placement: PlacementConfig | None = None) -> dict[str, Any]:
     """Add judges to a finished bench without generating again: read its stored responses, judge them, rewrite
@@ -641,10 +662,10 @@ def rejudge(output: str | Path, judges: list[str], validate: bool = True,
             row.harmful[judge.name], row.verdicts[judge.name] = judged(
                 out / "responses" / f"{slug(row.name)}.harmful.jsonl", first.n + first.unparsed, judge)
             for attack, by_judge in (row.attacks or {}).items():
-                files = sorted((out / "responses").glob(f"{slug(row.name)}.attack-{attack}-*.jsonl"),
-                               key=lambda p: p.stat().st_mtime)
                 n = next(iter(by_judge.values())).overall
-                by_judge[judge.name], verdicts = judged(files[-1] if files else Path("missing"), n.n + n.unparsed, judge)
+                by_judge[judge.name], verdicts = judged(stored_attack_answers(out / "responses" / slug(row.name), attack,
+                                                                              results.eval, n.n + n.unparsed),
+                                                        n.n + n.unparsed, judge)
                 # a run from before attack verdicts were kept gets them for the judges rejudged
                 row.attack_verdicts = row.attack_verdicts or {}
                 row.attack_verdicts.setdefault(attack, {})[judge.name] = verdicts

@@ -143,10 +143,38 @@ def test_bench_runs_every_method_and_resumes(tiny_qwen, tmp_path, capsys, monkey
         for name, attack in r.get("attacks", {}).items():
             assert attack["contrarian"]["overall"]["k"] == 3 - attack["refusal-phrase"]["overall"]["k"]
             by_judge = r["attack_verdicts"][name]
+            assert len(by_judge["contrarian"]) == 3
             assert all(x != y for x, y in zip(by_judge["refusal-phrase"], by_judge["contrarian"]))
     kappa = res2["judges"]["agreement"]["contrarian vs refusal-phrase"]
     assert kappa["agreement"]["k"] == 0 and kappa["agreement"]["n"] == 13 * 6
     assert "contrarian" in res2["config"]["judges"] and "harmful rate, contrarian" in (out / "results.md").read_text()
+
+    # a run from before attack verdicts (and their files' hashes) were recorded: rejudge fills them for the judges it
+    # runs, from the one stored file per attack that has the row's n answers, and tests them in pairs
+    old = json.loads((out / "results.json").read_text())
+    del old["eval"]["attack_tags"], old["paired"]
+    for r in old["rows"]:
+        r.pop("attack_verdicts", None)
+    (out / "results.json").write_text(json.dumps(old))
+    assert main(["rejudge", str(out), "--judge", "contrarian", "--no-validate"]) == 0
+    capsys.readouterr()
+    res3 = json.loads((out / "results.json").read_text())
+    assert {r["name"]: set(r["attack_verdicts"]["past-tense"]) for r in res3["rows"] if r.get("attack_verdicts")} == {
+        "A": {"contrarian"}, "T[arithmetic]+SafeGene": {"contrarian"}}
+    assert {(c["attack"], c["judge"]) for c in res3["paired"]["attacks"]["comparisons"]} == {
+        ("past-tense", "contrarian"), ("multi-turn", "contrarian")}
+    # a second answer file of the same attack and size, e.g. from an earlier attack set: which one was judged is
+    # unknowable, so rejudge says so instead of picking one
+    stored = next((out / "responses").glob("A.attack-past-tense-*.jsonl"))
+    stale = stored.with_name("A.attack-past-tense-00000000.jsonl")
+    stale.write_text(stored.read_text())
+    (out / "results.json").write_text(json.dumps(old))
+    assert main(["rejudge", str(out), "--judge", "contrarian", "--no-validate"]) == 2
+    assert "2 stored answer files for attack past-tense with 3 answers" in capsys.readouterr().err
+    # with the hashes recorded (every run now), the judged file is opened by name and the stale one ignored
+    (out / "results.json").write_text(json.dumps(res2))
+    assert main(["rejudge", str(out), "--judge", "contrarian", "--no-validate"]) == 0
+    stale.unlink()
 
 
 def test_bench_config_rejects_unknown_method(tmp_path):

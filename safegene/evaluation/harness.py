@@ -87,6 +87,18 @@ def judge_responses(judge: Any, prompts: Sequence[str], categories: Sequence[str
     return summary, "".join(UNPARSED if v is None else "1" if v else "0" for v in verdicts)
 
 
+def attack_tag(prompts: Sequence[HarmfulPrompt]) -> str:
+    """A hash of an attack's prompts, in the name of the file its answers are stored in: a changed attack set never
+    reuses stale answers, and `rejudge` opens the very file a row was judged on (results.json's eval.attack_tags)."""
+    return sha256_text("\n".join(json.dumps(p.chat()) for p in prompts))[:8]
+
+
+def attack_answers_path(base: Path, attack: str, prompts: Sequence[HarmfulPrompt] | None = None,
+                        tag: str | None = None) -> Path:
+    """Where a row's answers to one attack's prompts are stored (`base`: the row's responses path without suffix)."""
+    return base.with_suffix(f".attack-{attack}-{tag or attack_tag(prompts)}.jsonl")
+
+
 def evaluate_model(name: str, model: Any, tok: Any, sets: EvalSets, judges: Sequence[Any], gen: GenerationConfig,
                    responses_dir: Path, tasks: Sequence[str] = (), over_refusal: bool = True,
                    attacks: bool = False, responder: Responder | None = None) -> ResultRow:
@@ -106,9 +118,7 @@ def evaluate_model(name: str, model: Any, tok: Any, sets: EvalSets, judges: Sequ
     if attacks:
         row["attacks"], row["attack_verdicts"] = {}, {}
         for attack, adv in sets.attacks.items():
-            # the file name carries a hash of the prompts: a changed attack set never reuses stale answers
-            tag = sha256_text("\n".join(json.dumps(p.chat()) for p in adv))[:8]
-            adv_resp = [r["response"] for r in _responses(model, tok, adv, base.with_suffix(f".attack-{attack}-{tag}.jsonl"),
+            adv_resp = [r["response"] for r in _responses(model, tok, adv, attack_answers_path(base, attack, adv),
                                                           gen, f"[{name}] {attack}", responder)]
             judged = {j.name: judge_responses(j, [p.judged_request for p in adv], [p.category for p in adv], adv_resp)
                       for j in judges}

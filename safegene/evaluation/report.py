@@ -22,6 +22,8 @@ from .significance import ALPHA, paired_comparisons, row_named as _row
 
 
 #: under the paired-tests table: how to read a row, and what "significant" does not promise across many tests
+# the pairs tested under attack (significance._attack_tests: the plain prompts' pairs)
+ATTACK_PAIRS = "on each attack's prompts: T against A, each defended row against T, A and T + SafeGene"
 PAIRED_NOTE = (f"harmful → not: prompts the reference's answer was judged harmful and this row's not; exact "
                f"two-sided McNemar, not corrected for the number of tests: about 1 in {1 / ALPHA:.0f} comes out "
                f"significant by chance where nothing differs")
@@ -376,8 +378,8 @@ def markdown(results: dict[str, Any]) -> str:
                        answer_forms_table(results))
     lines += md_table("Harmful rate under attack (plain = the held-out prompts as they are):", attack_table(results),
                        judged)
-    lines += md_table(f"Paired tests under attack (on each attack's prompts: T against A, each defended row against T "
-                      f"and against T + SafeGene; {PAIRED_NOTE}):", paired_table(results, "attacks"), judged)
+    lines += md_table(f"Paired tests under attack ({ATTACK_PAIRS}; {PAIRED_NOTE}):", paired_table(results, "attacks"),
+                      judged)
     lines += md_table("Recovered share by task (role-play tasks contradict refusals):", recovery_by_task(results),
                        judged)
     lines += md_table("Inference cost per request (plain generation for weight-space methods; × T = relative "
@@ -590,8 +592,7 @@ def render_html(results: dict[str, Any]) -> str:
                   "persona's system prompt and prefix.</p>", judged]
     if adv_paired := paired_table(results, "attacks"):
         parts += ["<h2>Paired tests under attack</h2>", html_table(*adv_paired),
-                  "<p>on each attack's prompts: T against A, each defended row against T and against T + SafeGene; "
-                  f"{html.escape(PAIRED_NOTE)}.</p>", judged]
+                  f"<p>{html.escape(ATTACK_PAIRS)}; {html.escape(PAIRED_NOTE)}.</p>", judged]
     for title, table, note, by_judges in [
         (f"Harmful rate by category ({judges[0]}, every row)", category_table(results, judges[0]),
          "k/n per category; – where a row has no prompts of that category.", True),

@@ -8,7 +8,7 @@ results.json of any earlier version (and `rejudge`, which rewrites the verdicts)
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from .metrics import bootstrap_recovery, mcnemar_exact
 
@@ -56,22 +56,26 @@ def _reprotect_pairs(results: dict[str, Any]) -> list[tuple[dict[str, Any], dict
     return pairs
 
 
-def _attack_tests(results: dict[str, Any], judges: list[str]) -> list[dict[str, Any]]:
-    """The plain prompts' pairs (`_pairs`) on each attack's adversarial prompts; rows not run under attack, and runs
-    from before attack verdicts were kept, have no verdicts there and drop out."""
-    rows = results.get("rows") or []
-    attacks = list(dict.fromkeys(a for r in rows for a in (r.get("attack_verdicts") or {})))
+def _harmful_tests(rows: list[dict[str, Any]], tasks: list[str], judges: list[str],
+                   verdicts_of: Callable[[dict[str, Any], str], str | None], **where: str) -> list[dict[str, Any]]:
+    """Exact McNemar tests of every pair of `_pairs` per task and judge, on the verdicts `verdicts_of(row, judge)`
+    gives (the plain harmful prompts, or one attack's); a pair missing either's verdicts drops out. `where` (the
+    attack) goes into each test's record."""
     tests = []
-    for task in results.get("config", {}).get("tasks", []):
-        for attack in attacks:
-            for row, ref in _pairs(rows, task):
-                for j in judges if row and ref else []:
-                    test = _mcnemar(((ref.get("attack_verdicts") or {}).get(attack) or {}).get(j),
-                                    ((row.get("attack_verdicts") or {}).get(attack) or {}).get(j), "harmful_diff")
-                    if test:
-                        tests.append({"task": task, "attack": attack, "row": row["name"], "vs": ref["name"],
-                                      "judge": j, **test})
+    for task in tasks:
+        for row, ref in _pairs(rows, task):
+            for j in judges if row and ref else []:
+                if test := _mcnemar(verdicts_of(ref, j), verdicts_of(row, j), "harmful_diff"):
+                    tests.append({"task": task, **where, "row": row["name"], "vs": ref["name"], "judge": j, **test})
     return tests
+
+
+def _attack_tests(rows: list[dict[str, Any]], tasks: list[str], judges: list[str]) -> list[dict[str, Any]]:
+    """The plain prompts' pairs on each attack's adversarial prompts; rows not run under attack, and runs from
+    before attack verdicts were kept, have no verdicts there and drop out."""
+    attacks = list(dict.fromkeys(a for r in rows for a in (r.get("attack_verdicts") or {})))
+    return [test for attack in attacks for test in _harmful_tests(
+        rows, tasks, judges, lambda r, j: ((r.get("attack_verdicts") or {}).get(attack) or {}).get(j), attack=attack)]
 
 
 def _mcnemar(reference: str | None, row: str | None, diff_key: str) -> dict[str, Any] | None:
@@ -102,13 +106,12 @@ def paired_comparisons(results: dict[str, Any]) -> dict[str, Any]:
     re-protections' tests (`reprotect`)."""
     rows = results.get("rows") or []
     judges = list(rows[0]["harmful"]) if rows else []
-    comparisons, recovered, over_refusal = [], [], []
+    tasks = results.get("config", {}).get("tasks", [])
+    comparisons = _harmful_tests(rows, tasks, judges, lambda r, j: r.get("verdicts", {}).get(j))
+    recovered, over_refusal = [], []
     a = row_named(rows, "A")
-    for task in results.get("config", {}).get("tasks", []):
+    for task in tasks:
         for row, ref in _pairs(rows, task):
-            for j in judges if row and ref else []:
-                if test := _test(row, ref, j):
-                    comparisons.append({"task": task, "row": row["name"], "vs": ref["name"], "judge": j, **test})
             if row and ref and (test := _over_refusal_test(row, ref)):
                 over_refusal.append({"task": task, "row": row["name"], "vs": ref["name"], **test})
         t = row_named(rows, f"T[{task}]")
@@ -135,7 +138,7 @@ def paired_comparisons(results: dict[str, Any]) -> dict[str, Any]:
                          "the method",
             "comparisons": comparisons, "recovered": recovered,
             # the same pairs on each attack's adversarial prompts (rows evaluated under attack only)
-            "attacks": {"comparisons": _attack_tests(results, judges)},
+            "attacks": {"comparisons": _attack_tests(rows, tasks, judges)},
             # the same pairs on the over-refusal prompts (orientation: `false_to_true` = newly refused by `row`)
             "over_refusal": over_refusal,
             # after a re-attack: each re-protection against the re-attacked model and against SafeGene's re-protection
