@@ -22,11 +22,11 @@ from .significance import ALPHA, paired_comparisons, row_named as _row
 
 
 #: under the paired-tests table: how to read a row, and what "significant" does not promise across many tests
-# the pairs tested under attack (significance._attack_tests: the plain prompts' pairs)
-ATTACK_PAIRS = "on each attack's prompts: T against A, each defended row against T, A and T + SafeGene"
 PAIRED_NOTE = (f"harmful → not: prompts the reference's answer was judged harmful and this row's not; exact "
                f"two-sided McNemar, not corrected for the number of tests: about 1 in {1 / ALPHA:.0f} comes out "
                f"significant by chance where nothing differs")
+#: the pairs tested under attack (significance._attack_tests: the plain prompts' pairs)
+ATTACK_PAIRS = "on each attack's prompts: T against A, each defended row against T, A and T + SafeGene"
 
 
 def rate_cell(r: dict[str, Any] | None, ci: bool = True) -> str:
@@ -57,8 +57,8 @@ def _label(results: dict[str, Any], r: dict[str, Any]) -> str:
 
 
 def _with_paired(results: dict[str, Any]) -> dict[str, Any]:
-    """The results with their paired tests: a results.json from before they (or the re-protections' tests) were
-    stored gets them computed."""
+    """The results with their paired tests: a results.json from before they (or the re-protections' tests, or the
+    tests under attack) were stored gets them computed."""
     stored = results.get("paired")
     attacked = any(r.get("attack_verdicts") for r in results.get("rows") or [])
     if stored is not None and ("reprotect" in stored or not results.get("reprotect")) and (
